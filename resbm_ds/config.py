@@ -1,0 +1,348 @@
+"""One typed configuration object for a ResBM run, loaded from YAML/JSON with `key=value` overrides.
+
+The config is data (GPT-NeoX style): `Config` groups the model, the bottleneck, the pipeline layout,
+training and data settings, plus the DeepSpeed JSON it is launched with. `Config.validate()` checks
+every value *before* any process group starts and raises `ConfigError` naming the key, the value and
+what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: says which key, what value, and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid config: {key}={value!r}: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder-only transformer."""
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None        # grouped-query attention; None = num_heads
+    intermediate_size: int | None = None   # SwiGLU width; None = 8/3 * hidden, rounded up to 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 64 * -(-(8 * self.hidden_size // 3) // 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+BOUNDARY_METHODS = ("resbm", "none")
+IDENTITY_PATHS = ("slice", "orthonormal", "none")
+WIRE_DTYPES = ("model", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class BottleneckConfig:
+    """What sits at every segment boundary (and so at every pipeline stage boundary).
+
+    `segments` is a property of the model: the layers are split into this many segments with a
+    bottleneck between consecutive ones, whatever the number of pipeline stages it runs on.
+    """
+    method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)
+    segments: int = 2
+    width: int | None = None       # h, the code width; None = hidden_size // ratio
+    ratio: int = 32                # H / h, used when width is None
+    identity: str = "slice"        # low-rank identity path: slice | orthonormal | none (ablation)
+    wire_dtype: str = "model"      # dtype of the code on the wire; "model" = the model's dtype
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    log_every: int = 1
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class DataConfig:
+    source: str = "local"          # local | hub
+    train_path: str | None = None  # local: file(s); None = the fetched default corpus
+    val_path: str | None = None
+    hub_name: str = "allenai/c4"
+    hub_config: str | None = "en"
+    hub_split: str = "train"
+    hub_val_split: str = "validation"
+    text_field: str = "text"
+    seq_len: int = 128
+    tokenizer: str = "sentencepiece-train"   # sentencepiece-train | sentencepiece | hf
+    tokenizer_path: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
+    # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
+    deepspeed: typing.Any = "ds_configs/cpu_fp32.json"
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def ds(self) -> dict:
+        return self.deepspeed if isinstance(self.deepspeed, dict) else load_ds_json(self.deepspeed)
+
+    @property
+    def precision(self) -> str:
+        ds = self.ds
+        if ds.get("bf16", {}).get("enabled"):
+            return "bf16"
+        if ds.get("fp16", {}).get("enabled"):
+            return "fp16"
+        return "fp32"
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.ds.get("train_micro_batch_size_per_gpu", 1))
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return int(self.ds.get("gradient_accumulation_steps", 1))
+
+    @property
+    def code_width(self) -> int:
+        """h: the number of values per token that cross each boundary."""
+        if self.bottleneck.method == "none":
+            return self.model.hidden_size
+        return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.model.hidden_size / self.code_width
+
+    # ---- validation -----------------------------------------------------------------------
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Reject every invalid value with a message naming the key; returns self."""
+        m, b, S = self.model, self.bottleneck, self.pipeline.stages
+        _positive(self, ["model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+                         "model.max_seq_len", "bottleneck.segments", "bottleneck.ratio",
+                         "pipeline.stages", "train.steps", "data.seq_len"])
+        if m.hidden_size % m.num_heads:
+            raise ConfigError("model.hidden_size", m.hidden_size,
+                              f"must be divisible by model.num_heads ({m.num_heads})")
+        if m.head_dim % 2:
+            raise ConfigError("model.hidden_size", m.hidden_size,
+                              f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
+        if m.num_kv_heads is not None and (m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads):
+            raise ConfigError("model.num_kv_heads", m.num_kv_heads,
+                              f"must be >= 1 and divide model.num_heads ({m.num_heads})")
+        _choice("bottleneck.method", b.method, BOUNDARY_METHODS)
+        _choice("bottleneck.identity", b.identity, IDENTITY_PATHS)
+        _choice("bottleneck.wire_dtype", b.wire_dtype, WIRE_DTYPES)
+        if b.method != "none":
+            if b.width is not None and not 1 <= b.width < m.hidden_size:
+                raise ConfigError("bottleneck.width", b.width,
+                                  f"must be >= 1 and < model.hidden_size ({m.hidden_size})")
+            if b.width is None and (b.ratio < 2 or m.hidden_size % b.ratio):
+                raise ConfigError("bottleneck.ratio", b.ratio,
+                                  f"must be >= 2 and divide model.hidden_size ({m.hidden_size})")
+        if b.segments > m.num_layers:
+            raise ConfigError("bottleneck.segments", b.segments,
+                              f"at most model.num_layers ({m.num_layers}): each segment needs a block")
+        if S > m.num_layers:
+            raise ConfigError("pipeline.stages", S,
+                              f"more stages than layers (model.num_layers={m.num_layers})")
+        if b.segments % S:
+            raise ConfigError("pipeline.stages", S,
+                              f"stage cuts must fall on bottleneck boundaries: bottleneck.segments "
+                              f"({b.segments}) must be a multiple of pipeline.stages; allowed: "
+                              f"{[d for d in range(1, b.segments + 1) if b.segments % d == 0]}")
+        if self.data.seq_len > m.max_seq_len:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"at most model.max_seq_len ({m.max_seq_len})")
+        self._validate_deepspeed(world_size)
+        return self
+
+    def _validate_deepspeed(self, world_size):
+        ds = self.ds
+        if self.zero_stage not in (0, 1):
+            raise ConfigError("deepspeed.zero_optimization.stage", self.zero_stage,
+                              "ZeRO stage 2/3 are incompatible with pipeline parallelism; use 0 or 1")
+        if self.precision == "fp16":
+            raise ConfigError("deepspeed.fp16.enabled", True, "fp16 is not supported; use bf16 or fp32")
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in ds and (not isinstance(ds[key], int) or ds[key] < 1):
+                raise ConfigError(f"deepspeed.{key}", ds[key], "must be an integer >= 1")
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ConfigError(f"deepspeed.{key}", ds[key],
+                                  "not allowed: resbm-ds builds the optimizer and LR schedule from train.*")
+        if world_size is not None:
+            if world_size % self.pipeline.stages:
+                raise ConfigError("pipeline.stages", self.pipeline.stages,
+                                  f"must divide the world size ({world_size} processes)")
+            dp = world_size // self.pipeline.stages
+            tbs = ds.get("train_batch_size")
+            if tbs is not None and tbs != self.micro_batch_size * self.grad_accum_steps * dp:
+                raise ConfigError("deepspeed.train_batch_size", tbs,
+                                  f"must equal micro_batch ({self.micro_batch_size}) x grad_accum "
+                                  f"({self.grad_accum_steps}) x data-parallel size ({dp}); or leave it out")
+
+    # ---- loading ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_ds_json(path: str) -> dict:
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError("deepspeed", path, f"no such DeepSpeed JSON file ({p})")
+    with open(p) as f:
+        return json.load(f)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Relative paths are tried from the working directory, then from the repository root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML/JSON file (or a preset name from resbm_ds/configs), then apply `a.b=value`."""
+    raw: dict = {}
+    if path:
+        p = resolve_path(path)
+        if not p.exists() and (PRESET_DIR / f"{path}.yaml").exists():
+            p = PRESET_DIR / f"{path}.yaml"
+        if not p.is_file():
+            presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError("--config", path, f"no such file; presets: {presets}")
+        raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("override", item, "must look like section.key=value")
+        _set_nested(raw, key.split("."), yaml.safe_load(value), key)
+    cfg = _build(Config, raw, "")
+    if isinstance(cfg.deepspeed, str):   # freeze the DeepSpeed JSON into the config object
+        cfg.deepspeed = load_ds_json(cfg.deepspeed)
+    return cfg
+
+
+def _set_nested(raw: dict, keys: list[str], value, full_key: str):
+    if keys[0] == "deepspeed" and len(keys) > 1 and isinstance(raw.get("deepspeed", "x"), str):
+        # Override inside the DeepSpeed JSON: load it first so the rest of the file is kept.
+        raw["deepspeed"] = load_ds_json(raw.get("deepspeed", Config.deepspeed))
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(full_key, value, f"'{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _build(cls, raw, prefix):
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", raw, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(prefix + k, raw[k], f"unknown key; allowed in this section: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key):
+    if hint is typing.Any:
+        return value
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(key, value, f"must not be empty (type {_tname(hint)})")
+    if type(None) in args:   # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(key, value, f"must be a list of {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):   # YAML reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(key, value, f"must be of type {_tname(hint)}")
+
+
+def _tname(hint) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _positive(cfg: Config, keys: list[str]):
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 1:
+            raise ConfigError(key, value, "must be >= 1")
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(key, value, f"allowed: {list(allowed)}")

@@ -1,0 +1,90 @@
+"""Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import deepspeed
+import torch
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from .config import Config
+from .optim import build_optimizer
+from .pipeline import ResBMPipeline
+from .wire import WireMeter
+
+
+def map_slurm_env():
+    """Under `srun` (or `deepspeed --launcher slurm`) ranks come from SLURM_*; torch wants RANK etc."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def world_size_from_env() -> int:
+    map_slurm_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(timeout_s: int = 300):
+    """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher."""
+    map_slurm_env()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    ds = dict(cfg.ds)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.micro_batch_size)
+    ds.setdefault("gradient_accumulation_steps", cfg.grad_accum_steps)
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * dp_size
+    return ds
+
+
+@dataclass
+class Runtime:
+    """What the training loop needs: the engine, where this rank sits, and the wire meter."""
+    engine: "deepspeed.PipelineEngine"
+    module: ResBMPipeline
+    stage: int
+    num_stages: int
+    dp_rank: int
+    dp_size: int
+    wire: WireMeter
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
+def build_engine(cfg: Config, extra_ds: dict | None = None) -> Runtime:
+    """Validate, join the process group, build this rank's slice of the model and its engine."""
+    world = world_size_from_env()
+    cfg.validate(world_size=world)
+    init_distributed()
+    S = cfg.pipeline.stages
+    dp = world // S
+    topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
+    module = ResBMPipeline(cfg, topology)
+    wire = WireMeter.install()
+    ds = deepspeed_config(cfg, dp)
+    ds.update(extra_ds or {})
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
+                                           config=ds)
+    wire.take()   # drop the engine's start-up ping
+    coord = topology.get_coord(int(os.environ["RANK"]))
+    return Runtime(engine, module, coord.pipe, S, coord.data, dp, wire)

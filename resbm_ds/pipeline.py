@@ -1,0 +1,79 @@
+"""The model as a flat list of DeepSpeed `LayerSpec`s, and a `PipelineModule` cut at the bottlenecks.
+
+Layer list for `segments` = 3 (E = encoder, D = decoder):
+
+    embed | blocks... E | D blocks... E | D blocks... | final_norm head
+            segment 0       segment 1       segment 2
+
+The bottleneck positions belong to the model; a launch with S pipeline stages (S divides the
+number of segments) cuts after the encoders of every (segments/S)-th boundary, so only codes cross
+stages. With fewer stages some boundaries sit inside a stage and cost nothing on the wire; the
+global layer indices (and so checkpoint layer files and per-layer init seeds) are the same for every
+S, which is what lets a checkpoint trained on one layout load into another.
+"""
+from __future__ import annotations
+
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from .bottleneck import BottleneckDecoder, BottleneckEncoder
+from .config import Config
+from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
+
+
+def segment_sizes(num_layers: int, segments: int) -> list[int]:
+    """Blocks per segment, as even as possible (earlier segments get the remainder)."""
+    base, extra = divmod(num_layers, segments)
+    return [base + (i < extra) for i in range(segments)]
+
+
+def layer_specs(cfg: Config) -> tuple[list, list[int]]:
+    """The model's layers in order, and the index just after each segment (where a cut may go)."""
+    m = cfg.model
+    compressed = cfg.bottleneck.method != "none"
+    if m.tie_embeddings:
+        specs = [TiedLayerSpec("embed", TokenEmbedding, m, tied_weight_attr=["weight"])]
+    else:
+        specs = [LayerSpec(TokenEmbedding, m)]
+    segment_ends, block_id = [], 0
+    sizes = segment_sizes(m.num_layers, cfg.bottleneck.segments)
+    for seg, n_blocks in enumerate(sizes):
+        if seg > 0 and compressed:
+            specs.append(LayerSpec(BottleneckDecoder, cfg, seg - 1))
+        for _ in range(n_blocks):
+            specs.append(LayerSpec(TransformerBlock, m, block_id))
+            block_id += 1
+        if seg < len(sizes) - 1 and compressed:
+            specs.append(LayerSpec(BottleneckEncoder, cfg, seg))
+        segment_ends.append(len(specs))
+    specs.append(LayerSpec(FinalNorm, m))
+    if m.tie_embeddings:
+        specs.append(TiedLayerSpec("embed", TokenEmbedding, m, forward_fn=tied_lm_head,
+                                   tied_weight_attr=["weight"]))
+    else:
+        specs.append(LayerSpec(LMHead, m))
+    return specs, segment_ends
+
+
+def stage_parts(cfg: Config, num_stages: int) -> list[int]:
+    """DeepSpeed's `parts`: layer index where each stage starts, plus the total at the end."""
+    specs, segment_ends = layer_specs(cfg)
+    per_stage = cfg.bottleneck.segments // num_stages
+    cuts = [segment_ends[per_stage * s - 1] for s in range(1, num_stages)]
+    return [0, *cuts, len(specs)]
+
+
+class ResBMPipeline(PipelineModule):
+    """A `PipelineModule` whose stage cuts fall exactly between each encoder and its decoder."""
+
+    def __init__(self, cfg: Config, topology, **kwargs):
+        self.resbm_config = cfg
+        specs, _ = layer_specs(cfg)
+        super().__init__(layers=specs, topology=topology, loss_fn=lm_loss,
+                         partition_method="resbm", seed_layers=True, base_seed=cfg.seed, **kwargs)
+
+    def _partition_layers(self, method="resbm"):
+        # DeepSpeed's own methods (uniform/parameters/type:) cannot express "cut after the encoder"
+        # (REFERENCE 3); this hook is the one DeepSpeed's DualPipeVModule overrides too.
+        self.parts = stage_parts(self.resbm_config, self.num_stages)
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])

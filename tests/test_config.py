@@ -1,0 +1,93 @@
+"""Configuration: loading, overrides, and a clear error for every invalid value (before any process)."""
+import json
+
+import pytest
+
+from resbm_ds.config import Config, ConfigError, load_config
+from resbm_ds.pipeline import layer_specs, stage_parts
+
+
+def invalid(overrides, world_size=None):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides).validate(world_size=world_size)
+    return e.value
+
+
+def test_defaults_are_valid_and_overrides_are_typed():
+    cfg = load_config(None, ["model.hidden_size=512", "train.lr=3e-4", "train.betas=[0.9, 0.99]",
+                             "deepspeed.zero_optimization.stage=1"]).validate(world_size=4)
+    assert cfg.model.hidden_size == 512 and cfg.train.lr == 3e-4 and cfg.train.betas == (0.9, 0.99)
+    assert cfg.zero_stage == 1 and cfg.code_width == 16 and cfg.compression_ratio == 32
+    assert cfg.ds["gradient_clipping"] == 1.0   # the rest of the DeepSpeed JSON is kept
+
+
+def test_yaml_file_and_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {hidden_size: 128, num_heads: 8}\nbottleneck: {width: 4}\n")
+    cfg = load_config(str(f), ["bottleneck.segments=4"]).validate()
+    assert cfg.model.hidden_size == 128 and cfg.code_width == 4 and cfg.compression_ratio == 32
+    assert cfg.bottleneck.segments == 4
+
+
+@pytest.mark.parametrize("overrides,key,phrase", [
+    (["model.hidden_size=250"], "model.hidden_size", "divisible by model.num_heads"),
+    (["bottleneck.width=256"], "bottleneck.width", "< model.hidden_size"),
+    (["bottleneck.ratio=3"], "bottleneck.ratio", "divide model.hidden_size"),
+    (["pipeline.stages=8", "bottleneck.segments=8"], "bottleneck.segments", "at most model.num_layers"),
+    (["pipeline.stages=5", "model.num_layers=4", "bottleneck.segments=4"], "pipeline.stages", "more stages than layers"),
+    (["pipeline.stages=3", "bottleneck.segments=4"], "pipeline.stages", "bottleneck boundaries"),
+    (["deepspeed.zero_optimization.stage=2"], "deepspeed.zero_optimization.stage", "incompatible with pipeline"),
+    (["deepspeed.zero_optimization.stage=3"], "deepspeed.zero_optimization.stage", "incompatible with pipeline"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads", "divide model.num_heads"),
+    (["bottleneck.identity=diagonal"], "bottleneck.identity", "allowed"),
+    (["bottleneck.method=zip"], "bottleneck.method", "allowed"),
+    (["bottleneck.wire_dtype=int4"], "bottleneck.wire_dtype", "allowed"),
+    (["data.seq_len=1024"], "data.seq_len", "max_seq_len"),
+    (["deepspeed.fp16.enabled=true"], "deepspeed.fp16.enabled", "bf16 or fp32"),
+    (["deepspeed.optimizer={type: Adam}"], "deepspeed.optimizer", "train."),
+    (["model.hidden_size=-64"], "model.hidden_size", ">= 1"),
+])
+def test_invalid_values_name_key_value_and_allowed(overrides, key, phrase):
+    err = invalid(overrides)
+    assert err.key == key and phrase in str(err) and key in str(err)
+
+
+def test_world_size_checks():
+    assert "must divide the world size" in str(invalid(["pipeline.stages=2"], world_size=3))
+    err = invalid(["deepspeed.train_batch_size=64"], world_size=4)
+    assert err.key == "deepspeed.train_batch_size" and "data-parallel size (2)" in str(err)
+
+
+def test_unknown_keys_and_bad_types_and_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.hidden_sise.*allowed in this section"):
+        load_config(None, ["model.hidden_sise=4"])
+    with pytest.raises(ConfigError, match=r"model.num_layers='four'.*type int"):
+        load_config(None, ["model.num_layers=four"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["justakey"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="no such DeepSpeed JSON"):
+        load_config(None, [f"deepspeed={tmp_path / 'missing.json'}"])
+
+
+def test_deepspeed_json_file_is_loaded(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8,
+                              "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    cfg = load_config(None, [f"deepspeed={ds}"]).validate(world_size=2)
+    assert (cfg.precision, cfg.zero_stage, cfg.micro_batch_size, cfg.grad_accum_steps) == ("bf16", 1, 2, 8)
+
+
+def test_stage_cuts_fall_right_after_encoders():
+    cfg = load_config(None, ["model.num_layers=6", "bottleneck.segments=6"]).validate()
+    specs, _ = layer_specs(cfg)
+    names = [s.typename.__name__ for s in specs]
+    assert names.count("BottleneckEncoder") == names.count("BottleneckDecoder") == 5
+    for S in (1, 2, 3, 6):
+        parts = stage_parts(cfg, S)
+        assert len(parts) == S + 1 and parts[0] == 0 and parts[-1] == len(specs)
+        for cut in parts[1:-1]:
+            assert names[cut - 1] == "BottleneckEncoder" and names[cut] == "BottleneckDecoder"
+    # Same global layer indices whatever the stage count: blocks keep their positions.
+    assert stage_parts(cfg, 2)[1] in stage_parts(cfg, 6)

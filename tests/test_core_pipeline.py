@@ -1,0 +1,103 @@
+"""The ResBM pipeline through the real DeepSpeed engine, in several processes over gloo."""
+import math
+
+import pytest
+
+from conftest import run_pipe_worker
+
+SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
+         "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",
+         "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=4"]
+MB, T, GAS, H = 4, 32, 4, 64
+STEPS = 6
+
+
+def per_step_bytes(width, elem_bytes):
+    return GAS * MB * T * width * elem_bytes
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_stage")
+    reports = run_pipe_worker(tmp, 2, STEPS, ["--save=" + str(tmp / "ckpt"), *SMALL])
+    return tmp, reports
+
+
+def falling(losses):
+    return losses[-1] < losses[0] - 0.05
+
+
+def test_two_stages_train_and_send_only_the_code(two_stage):
+    _, (s0, s1) = two_stage
+    assert s0["local_layers"][-1] == "BottleneckEncoder" and s1["local_layers"][0] == "BottleneckDecoder"
+    assert falling(s0["losses"]), s0["losses"]
+    h = H // 8
+    assert s0["code_width"] == h and s0["compression_ratio"] == H / h == 8
+    for w0, w1 in zip(s0["wire"], s1["wire"]):
+        assert w0["sent_fwd"] == w1["recv_fwd"] == per_step_bytes(h, 4)
+        assert w1["sent_bwd"] == w0["recv_bwd"] == per_step_bytes(h, 4)
+        assert w0["sent_bwd"] == w1["sent_fwd"] == 0
+        assert w0["sends"] == GAS   # one float tensor per micro-batch
+
+
+def test_one_process_matches_two_stages(two_stage, tmp_path):
+    _, (s0, _) = two_stage
+    (one,) = run_pipe_worker(tmp_path, 1, STEPS, ["pipeline.stages=1", *SMALL])
+    assert one["local_layers"].count("BottleneckEncoder") == 1   # the boundary is inside the stage
+    assert all(w["sent_fwd"] == w["recv_bwd"] == 0 for w in one["wire"])
+    for a, b in zip(one["losses"], s0["losses"]):
+        assert math.isclose(a, b, rel_tol=2e-3), (one["losses"], s0["losses"])
+
+
+def test_two_stage_checkpoint_loads_into_one_process(two_stage, tmp_path):
+    tmp, (s0, _) = two_stage
+    (one,) = run_pipe_worker(tmp_path, 1, 0, [f"--load={tmp / 'ckpt'}", "pipeline.stages=1", *SMALL])
+    assert math.isclose(one["eval_loss"], s0["eval_loss"], rel_tol=1e-4)
+    fresh = run_pipe_worker(tmp_path, 1, 0, ["pipeline.stages=1", *SMALL], name="fresh")[0]
+    assert abs(fresh["eval_loss"] - s0["eval_loss"]) > 1e-3   # the load did change the weights
+
+
+def test_three_stages_train(tmp_path):
+    reports = run_pipe_worker(tmp_path, 3, STEPS, ["pipeline.stages=3", "bottleneck.segments=3",
+                                                   "model.num_layers=3", *SMALL])
+    s0, s1, s2 = reports
+    assert falling(s2["losses"]), s2["losses"]
+    assert s1["local_layers"][0] == "BottleneckDecoder" and s1["local_layers"][-1] == "BottleneckEncoder"
+    w = s1["wire"][-1]
+    expected = per_step_bytes(H // 8, 4)
+    assert w["recv_fwd"] == w["sent_fwd"] == w["recv_bwd"] == w["sent_bwd"] == expected
+
+
+def test_uncompressed_pipeline_sends_full_hidden_state(tmp_path):
+    s0, s1 = run_pipe_worker(tmp_path, 2, 2, ["bottleneck.method=none", *SMALL])
+    assert s0["compression_ratio"] == 1 and "BottleneckEncoder" not in s0["local_layers"]
+    assert s0["wire"][-1]["sent_fwd"] == s1["wire"][-1]["sent_bwd"] == per_step_bytes(H, 4)
+
+
+def test_pipeline_by_data_parallel_zero1_replicas_stay_identical(tmp_path):
+    reports = run_pipe_worker(tmp_path, 4, 4, ["deepspeed.zero_optimization.stage=1", *SMALL])
+    by_stage = {}
+    for r in reports:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert sorted(by_stage) == [0, 1] and all(len(v) == 2 for v in by_stage.values())
+    for stage, (a, b) in by_stage.items():
+        assert {a["dp_rank"], b["dp_rank"]} == {0, 1}
+        assert a["param_hash"] == b["param_hash"], f"stage {stage} replicas diverged"
+    assert falling(by_stage[1][0]["losses"])
+    assert by_stage[0][0]["param_hash"] != by_stage[1][0]["param_hash"]
+
+
+def test_bf16_model_and_wire(tmp_path):
+    s0, s1 = run_pipe_worker(tmp_path, 2, STEPS, ["deepspeed.bf16.enabled=true", *SMALL])
+    assert s0["param_dtypes"] == ["torch.bfloat16"]
+    assert falling(s1["losses"]), s1["losses"]
+    assert s0["wire"][-1]["sent_fwd"] == s1["wire"][-1]["sent_bwd"] == per_step_bytes(H // 8, 2)
+
+
+def test_fp32_model_with_bf16_wire_halves_the_bytes(tmp_path, two_stage):
+    _, (fp32_s0, _) = two_stage
+    s0, s1 = run_pipe_worker(tmp_path, 2, 3, ["bottleneck.wire_dtype=bf16", *SMALL])
+    assert s0["param_dtypes"] == ["torch.float32"]
+    assert 2 * s0["wire"][-1]["sent_fwd"] == fp32_s0["wire"][-1]["sent_fwd"]
+    assert 2 * s1["wire"][-1]["sent_bwd"] == fp32_s0["wire"][-1]["sent_fwd"]
+    assert s1["losses"][-1] < s1["losses"][0], s1["losses"]
