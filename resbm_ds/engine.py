@@ -10,6 +10,7 @@ import torch
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from .config import Config
+from .hf import init_pipeline_from_hf
 from .optim import build_optimizer
 from .pipeline import ResBMPipeline
 from .wire import WireMeter
@@ -71,8 +72,12 @@ class Runtime:
         return self.stage == self.num_stages - 1
 
 
-def build_engine(cfg: Config, extra_ds: dict | None = None) -> Runtime:
-    """Validate, join the process group, build this rank's slice of the model and its engine."""
+def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
+    """Validate, join the process group, build this rank's slice of the model and its engine.
+
+    `lr_scheduler`: a callable optimizer -> scheduler; DeepSpeed steps it once per `train_batch`
+    and keeps its state in checkpoints.
+    """
     world = world_size_from_env()
     cfg.validate(world_size=world)
     init_distributed()
@@ -80,11 +85,12 @@ def build_engine(cfg: Config, extra_ds: dict | None = None) -> Runtime:
     dp = world // S
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
     module = ResBMPipeline(cfg, topology)
+    init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
     wire = WireMeter.install()
     ds = deepspeed_config(cfg, dp)
     ds.update(extra_ds or {})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
-                                           config=ds)
+                                           lr_scheduler=lr_scheduler, config=ds)
     wire.take()   # drop the engine's start-up ping
     coord = topology.get_coord(int(os.environ["RANK"]))
     return Runtime(engine, module, coord.pipe, S, coord.data, dp, wire)

@@ -1,0 +1,97 @@
+"""The training entry point end to end: real corpus, real tokenizer, real DeepSpeed processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, free_port, launch
+
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
+        "data.seq_len=64", "bottleneck.ratio=16", "deepspeed.train_micro_batch_size_per_gpu=2",
+        "deepspeed.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.eval_batches=2"]
+MB, GAS, T, H, h = 2, 2, 64, 64, 4
+
+
+def rows(out):
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r]
+
+
+def train_args(out, *extra):
+    """Arguments after the launcher's module flag (`deepspeed --module` / `torchrun -m`)."""
+    return ["resbm_ds.train", "--config", "cpu-demo", f"train.out_dir={out}", *TINY, *extra]
+
+
+def test_cli_run_writes_metrics_monitor_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(["--module", *train_args(out, "train.steps=6", "train.eval_every=3", "train.save_every=3")], 2,
+                  launcher="deepspeed")
+    steps = [r for r in rows(out) if "loss" in r]
+    vals = [r for r in rows(out) if "val_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in vals] == [3, 6]
+    per_step = GAS * MB * T * h * 4            # fp32 code, one boundary, one pipeline
+    for r in steps:
+        assert r["wire_bytes_fwd"] == r["wire_bytes_bwd"] == per_step
+        assert r["tokens"] == r["step"] * GAS * MB * T and r["tokens_per_s"] > 0
+    assert steps[0]["lr"] < steps[2]["lr"]     # warmup
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "measured compression 16.0x" in proc.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step6"
+    assert (out / "tokenizer" / "spm.model").exists() and (out / "config.yaml").exists()
+    monitor_files = [p.name for p in (out / "monitor").rglob("*") if p.is_file()]
+    assert any(n.startswith("events.out.tfevents") for n in monitor_files)
+    assert any(n.endswith(".csv") and "loss" in n for n in monitor_files), monitor_files
+
+
+def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path):
+    args = ["train.steps=24", "train.save_every=5", "train.eval_every=100"]
+    ref = tmp_path / "ref"
+    launch(["-m", *train_args(ref, *args)], 2)
+    expected = {r["step"]: r["loss"] for r in rows(ref) if "loss" in r}
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", *train_args(out, *args)]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:   # kill the whole run once it is past its first checkpoint
+        if (out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 7 for r in rows(out)):
+            break
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = max(r["step"] for r in rows(out))
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert killed_at < 24 and latest in ("step5", "step10", "step15", "step20"), (killed_at, latest)
+
+    launch(["-m", *train_args(out, *args), "--resume"], 2)
+    resumed = {r["step"]: r["loss"] for r in rows(out) if "loss" in r}
+    assert sorted(resumed) == list(range(1, 25))      # no duplicated or missing steps
+    for step in range(1, 25):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), (step, resumed, expected)
+
+
+@pytest.mark.parametrize("extra,nprocs,message", [
+    (["data.train_path=/nonexistent/corpus.txt"], 2, "data.train_path='/nonexistent/corpus.txt': no such file"),
+    (["model.hidden_sise=64"], 2, "model.hidden_sise"),
+    (["pipeline.stages=2"], 3, "pipeline.stages=2: must divide the world size (3 processes)"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, extra, nprocs, message):
+    proc = launch(["-m", *train_args(tmp_path / "x", *extra)], nprocs, check=False,
+                  timeout=180)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_every_rank_with_a_message(tmp_path):
+    proc = launch(["-m", *train_args(tmp_path / "nan", "train.lr=1e30", "train.warmup_steps=1",
+                                         "train.steps=20", "deepspeed.gradient_clipping=0.0")],
+                  2, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower(), proc.stderr[-3000:]
