@@ -95,3 +95,24 @@ def test_nan_loss_stops_every_rank_with_a_message(tmp_path):
                   2, check=False, timeout=300)
     assert proc.returncode != 0
     assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower(), proc.stderr[-3000:]
+
+
+def test_a_dead_rank_ends_the_run_quickly(tmp_path):
+    """Kill one rank mid-run: the launcher must end the others and exit non-zero, not hang."""
+    import psutil
+    out = tmp_path / "dead"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--max-restarts=0", "-m", *train_args(out, "train.steps=500", "train.eval_every=1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and rows(out)):
+        time.sleep(0.2)
+    ranks = [c for c in psutil.Process(proc.pid).children() if "resbm_ds.train" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    killed_at = time.time()
+    ranks[1].kill()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 60
+    assert "SIGKILL" in output and "resbm_ds.train FAILED" in output, output[-3000:]
