@@ -1,0 +1,210 @@
+"""Consolidate a pipeline checkpoint into one single-process model: `ResBMForCausalLM` + its config.
+
+A DeepSpeed pipeline checkpoint holds one file per layer, named by the layer's *global* index,
+`<checkpoints>/<tag>/layer_XX-model_00-model_states.pt`, whatever the number of stages and
+data-parallel replicas (each layer is written once). A tied LM head writes no file: it is the
+embedding. `ResBMForCausalLM` holds the same layers, built from the same `layer_specs`, in the
+same order, so file XX is `layers.XX` and consolidating is a loop over files. It is a plain
+`nn.Module`: no DeepSpeed engine or process group is needed to load or run it.
+
+An exported model is a directory: `model.safetensors` (keys `layers.XX.*`), `config.yaml` (the
+run's Config) and `tokenizer/` (copied from the run), loadable with `load_model(dir)`.
+
+    python -m resbm_ds.export RUN_DIR [--tag step200] [--out DIR] [--hf HF_DIR]
+
+RUN_DIR is a training run (`config.yaml`, `checkpoints/`, `tokenizer/`); the default tag is the
+one in `checkpoints/latest`, the default output `RUN_DIR/export/<tag>`. `--hf` also writes a
+transformers `save_pretrained` directory (uncompressed models only; a transformers tokenizer of
+the run is copied into it). RUN_DIR may also be an exported directory, to re-export it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from deepspeed.pipe import TiedLayerSpec
+from torch import nn
+
+from .config import Config, load_config
+from .model import tied_lm_head
+from .pipeline import layer_specs
+
+MODEL_FILE, CONFIG_FILE, TOKENIZER_DIR = "model.safetensors", "config.yaml", "tokenizer"
+
+
+class ResBMForCausalLM(nn.Module):
+    """The whole ResBM model on one process: token ids [B, T] -> logits [B, T, vocab].
+
+    `layers[i]` is global pipeline layer i. A tied head is an empty placeholder whose output is
+    computed with the embedding's weight, so the weight exists (and is saved) once.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.tied_head: int | None = None
+        layers = []
+        with torch.random.fork_rng():
+            for i, spec in enumerate(layer_specs(cfg)[0]):
+                # The pipeline's per-layer seeds (seed_layers, base_seed=cfg.seed): a fresh model
+                # starts from the same weights as a fresh pipeline.
+                torch.manual_seed(cfg.seed + i)
+                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                    self.tied_head = i
+                    layers.append(nn.Identity())
+                else:
+                    layers.append(spec.build())
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = ids
+        for i, layer in enumerate(self.layers):
+            x = tied_lm_head(self.layers[0], x) if i == self.tied_head else layer(x)
+        return x
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+# ---- from a pipeline checkpoint --------------------------------------------------------------
+
+def checkpoint_dir(path, tag: str | None = None) -> Path:
+    """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
+    directory (tag from its DeepSpeed `latest` file), or the tag directory itself."""
+    p = Path(path)
+    if any(p.glob("layer_*-model_states.pt")):
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if tag is None:
+        latest = p / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
+        tag = latest.read_text().strip()
+    d = p / tag
+    if not any(d.glob("layer_*-model_states.pt")):
+        raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
+    return d
+
+
+def run_config(path) -> Config:
+    """The Config saved next to a checkpoint: RUN/config.yaml, looked for upwards from `path`."""
+    p = Path(path).resolve()
+    for d in (p, *p.parents[:3]):
+        if (d / CONFIG_FILE).is_file():
+            return load_config(str(d / CONFIG_FILE))
+    raise FileNotFoundError(f"no {CONFIG_FILE} in {p} or its parents; pass the run config (--config)")
+
+
+def consolidate(path, tag: str | None = None, cfg: Config | None = None) -> ResBMForCausalLM:
+    """One ResBMForCausalLM from a pipeline checkpoint of any stage / data-parallel layout."""
+    ckpt = checkpoint_dir(path, tag)
+    cfg = cfg or run_config(ckpt)
+    model = ResBMForCausalLM(cfg)
+    files: dict[int, list[Path]] = {}
+    for f in ckpt.glob("layer_*-model_states.pt"):
+        files.setdefault(int(re.match(r"layer_(\d+)-", f.name).group(1)), []).append(f)
+    extra = sorted(set(files) - set(range(len(model.layers))))
+    if extra:
+        raise ValueError(f"{ckpt} has layer files {extra} beyond the {len(model.layers)} layers of the "
+                         "config: the checkpoint was written with a different model/bottleneck config")
+    dtype = None
+    for i, layer in enumerate(model.layers):
+        if not layer.state_dict():   # the tied head placeholder
+            continue
+        if i not in files:
+            raise FileNotFoundError(f"{ckpt}: no file for layer {i} ({type(layer).__name__})")
+        if len(files[i]) > 1:
+            raise ValueError(f"{ckpt}: several files for layer {i} (model parallelism is not supported): "
+                             f"{sorted(f.name for f in files[i])}")
+        sd = torch.load(files[i][0], map_location="cpu", weights_only=True)
+        layer.load_state_dict(sd)
+        dtype = dtype or next(iter(sd.values())).dtype
+    return model.to(dtype)   # the dtype the run trained in (bf16 weights stay bf16)
+
+
+# ---- the exported format ---------------------------------------------------------------------
+
+def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
+    """Write model.safetensors + config.yaml (+ a copy of the tokenizer directory `tokenizer_from`)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / MODEL_FILE), metadata={"format": "pt", "class": "ResBMForCausalLM"})
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
+    if tokenizer_from is not None and Path(tokenizer_from).is_dir():
+        shutil.copytree(tokenizer_from, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    return out
+
+
+def is_exported(path) -> bool:
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_model(path, tag: str | None = None) -> ResBMForCausalLM:
+    """An exported directory, or (consolidated on the fly) a run / checkpoint directory."""
+    if not is_exported(path):
+        return consolidate(path, tag)
+    from safetensors.torch import load_file
+
+    model = ResBMForCausalLM(load_config(str(Path(path) / CONFIG_FILE)))
+    sd = load_file(str(Path(path) / MODEL_FILE))
+    model.to(next(iter(sd.values())).dtype).load_state_dict(sd)
+    return model
+
+
+def tokenizer_dir(path) -> Path | None:
+    """Where the tokenizer of a run / export lives: `<dir>/tokenizer`, looked for upwards."""
+    p = Path(path).resolve()
+    for d in (p, *p.parents[:3]):
+        if (d / TOKENIZER_DIR).is_dir():
+            return d / TOKENIZER_DIR
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m resbm_ds.export",
+                                 description="consolidate a pipeline checkpoint into one model file")
+    ap.add_argument("run_dir", help="run directory, checkpoints directory, tag directory or an export")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
+    ap.add_argument("--config", default=None, help="run config (default: config.yaml of the run)")
+    ap.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/<tag>)")
+    ap.add_argument("--hf", default=None, help="also write a transformers save_pretrained directory here")
+    ap.add_argument("--family", default=None, choices=["llama", "qwen2", "mistral"],
+                    help="transformers family for --hf (default: the one the run started from, else llama)")
+    args = ap.parse_args(argv)
+
+    if is_exported(args.run_dir):
+        model, out = load_model(args.run_dir), None
+    else:
+        ckpt = checkpoint_dir(args.run_dir, args.tag)
+        model = consolidate(ckpt, cfg=load_config(args.config) if args.config else None)
+        run = Path(args.run_dir)
+        default = (run if (run / "checkpoints").is_dir() else ckpt.parent.parent) / "export" / ckpt.name
+        out = save_model(model, args.out or default, tokenizer_from=tokenizer_dir(ckpt))
+        print(f"[export] {ckpt} -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{model.dtype})")
+    if args.hf:
+        from .hf import save_hf
+
+        print(f"[export] transformers -> {save_hf(model, args.hf, args.family)}")
+        tok = tokenizer_dir(args.run_dir)
+        if tok is not None and (tok / "tokenizer_config.json").is_file():
+            # A transformers tokenizer travels along, so AutoTokenizer loads the same directory.
+            # (A sentencepiece spm.model does not: transformers' Llama tokenizer would add a prefix space.)
+            shutil.copytree(tok, args.hf, dirs_exist_ok=True)
+    elif out is None:
+        print("[export] nothing to do: the input is already an export (use --hf to write transformers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

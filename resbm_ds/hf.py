@@ -1,0 +1,358 @@
+"""Hugging Face `transformers` interop: Llama / Qwen2 / Mistral configs and weights in, and back out.
+
+    config_from_hf(dir)                  a resbm-ds Config whose model section is the transformers one
+    init_pipeline_from_hf(module, cfg)   build_engine's hook: each stage reads only its own layers
+    from_hf(dir)                         the same network on one process (ResBMForCausalLM)
+    save_hf(model, out_dir)              an uncompressed model -> a `save_pretrained` directory
+
+Our layers use Hugging Face's Llama names, so a transformers tensor maps to a pipeline layer by
+name alone: `model.layers.{i}.X` is `X` of the block with layer_id i, `model.embed_tokens.weight`
+the embedding, `model.norm.weight` the final norm, `lm_head.weight` the head. The three families
+share these names; Qwen2 adds q/k/v biases (`model.attention_bias`). ResBM encoders/decoders have
+no transformers counterpart: they keep their own initialisation.
+
+Anything in a transformers config that our network does not compute the same way (RoPE scaling,
+a sliding window shorter than the sequence, MLP or o_proj biases, another activation, ...) raises
+`UnsupportedHFConfig` naming the field, rather than loading weights into a different network.
+
+CLI: `python -m resbm_ds.hf config DIR [--config BASE] [key=value ...]` prints a run config (YAML)
+for `python -m resbm_ds.train --config`, with the model section and `model.init_from_hf` filled in.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .config import Config, ConfigError, ModelConfig, load_config
+from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
+
+FAMILIES = ("llama", "qwen2", "mistral")
+# Keys a config may carry beyond its class defaults without changing the network.
+HARMLESS_EXTRA = {"auto_map", "torch_dtype", "dtype", "transformers_version", "architectures",
+                  "_name_or_path", "generation_config", "tokenizer_class", "_attn_implementation_autoset"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class UnsupportedHFConfig(ConfigError):
+    """A transformers config field our network cannot reproduce; `key` is the field's name."""
+
+    def __init__(self, field: str, value, why: str, source: str = ""):
+        ValueError.__init__(self, f"unsupported transformers config{f' ({source})' if source else ''}: "
+                                  f"{field}={value!r}: {why}")
+        self.key, self.value, self.allowed = field, value, why
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+def load_hf_config(src):
+    """A transformers config object from itself or a local `save_pretrained` directory (no hub)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(src, PretrainedConfig):
+        return src
+    path = Path(src)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a transformers save_pretrained directory")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def sliding_window(hf) -> int | None:
+    """The attention window the config applies, or None for full causal attention everywhere."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None:   # Qwen2 (and newer configs) list the attention kind per layer
+        kinds = set(layer_types) - {"full_attention", "sliding_attention"}
+        if kinds:
+            raise UnsupportedHFConfig("layer_types", sorted(kinds), "only full_attention / sliding_attention")
+        return window if "sliding_attention" in layer_types else None
+    return window   # Mistral: the window, when set, applies to every layer
+
+
+def check_hf_config(hf, seq_len: int | None = None, source: str = "") -> None:
+    """Raise UnsupportedHFConfig for every setting our Llama-style layers would compute differently."""
+    def bad(field, value, why):
+        raise UnsupportedHFConfig(field, value, why, source)
+
+    family = getattr(hf, "model_type", None)
+    if family not in FAMILIES:
+        bad("model_type", family, f"supported families: {', '.join(FAMILIES)}")
+    extra = set(hf.to_dict()) - set(type(hf)().to_dict()) - HARMLESS_EXTRA
+    if extra:
+        k = sorted(extra)[0]
+        bad(k, getattr(hf, k, None), f"not a standard {type(hf).__name__} field; resbm-ds cannot tell "
+                                     "what it changes (quantized or custom checkpoints are not supported)")
+    if hf.hidden_act != "silu":
+        bad("hidden_act", hf.hidden_act, "only 'silu' (SwiGLU MLP)")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        bad("rope_parameters.rope_type", rope.get("rope_type"),
+            "only plain RoPE ('default'); RoPE scaling (rope_scaling) is not implemented")
+    prf = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        bad("partial_rotary_factor", prf, "only 1.0 (RoPE on the whole head)")
+    if hf.hidden_size % hf.num_attention_heads:
+        bad("num_attention_heads", hf.num_attention_heads, f"must divide hidden_size ({hf.hidden_size})")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim is not None and head_dim != hf.hidden_size // hf.num_attention_heads:
+        bad("head_dim", head_dim, f"must equal hidden_size / num_attention_heads "
+                                  f"({hf.hidden_size // hf.num_attention_heads})")
+    if family == "llama" and getattr(hf, "attention_bias", False):
+        bad("attention_bias", True, "Llama's attention_bias also adds an o_proj bias, not implemented "
+                                    "(only Qwen2's q/k/v biases are)")
+    if getattr(hf, "mlp_bias", False):
+        bad("mlp_bias", True, "MLP biases are not implemented")
+    if getattr(hf, "attention_dropout", 0.0):
+        bad("attention_dropout", hf.attention_dropout, "attention dropout is not implemented; use 0.0")
+    window = sliding_window(hf)
+    if window is not None and seq_len is not None and window < seq_len:
+        bad("sliding_window", window, f"a window shorter than the sequence (data.seq_len={seq_len}) is not "
+                                      "implemented; full causal attention equals it only up to the window")
+
+
+def model_config_from_hf(src, seq_len: int | None = None, init_std: float = 0.02) -> ModelConfig:
+    """ModelConfig of the same network as a transformers Llama/Qwen2/Mistral config."""
+    hf = load_hf_config(src)
+    check_hf_config(hf, seq_len, source=str(src) if not hasattr(src, "to_dict") else "")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    max_len = hf.max_position_embeddings
+    window = sliding_window(hf)
+    if window is not None:   # runs must stay within the window, where attention is full attention
+        max_len = min(max_len, window)
+    return ModelConfig(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size, max_seq_len=max_len,
+        rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+        norm_eps=float(hf.rms_norm_eps), tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        init_std=init_std, attention_bias=hf.model_type == "qwen2")
+
+
+def config_from_hf(path, base: Config | None = None, overrides=()) -> Config:
+    """A run Config (base, or the defaults + overrides) whose model is the transformers one in `path`,
+    with model.init_from_hf = path so that build_engine loads its weights. A tokenizer saved in the
+    same directory becomes the run's tokenizer."""
+    cfg = base if base is not None else load_config(None, list(overrides))
+    path = Path(path).resolve()
+    model = model_config_from_hf(path, seq_len=cfg.data.seq_len, init_std=cfg.model.init_std)
+    cfg.model = dataclasses.replace(model, init_from_hf=str(path))
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        cfg.data.tokenizer, cfg.data.tokenizer_path = "hf", str(path)
+    return cfg
+
+
+# What must agree between the run config and the transformers config for the weights to fit.
+_MATCH = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size", "rope_theta",
+          "norm_eps", "tie_embeddings", "attention_bias")
+
+
+def check_model_matches_hf(m: ModelConfig, path, seq_len: int | None = None) -> None:
+    """ConfigError naming the first model.* key that differs from the transformers config in `path`."""
+    want = model_config_from_hf(path, seq_len=seq_len)
+    for key in _MATCH:
+        if getattr(m, key) != getattr(want, key):
+            name = {"kv_heads": "num_kv_heads", "ffn_size": "intermediate_size"}.get(key, key)
+            raise ConfigError(f"model.{name}", getattr(m, key),
+                              f"model.init_from_hf={path} has {getattr(want, key)!r}; make the model section "
+                              f"with `python -m resbm_ds.hf config {path}` (or resbm_ds.hf.config_from_hf)")
+    if m.max_seq_len > want.max_seq_len:
+        raise ConfigError("model.max_seq_len", m.max_seq_len,
+                          f"at most {want.max_seq_len} for {path} (max_position_embeddings / sliding_window)")
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def hf_names(layer: nn.Module) -> dict[str, str]:
+    """Our state_dict key -> transformers key for one pipeline layer ({} for ResBM boundary layers)."""
+    if isinstance(layer, TokenEmbedding):
+        return {"weight": "model.embed_tokens.weight"}
+    if isinstance(layer, TransformerBlock):
+        return {k: f"model.layers.{layer.layer_id}.{k}" for k in layer.state_dict()}
+    if isinstance(layer, FinalNorm):
+        return {"weight": "model.norm.weight"}
+    if isinstance(layer, LMHead):
+        return {"lm_head.weight": "lm_head.weight"}
+    return {}
+
+
+class SafetensorsDir:
+    """The tensors of a save_pretrained directory, sharded or not, read by name on demand (mmap):
+    a stage that asks for its own layers reads nothing else."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.where = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
+                                    "(only safetensors checkpoints are read; save_pretrained writes them)")
+
+    def get(self, names) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise KeyError(f"{self.path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(self.path / file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return out
+
+
+def load_hf_weights(layers, path) -> list[str]:
+    """Copy transformers weights from `path` into the given layers (any subset of the model; each
+    layer reads only its own tensors). Returns the transformers names that were read."""
+    layers = list({id(l): l for l in layers if isinstance(l, nn.Module) and hf_names(l)}.values())
+    wanted = sorted({hf for l in layers for hf in hf_names(l).values()})
+    tensors = SafetensorsDir(path).get(wanted)
+    for layer in layers:
+        # strict: every parameter of a mapped layer is loaded, and shapes are checked by name
+        layer.load_state_dict({ours: tensors[hf] for ours, hf in hf_names(layer).items()})
+    return wanted
+
+
+def init_pipeline_from_hf(module, cfg: Config) -> None:
+    """build_engine's hook: with model.init_from_hf set, load this stage's layers from it.
+
+    A tied LM head on the last stage is a second copy of the embedding (DeepSpeed keeps tied copies
+    in `tied_modules` and syncs them only at construction), so it is loaded here as well."""
+    path = cfg.model.init_from_hf
+    if not path:
+        return
+    check_model_matches_hf(cfg.model, path, seq_len=cfg.data.seq_len)
+    local = [f for f in module.forward_funcs if isinstance(f, nn.Module)] + list(module.tied_modules.values())
+    load_hf_weights(local, path)
+
+
+def from_hf(path, base: Config | None = None, overrides=()):
+    """The network of a transformers directory on one process: (ResBMForCausalLM, Config). With
+    bottleneck.method=none it computes the transformers model's logits."""
+    from .export import ResBMForCausalLM
+
+    cfg = config_from_hf(path, base, overrides)
+    model = ResBMForCausalLM(cfg)
+    load_hf_weights(model.layers, path)
+    return model, cfg
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def _family_of(cfg: Config, family: str | None) -> str:
+    """The family asked for, else the one the run started from, else Qwen2 (biases) or Llama."""
+    src = cfg.model.init_from_hf
+    if family is None and src and (Path(src) / "config.json").is_file():
+        family = load_hf_config(src).model_type
+    family = family or ("qwen2" if cfg.model.attention_bias else "llama")
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: allowed: {list(FAMILIES)}")
+    if cfg.model.attention_bias and family != "qwen2":
+        raise ValueError(f"q/k/v biases (model.attention_bias) exist only in the qwen2 family, not {family}")
+    return family
+
+
+def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = torch.float32):
+    """The transformers config of our (uncompressed) model: the original one when the run started
+    from a transformers directory of the same family (keeping its token ids etc.), else a fresh one."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    family = _family_of(cfg, family)
+    m = cfg.model
+    src = m.init_from_hf
+    fresh = not (src and (Path(src) / "config.json").is_file() and load_hf_config(src).model_type == family)
+    hf = CONFIG_MAPPING[family]() if fresh else AutoConfig.from_pretrained(src, local_files_only=True)
+    fields = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                  num_key_value_heads=m.kv_heads, rms_norm_eps=m.norm_eps, hidden_act="silu",
+                  tie_word_embeddings=m.tie_embeddings, attention_dropout=0.0,
+                  rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta})
+    if fresh:
+        fields["max_position_embeddings"] = m.max_seq_len
+        if family == "mistral":   # a fresh Mistral config brings a 4096 window: use full attention
+            fields["sliding_window"] = None
+    if family in ("llama", "mistral"):
+        fields["head_dim"] = m.head_dim
+    if family == "llama":
+        fields.update(attention_bias=False, mlp_bias=False)
+    for k, v in fields.items():
+        setattr(hf, k, v)
+    if family == "qwen2" and hf.layer_types is not None:
+        missing = max(0, m.num_layers - len(hf.layer_types))
+        hf.layer_types = hf.layer_types[:m.num_layers] + ["full_attention"] * missing
+    hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
+    hf.dtype = dtype
+    check_hf_config(hf, seq_len=cfg.data.seq_len)
+    return hf
+
+
+def hf_state_dict(model, family: str) -> dict[str, torch.Tensor]:
+    sd = {}
+    for layer in model.layers:
+        own = layer.state_dict()
+        sd.update({hf: own[ours].detach().contiguous() for ours, hf in hf_names(layer).items()})
+    if family == "qwen2":   # Qwen2 always has q/k/v biases: zeros compute the same as none
+        for layer in model.layers:
+            if isinstance(layer, TransformerBlock) and layer.self_attn.q_proj.bias is None:
+                for p in ("q_proj", "k_proj", "v_proj"):
+                    w = sd[f"model.layers.{layer.layer_id}.self_attn.{p}.weight"]
+                    sd[f"model.layers.{layer.layer_id}.self_attn.{p}.bias"] = w.new_zeros(w.shape[0])
+    return sd
+
+
+def save_hf(model, out_dir, family: str | None = None) -> Path:
+    """Write an uncompressed ResBMForCausalLM as a transformers save_pretrained directory
+    (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    if cfg.bottleneck.method != "none" and cfg.bottleneck.segments > 1:
+        raise ValueError("only uncompressed models (bottleneck.method=none) export to transformers: the "
+                         "ResBM encoder/decoder layers have no transformers equivalent; use the "
+                         "resbm-ds export (python -m resbm_ds.export) for this model")
+    family = _family_of(cfg, family)
+    dtype = next(model.parameters()).dtype
+    hf = hf_config_for(cfg, family, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m resbm_ds.hf", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("config", help="print a run config (YAML) built from a transformers directory")
+    c.add_argument("hf_dir")
+    c.add_argument("--config", default=None, help="base run config (file or preset); default: defaults")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_from_hf(args.hf_dir, base=load_config(args.config, args.overrides)).validate()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
