@@ -42,6 +42,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention_bias: bool = False           # biases on q/k/v_proj (Qwen2); o_proj never has one
+    init_from_hf: str | None = None        # a transformers save_pretrained dir: load its weights
 
     @property
     def kv_heads(self) -> int:
@@ -56,9 +58,13 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-BOUNDARY_METHODS = ("resbm", "none")
+BOUNDARY_METHODS = ("resbm", "none", "bottleneck-noskip", "subspace")   # the last two: baselines.py
+ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary also sends the token ids
+ID_WIRE_BYTES = 4                    # the ids cross as int32
 IDENTITY_PATHS = ("slice", "orthonormal", "none")
 WIRE_DTYPES = ("model", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
+MUON_NS_METHODS = ("standard", "gram")
 
 
 @dataclass
@@ -69,6 +75,7 @@ class BottleneckConfig:
     bottleneck between consecutive ones, whatever the number of pipeline stages it runs on.
     """
     method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)
+    #                                | bottleneck-noskip (SWARM) | subspace (Subspace Models); baselines.py
     segments: int = 2
     width: int | None = None       # h, the code width; None = hidden_size // ratio
     ratio: int = 32                # H / h, used when width is None
@@ -90,6 +97,15 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
+    # optimizer=muon: Muon for the hidden matrices (block and bottleneck Linear weights), AdamW with
+    # lr/betas/weight_decay above for everything else. Defaults are Keller Jordan's Muon
+    # (github.com/KellerJordan/Muon, also torch.optim.Muon's "original" scaling): lr 0.02 in units of
+    # spectral norm per step, times sqrt(max(1, rows/cols)); Nesterov momentum 0.95; 5 Newton-Schulz
+    # steps with coefficients (3.4445, -4.7750, 2.0315); no weight decay.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_ns_method: str = "standard"   # standard (Keller Jordan's quintic) | gram (DeepSpeed's Gram NS)
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 100
@@ -112,6 +128,32 @@ class DataConfig:
     tokenizer_path: str | None = None
 
 
+WIRE_CODECS = ("none", "int8", "fp8")
+
+
+@dataclass
+class WireConfig:
+    """What happens on the wire between pipeline stages: a codec (resbm_ds/codecs.py) and an emulated
+    slow link (resbm_ds/link.py). Both work at DeepSpeed's p2p layer, under any boundary method."""
+    codec: str = "none"            # none | int8 | fp8 (e4m3 bits in uint8): per-row (per token) scaled
+    codec_backward: bool = False   # also encode the gradients sent back (default: forward only)
+    link_bandwidth_mbps: float | None = None   # emulated link in Mbit/s (1e6 bit/s); None = unlimited
+    link_latency_ms: float = 0.0   # one-way latency added to every transfer
+    link_full_duplex: bool = False  # False: both directions share the bandwidth (the paper's accounting)
+
+    @property
+    def link_emulated(self) -> bool:
+        return self.link_bandwidth_mbps is not None or self.link_latency_ms > 0
+
+    def validate(self):
+        _choice("wire.codec", self.codec, WIRE_CODECS)
+        if self.link_bandwidth_mbps is not None and not self.link_bandwidth_mbps > 0:
+            raise ConfigError("wire.link_bandwidth_mbps", self.link_bandwidth_mbps,
+                              "must be > 0 (Mbit/s), or empty for an unlimited link")
+        if not self.link_latency_ms >= 0:
+            raise ConfigError("wire.link_latency_ms", self.link_latency_ms, "must be >= 0 (milliseconds)")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +161,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
     seed: int = 1234
     # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
     # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
@@ -158,8 +201,32 @@ class Config:
         return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
 
     @property
+    def wire_elem_bytes(self) -> int:
+        """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
+        b = self.bottleneck
+        if b.method != "none" and b.wire_dtype != "model":
+            return {"fp32": 4, "bf16": 2, "fp16": 2}[b.wire_dtype]
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def wire_bytes_per_token(self) -> tuple[int, int]:
+        """(forward, backward) bytes per token at each boundary that crosses stages: the code, plus
+        the int32 token ids forward for methods with an id channel (no gradient comes back for them)."""
+        code = self.code_width * self.wire_elem_bytes
+        return code + (ID_WIRE_BYTES if self.bottleneck.method in ID_CHANNEL_METHODS else 0), code
+
+    @property
+    def wire_values_per_token(self) -> float:
+        """Values per token crossing forward, in units of one code value: h, plus the id channel where
+        ids cross (an int32 id = 1 fp32 value, 2 bf16 values), e.g. subspace k=40 fp32: 41."""
+        if self.bottleneck.method not in ID_CHANNEL_METHODS:
+            return self.code_width
+        return self.wire_bytes_per_token[0] / self.wire_elem_bytes
+
+    @property
     def compression_ratio(self) -> float:
-        return self.model.hidden_size / self.code_width
+        """H / values crossing per token (ResBM: H/h; subspace: H/(k+1) in fp32, 4096/41 at k=40)."""
+        return self.model.hidden_size / self.wire_values_per_token
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "Config":
@@ -187,6 +254,19 @@ class Config:
             if b.width is None and (b.ratio < 2 or m.hidden_size % b.ratio):
                 raise ConfigError("bottleneck.ratio", b.ratio,
                                   f"must be >= 2 and divide model.hidden_size ({m.hidden_size})")
+        if b.method == "subspace":
+            if m.tie_embeddings:
+                raise ConfigError("model.tie_embeddings", m.tie_embeddings,
+                                  "bottleneck.method=subspace needs untied embeddings (false): its token "
+                                  "embedding is a trainable part in span(U) plus a frozen random table")
+            if b.segments < 2:
+                raise ConfigError("bottleneck.segments", b.segments,
+                                  "bottleneck.method=subspace needs >= 2 (the last segment is left "
+                                  "unconstrained; with one segment nothing is compressed: use method=none)")
+            if m.init_from_hf:
+                raise ConfigError("model.init_from_hf", m.init_from_hf,
+                                  "not with bottleneck.method=subspace (its projections are W = U Z, not "
+                                  "full matrices); leave it empty")
         if b.segments > m.num_layers:
             raise ConfigError("bottleneck.segments", b.segments,
                               f"at most model.num_layers ({m.num_layers}): each segment needs a block")
@@ -201,8 +281,46 @@ class Config:
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len ({m.max_seq_len})")
+        self.wire.validate()
         self._validate_deepspeed(world_size)
+        self._validate_optimizer()
         return self
+
+    def _validate_optimizer(self):
+        """Muon only where DeepSpeed really runs it (measured in tests/test_optim.py)."""
+        t = self.train
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+        for key in ("lr", "muon_lr"):
+            if not getattr(t, key) > 0:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be > 0")
+        for key in ("weight_decay", "muon_weight_decay"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
+        if not 0 <= t.muon_momentum < 1:
+            raise ConfigError("train.muon_momentum", t.muon_momentum, "must be in [0, 1)")
+        _choice("train.muon_ns_method", t.muon_ns_method, MUON_NS_METHODS)
+        if t.optimizer != "muon":
+            return
+        ds = self.ds
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ConfigError("deepspeed.zero_optimization.stage", 0,
+                              "train.optimizer=muon with bf16 needs ZeRO stage 1 (any data-parallel "
+                              "size, 1 included): at stage 0 DeepSpeed's BF16_Optimizer takes the step, "
+                              "and it refuses Muon under pipeline parallelism")
+        accum = ds.get("data_types", {}).get("grad_accum_dtype")
+        if self.precision == "bf16" and accum in ("fp32", "float32", "float"):
+            raise ConfigError("deepspeed.data_types.grad_accum_dtype", accum,
+                              "not with train.optimizer=muon and bf16: fp32 accumulation moves the step "
+                              "to DeepSpeed's BF16_Optimizer, which refuses Muon under pipeline "
+                              "parallelism; leave it out")
+        clip = ds.get("gradient_clipping", 0.0)
+        if self.zero_stage == 1 and clip:
+            raise ConfigError("deepspeed.gradient_clipping", clip,
+                              "must be 0 with train.optimizer=muon at ZeRO stage 1: DeepSpeed's ZeRO-1 "
+                              "Muon orthogonalises the gradient before clipping, so the clip shrinks "
+                              "the Muon step itself (to ~2% of train.muon_lr on the test model) and "
+                              "mis-scales the AdamW one; set deepspeed.gradient_clipping=0 (Muon's "
+                              "update has a fixed size anyway), or use fp32 with ZeRO stage 0")
 
     def _validate_deepspeed(self, world_size):
         ds = self.ds

@@ -10,7 +10,9 @@ import torch
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from .config import Config
+from .codecs import WireCodec
 from .hf import init_pipeline_from_hf
+from .link import LinkEmulator
 from .optim import build_optimizer
 from .pipeline import ResBMPipeline
 from .wire import WireMeter
@@ -29,8 +31,13 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(timeout_s: int = 300):
-    """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher."""
+def init_distributed(timeout_s: int | None = None):
+    """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher.
+
+    `timeout_s` (default: env RESBM_DIST_TIMEOUT, else 300) bounds the rendezvous and every
+    collective, so a rank that never arrives ends the job instead of hanging it.
+    """
+    timeout_s = timeout_s or int(os.environ.get("RESBM_DIST_TIMEOUT", "300"))
     map_slurm_env()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -86,7 +93,9 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
+    LinkEmulator.install(cfg.wire)   # innermost: every p2p message pays the emulated link (link.py)
     wire = WireMeter.install()
+    WireCodec.install(cfg.wire)      # outermost: the meter counts encoded bytes (codecs.py)
     ds = deepspeed_config(cfg, dp)
     ds.update(extra_ds or {})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),

@@ -13,8 +13,11 @@ S, which is what lets a checkpoint trained on one layout load into another.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
+from .baselines import baseline_boundary
 from .bottleneck import BottleneckDecoder, BottleneckEncoder
 from .config import Config
 from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
@@ -26,24 +29,47 @@ def segment_sizes(num_layers: int, segments: int) -> list[int]:
     return [base + (i < extra) for i in range(segments)]
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """The layers a boundary method contributes; None = the plain Llama layer (or nothing)."""
+    encoder: type | None                 # (cfg, boundary) -> layer ending a segment
+    decoder: type | None                 # (cfg, boundary) -> layer starting the next segment
+    embedding: type | None = None        # (cfg) -> first layer; None = TokenEmbedding
+    block: type | None = None            # (cfg, block_id) -> blocks before the last boundary
+
+
+def boundary_layers(cfg: Config) -> Boundary:
+    method = cfg.bottleneck.method
+    if method == "resbm":
+        return Boundary(BottleneckEncoder, BottleneckDecoder)
+    if method == "none":
+        return Boundary(None, None)
+    return baseline_boundary(cfg)        # bottleneck-noskip, subspace: baselines.py
+
+
 def layer_specs(cfg: Config) -> tuple[list, list[int]]:
     """The model's layers in order, and the index just after each segment (where a cut may go)."""
-    m = cfg.model
-    compressed = cfg.bottleneck.method != "none"
-    if m.tie_embeddings:
+    m, kit = cfg.model, boundary_layers(cfg)
+    if kit.embedding is not None:
+        specs = [LayerSpec(kit.embedding, cfg)]
+    elif m.tie_embeddings:
         specs = [TiedLayerSpec("embed", TokenEmbedding, m, tied_weight_attr=["weight"])]
     else:
         specs = [LayerSpec(TokenEmbedding, m)]
     segment_ends, block_id = [], 0
     sizes = segment_sizes(m.num_layers, cfg.bottleneck.segments)
     for seg, n_blocks in enumerate(sizes):
-        if seg > 0 and compressed:
-            specs.append(LayerSpec(BottleneckDecoder, cfg, seg - 1))
+        last = seg == len(sizes) - 1
+        if seg > 0 and kit.decoder is not None:
+            specs.append(LayerSpec(kit.decoder, cfg, seg - 1))
         for _ in range(n_blocks):
-            specs.append(LayerSpec(TransformerBlock, m, block_id))
+            if kit.block is not None and not last:
+                specs.append(LayerSpec(kit.block, cfg, block_id))
+            else:
+                specs.append(LayerSpec(TransformerBlock, m, block_id))
             block_id += 1
-        if seg < len(sizes) - 1 and compressed:
-            specs.append(LayerSpec(BottleneckEncoder, cfg, seg))
+        if not last and kit.encoder is not None:
+            specs.append(LayerSpec(kit.encoder, cfg, seg))
         segment_ends.append(len(specs))
     specs.append(LayerSpec(FinalNorm, m))
     if m.tie_embeddings:

@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from .config import Config, ConfigError, load_config
 from .data import PackedBatches, TextSource, validation_batches
 from .engine import Runtime, build_engine, world_size_from_env
+from .slurm_layout import report_layout
 
 
 class TrainingError(RuntimeError):
@@ -172,6 +173,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
     tok = make_tokenizer(cfg, train_src)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler, extra_ds=monitor_config(out))
+    report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     t, S, dp = cfg.train, rt.num_stages, rt.dp_size
     data = PackedBatches(train_src, tok, cfg.data.seq_len, cfg.micro_batch_size, rt.dp_rank, dp, seed=cfg.seed)

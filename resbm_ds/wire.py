@@ -2,9 +2,11 @@
 
 DeepSpeed's pipeline engine calls `deepspeed.runtime.pipe.p2p.send/recv` through the module
 attribute for every activation (forward) and activation gradient (backward), so wrapping those two
-functions sees exactly what crosses a stage boundary. The one-off shape handshake is an int32
-tensor and the engine's start-up ping happens before the meter is installed; only floating-point
-tensors (activations and their gradients) are counted.
+functions sees exactly what crosses a stage boundary. The engine's start-up ping happens before the
+meter is installed, and its one-off shape handshake (a 1-D int32 tensor of TENSOR_META_SIZE
+elements, `is_shape_handshake`) is not counted; everything else is: activations and their gradients,
+a codec's uint8 payload, and integer side tensors of the activation path (the token ids that the
+subspace baseline sends with its code, baselines.py).
 
 Direction: a transfer towards a later stage is forward (activations), towards an earlier stage is
 backward (gradients).
@@ -13,7 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from deepspeed.runtime.pipe import p2p
+from deepspeed.runtime.pipe.engine import TENSOR_META_SIZE
+
+
+def is_shape_handshake(tensor) -> bool:
+    """DeepSpeed's shape/dtype handshake (PipelineEngine._send_tensor_meta): a 1-D int32 buffer of
+    TENSOR_META_SIZE elements. Activation-path tensors are [batch, seq, ...], never 1-D."""
+    return tensor.dtype == torch.int32 and tensor.dim() == 1 and tensor.numel() == TENSOR_META_SIZE
 
 
 @dataclass
@@ -57,7 +67,9 @@ class WireMeter:
         return cls._installed
 
     def _count(self, tensor, peer_stage, is_send):
-        if not tensor.is_floating_point():
+        # floats: activations and gradients; uint8: a wire codec's payload (codecs.py); integers:
+        # side tensors such as token ids (baselines.py). Only the shape handshake is not counted.
+        if is_shape_handshake(tensor):
             return
         nbytes = tensor.numel() * tensor.element_size()
         forward = (peer_stage > p2p._grid.get_stage_id()) == is_send

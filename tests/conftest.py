@@ -1,11 +1,11 @@
 """Shared test setup: DeepSpeed on CPU over gloo, offline, and a helper to launch real multi-process runs."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -15,12 +15,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_port = [29600 + os.getpid() % 500]
-
-
 def free_port() -> int:
-    _port[0] += 1
-    return _port[0]
+    """A port the OS reports free right now (so concurrent test sessions do not collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(args, nprocs: int, timeout: int = 600, launcher: str = "torchrun", env=None, check=True):

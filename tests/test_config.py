@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from resbm_ds.config import Config, ConfigError, load_config
+from resbm_ds.config import ConfigError, load_config
 from resbm_ds.pipeline import layer_specs, stage_parts
 
 

@@ -6,7 +6,6 @@ steps; the text pipeline has its own tests.
 """
 import hashlib
 import json
-import os
 import sys
 
 import torch

@@ -1,0 +1,100 @@
+"""`python -m resbm_ds.bench`: the smoke suite end to end (real 2-process trainings on the real
+corpus), the link emulation against its link-bound prediction, and the runner's handling of
+methods/optimizers the code does not have."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from resbm_ds.bench import SUITES, RunSpec, Suite, run_suite, val_at_time
+
+PNGS = ("val_loss_vs_tokens.png", "loss_vs_wallclock.png", "tokens_per_s.png")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    proc = subprocess.run([sys.executable, "-m", "resbm_ds.bench", "--suite", "smoke", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_suite_runs_end_to_end_and_writes_all_outputs(smoke):
+    out, stdout, res = smoke
+    runs = {r["name"]: r for r in res["runs"]}
+    assert list(runs) == [r.name for r in SUITES["smoke"].runs]
+    assert all(r["status"] == "ok" for r in runs.values()), [(r["name"], r.get("error")) for r in res["runs"]]
+    for name in runs:                                        # a progress line per run
+        assert f"{name}: done in" in stdout
+    m = res["machine"]
+    assert m["cores"] >= 1 and m["torch"] and m["deepspeed"] and m["cpu"]
+    for png in PNGS:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    md = (out / "results.md").read_text()
+    assert "| configuration | link | measured compression | tokens/s |" in md
+    assert "val loss at equal wall-clock" in md and m["cpu"] in md and m["deepspeed"] in md
+    budgets = {r["metrics"]["tokens"] for r in runs.values()}
+    assert len(budgets) == 1                                 # same token budget for every run
+    # same data, same seed: the uncompressed run computes the same losses on a slow and a fast link
+    fast, slow = runs["none-fast"]["metrics"], runs["none-slow"]["metrics"]
+    assert [p["loss"] for p in fast["train_curve"]] == pytest.approx([p["loss"] for p in slow["train_curve"]],
+                                                                     rel=1e-5)
+    assert fast["tokens_per_s"] > 2 * slow["tokens_per_s"]
+    # the codec's bytes are counted after encoding: ResBM h=64/16=4, int8 forward and backward,
+    # 2 micro-batches x 2 x 64 tokens, (4 + 2 scale) bytes per token each way
+    codec = runs["resbm-16x-int8-slow"]["metrics"]
+    assert codec["wire_bytes_fwd_per_step"] == codec["wire_bytes_bwd_per_step"] == 2 * 2 * 64 * 6
+    assert codec["measured_compression"] == pytest.approx(64 * 4 / 6)     # vs 64 fp32 values per token
+    assert fast["wire_bytes_per_boundary_per_step"] == 2 * 2 * 2 * 64 * 64 * 4
+
+
+def test_emulated_link_matches_the_link_bound_prediction(smoke):
+    """Uncompressed pipeline on a slow link: measured tokens/s within 15% of what the measured bytes
+    allow at that bandwidth (the rest is compute the blocking 1F1B schedule cannot hide)."""
+    _, _, res = smoke
+    slow = next(r for r in res["runs"] if r["name"] == "none-slow")["metrics"]
+    bytes_per_step = slow["wire_bytes_per_boundary_per_step"]
+    predicted = slow["tokens_per_step"] / (bytes_per_step * 8 / 0.5e6)
+    assert slow["link_bound_tokens_per_s"] == pytest.approx(predicted)
+    assert 0.85 <= slow["tokens_per_s"] / predicted <= 1.02, (slow["tokens_per_s"], predicted)
+
+
+def test_unavailable_methods_and_optimizers_are_reported_not_run(tmp_path):
+    base = SUITES["smoke"]
+    suite = Suite(name="t", config=base.config, description="d", links=base.links, reference="x",
+                  runs=[RunSpec("warp", "warp drive 8x", "slow", method="warp-drive", ratio=8),
+                        RunSpec("sgdx", "uncompressed SGD-X", "fast", optimizer="sgd-x"),
+                        RunSpec("bad", "bad ratio", "fast", method="resbm", ratio=3)])
+    res = run_suite(suite, tmp_path / "out")
+    status = {r["name"]: r["status"] for r in res["runs"]}
+    assert status == {"warp": "unavailable", "sgdx": "unavailable", "bad": "invalid"}
+    assert not (tmp_path / "out" / "runs").exists()          # nothing was launched
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "warp drive 8x @ 0.5 Mbit/s (`warp`): **unavailable**: invalid config: bottleneck.method" in md
+    for png in PNGS:
+        assert (tmp_path / "out" / png).exists()
+
+
+def test_paper_cpu_suite_covers_the_comparison():
+    suite = SUITES["paper-cpu"]
+    names = {r.name for r in suite.runs}
+    for opt in ("adamw", "muon"):
+        assert {f"resbm-{r}x-{opt}-80m" for r in (32, 64, 128)} <= names
+    for m in ("subspace", "bottleneck-noskip"):
+        assert {f"{m}-{r}x-adamw-80m" for r in (32, 64, 128)} <= names
+    assert {"none-10g", "none-80m", "resbm-128x-adamw-int8-80m"} <= names
+    assert suite.links["80m"].mbps == 80.0 and suite.links["10g"].mbps == 10_000.0
+
+
+def test_validation_loss_at_equal_wallclock_is_interpolated():
+    m = dict(initial_loss=8.0, val_curve=[dict(time_s=10.0, val_loss=6.0, tokens=100),
+                                          dict(time_s=20.0, val_loss=5.0, tokens=200)])
+    assert val_at_time(m, 5.0) == pytest.approx((7.0, 50))
+    assert val_at_time(m, 15.0) == pytest.approx((5.5, 150))
+    assert val_at_time(m, 30.0) == pytest.approx((5.0, 200))

@@ -1,0 +1,124 @@
+"""Wire codecs and link emulation: quantisation error, bytes on the wire, and the link's timing rule,
+in-process and through DeepSpeed's p2p layer between two real processes (tests/workers/wire_worker.py).
+The end-to-end check of the link against the link-bound prediction is in test_bench.py (it uses the
+smoke suite's uncompressed run on a slow link)."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, launch
+from resbm_ds.codecs import QMAX, SCALE_BYTES, compression_factor, encode, encoded_nbytes, roundtrip
+from resbm_ds.config import ConfigError, load_config
+from resbm_ds.link import LinkClock, LinkModel, link_bound_tokens_per_s
+
+
+def activations(dtype=torch.float32, shape=(3, 50, 32), seed=0):
+    """Rows (tokens) of very different scales, incl. an all-zero row and tiny gradient-like rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    scales = torch.logspace(-12, 4, shape[0] * shape[1]).view(shape[0], shape[1], 1)
+    x = x * scales
+    x[0, 0] = 0.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codec_roundtrip_within_quantisation_error(codec, dtype):
+    x = activations(dtype)
+    y = roundtrip(x, codec)
+    assert y.dtype == dtype and y.shape == x.shape
+    rows = x.float().reshape(-1, x.shape[-1])
+    s = (rows.abs().amax(1, keepdim=True) / QMAX[codec]).to(torch.bfloat16).float()   # the sent scale
+    err = (y.float() - x.float()).reshape(rows.shape).abs()
+    bound = s / 2 if codec == "int8" else rows.abs() * 2 ** -4 + s * 2 ** -10
+    if dtype == torch.bfloat16:        # the decoded value is rounded to the receiver's bf16 buffer too
+        bound = bound + (rows.abs() + bound) * 2 ** -8
+    assert torch.all(err <= bound * (1 + 1e-6)), (err / bound).max()
+    assert torch.equal(y[0, 0], torch.zeros_like(y[0, 0]))          # zero row: no NaN from a zero scale
+    # relative error on plain Gaussian activations: about 0.5% (int8) and 2-3% (fp8)
+    z = torch.randn(512, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rel = ((roundtrip(z, codec).float() - z.float()).norm() / z.float().norm()).item()
+    assert rel < (0.008 if codec == "int8" else 0.035), rel
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+@pytest.mark.parametrize("h,dtype,factor", [(4, torch.float32, 16 / 6), (64, torch.float32, 256 / 66),
+                                            (4, torch.bfloat16, 8 / 6), (512, torch.bfloat16, 1024 / 514)])
+def test_codec_cuts_bytes_by_the_expected_factor(codec, h, dtype, factor):
+    x = torch.randn(2, 8, h).to(dtype)
+    payload = encode(x, codec)
+    assert payload.dtype == torch.uint8 and payload.shape == (16, h + SCALE_BYTES)
+    assert payload.numel() == encoded_nbytes(x.shape, codec)
+    assert compression_factor(x.shape, dtype, codec) == pytest.approx(factor)
+    assert x.numel() * x.element_size() / payload.numel() == pytest.approx(factor)
+
+
+def test_wire_config_is_validated():
+    cfg = load_config(None, ["wire.codec=fp8", "wire.link_bandwidth_mbps=80", "wire.link_latency_ms=30"]).validate()
+    assert cfg.wire.link_bandwidth_mbps == 80.0 and cfg.wire.link_emulated
+    assert not load_config(None, []).wire.link_emulated
+    for overrides, key in ((["wire.codec=int4"], "wire.codec"),
+                           (["wire.link_bandwidth_mbps=0"], "wire.link_bandwidth_mbps"),
+                           (["wire.link_latency_ms=-1"], "wire.link_latency_ms")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides).validate()
+        assert e.value.key == key
+
+
+def test_link_model_pays_bytes_over_bandwidth_plus_latency():
+    m = LinkModel(bandwidth_mbps=80.0, latency_ms=30.0)
+    assert m.transfer_s(10_000_000) == pytest.approx(1.0 + 0.03)        # 10 MB at 10 MB/s
+    assert m.schedule(5.0, 1_000_000, free=0.0) == pytest.approx((5.0, 5.1, 5.13))   # idle link
+    assert m.schedule(5.0, 1_000_000, free=5.5) == pytest.approx((5.5, 5.6, 5.63))   # queued behind one
+    assert LinkModel(None, 30.0).transfer_s(10 ** 9) == pytest.approx(0.03)          # latency only
+    # the paper's figure: 80 Mbit/s over 16 KiB/token (H=4096 bf16, forward + backward) = 610 tokens/s
+    assert link_bound_tokens_per_s(1, 16384, 80.0) == pytest.approx(610.35, abs=0.01)
+
+
+def test_both_directions_of_a_half_duplex_link_share_one_queue(tmp_path):
+    """Two LinkClocks on one file are what the two processes at a link's ends hold."""
+    m = LinkModel(bandwidth_mbps=8.0, latency_ms=10.0)          # 1 MB/s
+    a, b = LinkClock(tmp_path / "0-1"), LinkClock(tmp_path / "0-1")
+    assert a.reserve(m, 500_000, offered=100.0) == pytest.approx((100.0, 100.5, 100.51))
+    assert b.reserve(m, 250_000, offered=100.2) == pytest.approx((100.5, 100.75, 100.76))   # waits for a's
+    assert a.reserve(m, 100_000, offered=101.0) == pytest.approx((101.0, 101.1, 101.11))    # idle again
+    # arrival times travel through the same file, FIFO per direction
+    a.post_arrival(0, 1.5)
+    a.post_arrival(0, 2.5)
+    b.post_arrival(1, 7.0)
+    assert (b.take_arrival(0), b.take_arrival(0), a.take_arrival(1)) == (1.5, 2.5, 7.0)
+    # full duplex: one file per direction, so the directions do not queue behind each other
+    f, r = LinkClock(tmp_path / "0-1-0-1"), LinkClock(tmp_path / "0-1-1-0")
+    assert f.reserve(m, 500_000, 100.0)[0] == 100.0 and r.reserve(m, 500_000, 100.2)[0] == 100.2
+    for c in (a, b, f, r):
+        c.close()
+
+
+def test_p2p_layer_between_two_processes(tmp_path):
+    """Codec, meter and link wrapped around DeepSpeed's p2p.send/recv, as build_engine installs them."""
+    prefix = tmp_path / "wire"
+    launch([str(REPO / "tests" / "workers" / "wire_worker.py"), str(prefix)], 2, timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"wire.rank{r}.json").read_text()) for r in (0, 1))
+    n, h = 2 * 16, 24
+    for rank, rep in ((0, r0), (1, r1)):
+        for c in rep["codec"]:
+            assert c["exact"], c        # the receiver's buffer holds exactly decode(encode(x))
+            raw = n * h * (4 if "float32" in c["dtype"] else 2)
+            enc = n * (h + SCALE_BYTES)
+            fwd = raw if c["codec"] == "none" else enc
+            bwd = enc if c["codec"] != "none" and c["backward"] else raw
+            # rank 0 sends forward and receives backward; the int32 handshake is never counted
+            assert (c["sent"], c["recv"]) == ((fwd, bwd) if rank == 0 else (bwd, fwd)), c
+            if c["codec"] == "none":
+                assert c["rel_err"] == 0.0
+            elif rank == 1 or c["backward"]:
+                assert 0 < c["rel_err"] < (0.01 if c["codec"] == "int8" else 0.04), c
+    for t in r1["link"]:        # one transfer on an idle link: bytes / bandwidth + latency
+        assert t["expected"] - 0.001 <= t["delay"] <= t["expected"] + 0.03, t
+        assert t["sender_blocked"] <= t["expected"] - 0.02 + 0.03, t      # the sender does not pay latency
+        assert t["sender_blocked"] >= t["nbytes"] * 8 / 8e6 - 0.001, t
+    serial = r1["serial"]       # back-to-back transfers are serialised on the link
+    for got, want in zip(serial["arrivals"], serial["expected"]):
+        assert want - 0.001 <= got <= want + 0.04, serial
