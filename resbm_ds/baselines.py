@@ -37,9 +37,9 @@ the final norm and the LM head follow.
 
 Since DeepSpeed's pipeline sends a stage's last output (a tensor or a tuple of tensors; integer
 tensors travel without gradient), the layers of constrained segments pass `(hidden, token_ids)`
-tuples. The ids travel as int32 (4 bytes per token: vocabularies are far below 2^31), so one
-boundary crossing costs k floats + 4 bytes per token forward and k floats backward
-(`Config.wire_bytes_per_token`; `Config.compression_ratio` counts the id channel).
+tuples. The ids travel as int16 where the vocabulary fits (else int32), so one boundary crossing
+costs k floats + 2 bytes per token forward and k floats backward
+(`Config.wire_bytes_per_token`; `Config.compression_ratio` counts the id channel in bytes).
 
 U, F (and F U) are persistent buffers of the layers that use them, so a checkpoint carries the basis
 and table it was trained with; they are generated from `seed` with their own generator, never from
@@ -54,12 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bottleneck import WIRE_TORCH_DTYPES, BottleneckDecoder, BottleneckEncoder, orthonormal_rows
+from .bottleneck import TORCH_DTYPES, BottleneckDecoder, BottleneckEncoder, id_torch_dtype, orthonormal_rows, wire_torch_dtype
 from .config import Config
 from .model import TransformerBlock, init_linear
 
 BASELINE_METHODS = ("bottleneck-noskip", "subspace")
-ID_DTYPE = torch.int32            # token ids on the wire (Config counts ID_WIRE_BYTES = 4 per token)
 BASIS_SEED_OFFSET = 104_729       # U = basis(seed + this), shared by every layer
 TABLE_SEED_OFFSET = 130_363       # F = randn(V, H) from (seed + this)
 
@@ -159,11 +158,12 @@ class SubspaceEmbedding(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=m.init_std)
         self.register_buffer("basis", subspace_basis(cfg))
         self.register_buffer("fixed", fixed_table(cfg))
+        self.id_dtype = id_torch_dtype(cfg)
 
     def forward(self, ids):
         z = F.embedding(ids, self.weight)
         x = z.to(self.basis.dtype) @ self.basis.T + F.embedding(ids, self.fixed)
-        return x.to(z.dtype), ids.to(ID_DTYPE)
+        return x.to(z.dtype), ids.to(self.id_dtype)
 
     @property
     def full_weight(self) -> torch.Tensor:
@@ -204,11 +204,11 @@ class SubspaceEncoder(nn.Module):
         basis = subspace_basis(cfg)
         self.register_buffer("basis", basis)
         self.register_buffer("fixed_coords", fixed_table(cfg) @ basis)   # F U [V, k]
-        self.wire_dtype = WIRE_TORCH_DTYPES.get(cfg.bottleneck.wire_dtype)   # None = model dtype
+        self.wire_dtype = wire_torch_dtype(cfg)   # None = model dtype
 
     def forward(self, inputs):
         x, ids = inputs
-        c = x.to(self.basis.dtype) @ self.basis - F.embedding(ids, self.fixed_coords)
+        c = x.to(self.basis.dtype) @ self.basis - F.embedding(ids.long(), self.fixed_coords)
         return c.to(self.wire_dtype or x.dtype), ids
 
 
@@ -223,24 +223,22 @@ class SubspaceDecoder(nn.Module):
         self.register_buffer("basis", subspace_basis(cfg))
         self.register_buffer("fixed", fixed_table(cfg))
         # The stream's dtype: the code's, unless bottleneck.wire_dtype changed it on the way.
-        self.stream_dtype = (None if cfg.bottleneck.wire_dtype == "model"
-                             else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32))
+        self.stream_dtype = None if cfg.bottleneck.wire_dtype == "model" else TORCH_DTYPES[cfg.precision]
 
     def forward(self, inputs):
         c, ids = inputs
-        x = c.to(self.basis.dtype) @ self.basis.T + F.embedding(ids, self.fixed)
+        x = c.to(self.basis.dtype) @ self.basis.T + F.embedding(ids.long(), self.fixed)
         x = x.to(self.stream_dtype or c.dtype)
         return x if self.last else (x, ids)
 
 
 # ---- layer lists ---------------------------------------------------------------------------------
 
-def baseline_boundary(cfg: Config):
-    """`pipeline.Boundary` for the baseline methods: same layout and cuts, other layers."""
-    from .pipeline import Boundary   # pipeline imports this module
-
+def baseline_layers(cfg: Config) -> dict:
+    """The layer classes a baseline method puts into `pipeline.layer_specs`' layout (same cuts)."""
     if cfg.bottleneck.method == "subspace":
-        return Boundary(SubspaceEncoder, SubspaceDecoder, embedding=SubspaceEmbedding, block=SubspaceBlock)
+        return dict(encoder=SubspaceEncoder, decoder=SubspaceDecoder, embedding=SubspaceEmbedding,
+                    block=SubspaceBlock)
     if cfg.bottleneck.method == "bottleneck-noskip":
-        return Boundary(NoSkipEncoder, NoSkipDecoder)
+        return dict(encoder=NoSkipEncoder, decoder=NoSkipDecoder)
     raise ValueError(f"bottleneck.method={cfg.bottleneck.method!r} is not a baseline method {BASELINE_METHODS}")

@@ -2,23 +2,44 @@
 
 With `P` an h x H projection with orthonormal rows (the identity path):
 
-    encoder (sending stage):    b  = W_e RMSNorm(x) + P x           [B, T, h]   <- only this crosses
-    decoder (receiving stage):  x' = W_d RMSNorm(b) + P^T b         [B, T, H]
+    encoder (sending stage):    b  = W_e RMSNorm(x) + P x                  [B, T, h]  <- crosses
+    decoder (receiving stage):  x' = D(RMSNorm(b)) + P^T b (+ T[ids])      [B, T, H]
 
 `P^T P` is a rank-h identity carried across the boundary: h directions of the residual stream pass
-unchanged and their gradient flows straight back, while `W_e` / `W_d` (2*H*h parameters) learn what
-else to send. `P` is either a coordinate slice (the first h channels, as in the authors' IOTA code)
-or a fixed random orthonormal basis; `identity="none"` drops it (the plain-autoencoder ablation).
+unchanged and their gradient flows straight back, while `W_e` and the decoder `D` learn what else to
+send. `P` is a coordinate slice (the first h channels, as in the authors' IOTA code) or a fixed
+random orthonormal basis; `identity="none"` drops it (the plain-autoencoder ablation).
 
-Initialisation, and why it trains from step 0: W_e and W_d start at N(0, init_std) like every other
-projection. The identity path alone already makes a fresh boundary pass h coordinates of the stream
-through unchanged, so the stages after it see a signal and the stages before it get a gradient at
-once; W_e and W_d then start small next to it instead of scrambling the stream. The decoder
-normalises the code before W_d so the scale of what it writes does not depend on how large the
-code grows during training; the encoder normalises x for the same reason (pre-norm, like a block).
+Switches (bottleneck.*), all on the same layer layout:
+  init=identity (default)  W_e and the last matrix of D start at zero, so a fresh boundary computes
+                           exactly `P^T P x` and all of the gradient that reaches the sender at step 0
+                           goes through the identity path. Why: at init the stream's RMS is about
+                           init_std (0.02-0.05) while RMSNorm(x) has RMS 1, so N(0, init_std) weights
+                           make `W_e RMSNorm(x)` ~10x larger than `P x` (measured 0.43 vs 0.055 on
+                           the paper-cpu model): a fresh boundary was mostly a random projection, and
+                           the next segment started from noise instead of the stream.
+  init=normal              N(0, init_std) for W_e and D, the paper's/IOTA's initialisation.
+  decoder=linear (default) D = W_d (h -> H). The decoder is then linear up to the per-token norm.
+  decoder=mlp              D = W_2 silu(W_1 .) with width decoder_width (default H), as IOTA's
+                           nonlinear decoder: the next segment's stream is no longer confined to a
+                           2h-dimensional subspace.
+  decoder_norm=rms|none    D reads RMSNorm(b) (default), or b itself: the norm of a tiny code keeps only
+                           its direction (sign(b) at h=1), so at h <= 2 it discards most of what
+                           crosses.
+  token_channel            The encoder also sends the token ids (int16 where the vocabulary fits,
+                           else int32; counted by the meter) and the decoder adds a table lookup
+                           T[ids] computed on the receiving stage, so the h code values need not
+                           carry token identity: `learned` (a V x H table local to the stage, zero at
+                           init), `frozen` (a seeded N(0, init_std) buffer: no optimizer state),
+                           `lowrank` (A B with A [V, r] and B [r, H], B zero at init). Never tied to
+                           the input embedding, which would all-reduce V x H across stages every step.
 
 The code can be cast to a narrower float dtype for the wire (`wire_dtype`, e.g. bf16 for an fp32
 model); the decoder casts it back, and autograd returns the gradient in the wire dtype too.
+
+When ids travel, the layers of every segment but the last pass `(hidden, ids)` tuples (DeepSpeed's
+pipeline sends a stage's whole output; integer tensors travel without gradient), and the last
+decoder returns the hidden state alone.
 """
 from __future__ import annotations
 
@@ -26,9 +47,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, id_wire_bytes
+from .model import TokenEmbedding, TransformerBlock
 
-WIRE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TABLE_SEED_OFFSET = 611_953      # frozen token tables: randn from (seed + this + boundary)
+
+
+def wire_torch_dtype(cfg: Config):
+    """The code's dtype on the wire; None = the model's dtype."""
+    return TORCH_DTYPES.get(cfg.bottleneck.wire_dtype)
+
+
+def id_torch_dtype(cfg: Config) -> torch.dtype:
+    return torch.int16 if id_wire_bytes(cfg.model.vocab_size) == 2 else torch.int32
 
 
 def orthonormal_rows(h: int, H: int, seed: int) -> torch.Tensor:
@@ -66,8 +98,17 @@ def _identity(cfg: Config, boundary: int) -> IdentityPath | None:
     return IdentityPath(kind, cfg.model.hidden_size, cfg.code_width, seed=cfg.seed + 7919 * (boundary + 1))
 
 
+def _init_weight(weight: torch.Tensor, cfg: Config):
+    """The weight that writes into the code or the stream: zero under init=identity."""
+    if cfg.bottleneck.init == "identity":
+        nn.init.zeros_(weight)
+    else:
+        nn.init.normal_(weight, std=cfg.model.init_std)
+
+
 class BottleneckEncoder(nn.Module):
-    """Last layer of a segment: hidden state [B, T, H] -> code [B, T, h] in the wire dtype."""
+    """Last layer of a segment: hidden state [B, T, H] -> code [B, T, h] in the wire dtype
+    (with a token channel: (x, ids) -> (code, ids))."""
 
     def __init__(self, cfg: Config, boundary: int):
         super().__init__()
@@ -75,32 +116,127 @@ class BottleneckEncoder(nn.Module):
         self.boundary = boundary
         self.norm = nn.RMSNorm(H, eps=cfg.model.norm_eps)
         self.proj = nn.Linear(H, h, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.model.init_std)
+        _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
-        self.wire_dtype = WIRE_TORCH_DTYPES.get(cfg.bottleneck.wire_dtype)   # None = model dtype
+        self.wire_dtype = wire_torch_dtype(cfg)
+        self.carries_ids = cfg.bottleneck.token_channel != "none"
 
-    def forward(self, x):
+    def encode(self, x):
         b = self.proj(self.norm(x))
         if self.identity is not None:
             b = b + self.identity.project(x)
         return b if self.wire_dtype is None else b.to(self.wire_dtype)
 
+    def forward(self, inputs):
+        if self.carries_ids:
+            x, ids = inputs
+            return self.encode(x), ids
+        return self.encode(inputs)
 
-class BottleneckDecoder(nn.Module):
-    """First layer of the next segment: code [B, T, h] -> hidden state [B, T, H]."""
+
+class TokenTable(nn.Module):
+    """T[ids] [B, T, H] for the token channel, local to the receiving stage (see module docstring)."""
 
     def __init__(self, cfg: Config, boundary: int):
         super().__init__()
+        m, kind = cfg.model, cfg.bottleneck.token_channel
+        self.kind = kind
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.empty(m.vocab_size, m.hidden_size))
+            _init_weight(self.weight, cfg)
+        elif kind == "frozen":
+            g = torch.Generator().manual_seed(cfg.seed + TABLE_SEED_OFFSET + boundary)
+            self.register_buffer("weight", torch.randn(m.vocab_size, m.hidden_size, generator=g) * m.init_std)
+        elif kind == "lowrank":
+            r = cfg.bottleneck.token_rank
+            self.coords = nn.Parameter(torch.randn(m.vocab_size, r) / r ** 0.5)
+            self.basis = nn.Parameter(torch.empty(r, m.hidden_size))
+            _init_weight(self.basis, cfg)
+        else:
+            raise ValueError(f"bottleneck.token_channel={kind!r}")
+
+    def forward(self, ids):
+        ids = ids.long()
+        if self.kind == "lowrank":
+            return F.embedding(ids, self.coords) @ self.basis
+        return F.embedding(ids, self.weight)
+
+
+class BottleneckDecoder(nn.Module):
+    """First layer of the next segment: code [B, T, h] -> hidden state [B, T, H]
+    (with a token channel: (code, ids) -> (x, ids), or x alone after the last boundary)."""
+
+    def __init__(self, cfg: Config, boundary: int):
+        super().__init__()
+        b = cfg.bottleneck
         H, h = cfg.model.hidden_size, cfg.code_width
         self.boundary = boundary
-        self.norm = nn.RMSNorm(h, eps=cfg.model.norm_eps)
-        self.proj = nn.Linear(h, H, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.model.init_std)
+        # RMSNorm over the h code values keeps only their direction: for h=1 that is sign(b), for h=2 an
+        # angle. decoder_norm=none hands D the code itself (the identity path always carries b).
+        self.norm = nn.RMSNorm(h, eps=cfg.model.norm_eps) if b.decoder_norm == "rms" else nn.Identity()
+        if b.decoder == "mlp":
+            width = b.decoder_width or H
+            self.up = nn.Linear(h, width, bias=False)
+            nn.init.normal_(self.up.weight, std=cfg.model.init_std)
+            self.proj = nn.Linear(width, H, bias=False)
+        else:
+            self.up = None
+            self.proj = nn.Linear(h, H, bias=False)
+        _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
+        self.tokens = TokenTable(cfg, boundary) if b.token_channel != "none" else None
+        self.last = boundary == b.segments - 2
 
-    def forward(self, b):
+    def decode(self, b):
         b = b.to(self.proj.weight.dtype)
-        x = self.proj(self.norm(b))
+        z = self.norm(b)
+        x = self.proj(z if self.up is None else F.silu(self.up(z)))
         if self.identity is not None:
             x = x + self.identity.lift(b)
         return x
+
+    def forward(self, inputs):
+        if self.tokens is None:
+            return self.decode(inputs)
+        b, ids = inputs
+        x = self.decode(b) + self.tokens(ids).to(self.proj.weight.dtype)
+        return x if self.last else (x, ids)
+
+
+# ---- the layers around the boundaries when token ids travel with the stream ----------------------
+
+class EmbeddingWithIds(TokenEmbedding):
+    """Token ids [B, T] -> (x0 [B, T, H], ids in the wire's id dtype)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.model)
+        self.id_dtype = id_torch_dtype(cfg)
+
+    def forward(self, ids):
+        return super().forward(ids), ids.to(self.id_dtype)
+
+
+class BlockWithIds(TransformerBlock):
+    """A Llama block on (hidden, ids) tuples: the ids pass through untouched."""
+
+    def __init__(self, cfg: Config, layer_id: int = 0):
+        super().__init__(cfg.model, layer_id)
+
+    def forward(self, inputs):
+        x, ids = inputs
+        return super().forward(x), ids
+
+
+class TokenTableLayer(nn.Module):
+    """The control for the token channel on an uncompressed model (method=none): at each boundary
+    position the stream gets the same local table, x + T[ids], and nothing is compressed."""
+
+    def __init__(self, cfg: Config, boundary: int):
+        super().__init__()
+        self.tokens = TokenTable(cfg, boundary)
+        self.last = boundary == cfg.bottleneck.segments - 2
+
+    def forward(self, inputs):
+        x, ids = inputs
+        x = x + self.tokens(ids).to(x.dtype)
+        return x if self.last else (x, ids)

@@ -59,12 +59,26 @@ class ModelConfig:
 
 
 BOUNDARY_METHODS = ("resbm", "none", "bottleneck-noskip", "subspace")   # the last two: baselines.py
-ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary also sends the token ids
-ID_WIRE_BYTES = 4                    # the ids cross as int32
 IDENTITY_PATHS = ("slice", "orthonormal", "none")
-WIRE_DTYPES = ("model", "fp32", "bf16", "fp16")
+BOUNDARY_INITS = ("identity", "normal")
+DECODERS = ("linear", "mlp")
+DECODER_NORMS = ("rms", "none")
+TOKEN_CHANNELS = ("none", "learned", "frozen", "lowrank")
 OPTIMIZERS = ("adamw", "muon")
 MUON_NS_METHODS = ("standard", "gram")
+
+# The one table of wire dtypes: name -> bytes per value ("model" = the model's own dtype).
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+WIRE_DTYPES = ("model", *DTYPE_BYTES)
+DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundary (REFERENCE 8)
+ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary always sends the token ids
+INT16_MAX_VOCAB = 2 ** 15             # ids below this cross as int16, larger vocabularies as int32
+CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; codecs.py)
+
+
+def id_wire_bytes(vocab_size: int) -> int:
+    """Bytes per token id on the wire: int16 where the vocabulary fits, else int32."""
+    return 2 if vocab_size <= INT16_MAX_VOCAB else 4
 
 
 @dataclass
@@ -73,6 +87,8 @@ class BottleneckConfig:
 
     `segments` is a property of the model: the layers are split into this many segments with a
     bottleneck between consecutive ones, whatever the number of pipeline stages it runs on.
+    The ResBM switches (`init`, `decoder`, `token_channel`) are described in bottleneck.py; the
+    paper's form is init=normal decoder=linear token_channel=none.
     """
     method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)
     #                                | bottleneck-noskip (SWARM) | subspace (Subspace Models); baselines.py
@@ -81,6 +97,12 @@ class BottleneckConfig:
     ratio: int = 32                # H / h, used when width is None
     identity: str = "slice"        # low-rank identity path: slice | orthonormal | none (ablation)
     wire_dtype: str = "model"      # dtype of the code on the wire; "model" = the model's dtype
+    init: str = "identity"         # identity: a fresh boundary is P^T P x | normal: N(0, init_std) (paper)
+    decoder: str = "linear"        # linear: W_d norm(b) | mlp: W_2 silu(W_1 norm(b))
+    decoder_width: int | None = None   # mlp hidden width; None = model.hidden_size
+    decoder_norm: str = "rms"      # rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))
+    token_channel: str = "none"    # none | learned | frozen | lowrank: the ids cross, a local table adds
+    token_rank: int = 32           # rank of the lowrank token table
 
 
 @dataclass
@@ -201,32 +223,40 @@ class Config:
         return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
 
     @property
+    def model_elem_bytes(self) -> int:
+        return DTYPE_BYTES[self.precision]
+
+    @property
     def wire_elem_bytes(self) -> int:
         """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
+        return DTYPE_BYTES.get(self.bottleneck.wire_dtype, self.model_elem_bytes)
+
+    @property
+    def sends_token_ids(self) -> bool:
         b = self.bottleneck
-        if b.method != "none" and b.wire_dtype != "model":
-            return {"fp32": 4, "bf16": 2, "fp16": 2}[b.wire_dtype]
-        return 4 if self.precision == "fp32" else 2
+        return b.method in ID_CHANNEL_METHODS or b.token_channel != "none"
 
     @property
     def wire_bytes_per_token(self) -> tuple[int, int]:
-        """(forward, backward) bytes per token at each boundary that crosses stages: the code, plus
-        the int32 token ids forward for methods with an id channel (no gradient comes back for them)."""
-        code = self.code_width * self.wire_elem_bytes
-        return code + (ID_WIRE_BYTES if self.bottleneck.method in ID_CHANNEL_METHODS else 0), code
+        """(forward, backward) bytes per token at each boundary that crosses stages, as the meter
+        counts them: the code (h values in the wire dtype, or h + a 2-byte scale under a wire codec),
+        plus the token ids forward where they cross (no gradient comes back for them). The one
+        prediction that tests/test_wire_bytes.py checks against the meter."""
+        h, w = self.code_width, self.wire
+        dense_code = h * self.wire_elem_bytes
+        coded = h + CODEC_SCALE_BYTES if w.codec != "none" else dense_code
+        ids = id_wire_bytes(self.model.vocab_size) if self.sends_token_ids else 0
+        return coded + ids, (coded if w.codec_backward else dense_code)
 
-    @property
-    def wire_values_per_token(self) -> float:
-        """Values per token crossing forward, in units of one code value: h, plus the id channel where
-        ids cross (an int32 id = 1 fp32 value, 2 bf16 values), e.g. subspace k=40 fp32: 41."""
-        if self.bottleneck.method not in ID_CHANNEL_METHODS:
-            return self.code_width
-        return self.wire_bytes_per_token[0] / self.wire_elem_bytes
+    def dense_bytes_per_token(self, reference: str = DENSE_REFERENCE) -> int:
+        """Bytes per token per direction of an uncompressed boundary: H values in `reference`
+        ("model" = the model's own dtype)."""
+        return self.model.hidden_size * DTYPE_BYTES.get(reference, self.model_elem_bytes)
 
-    @property
-    def compression_ratio(self) -> float:
-        """H / values crossing per token (ResBM: H/h; subspace: H/(k+1) in fp32, 4096/41 at k=40)."""
-        return self.model.hidden_size / self.wire_values_per_token
+    def compression_ratio(self, reference: str = DENSE_REFERENCE) -> float:
+        """Dense bytes per token per direction / bytes sent per token in the busier direction
+        (REFERENCE 8): against dense bf16 by default, `reference="model"` for the model's dtype."""
+        return self.dense_bytes_per_token(reference) / max(self.wire_bytes_per_token)
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "Config":
@@ -247,6 +277,11 @@ class Config:
         _choice("bottleneck.method", b.method, BOUNDARY_METHODS)
         _choice("bottleneck.identity", b.identity, IDENTITY_PATHS)
         _choice("bottleneck.wire_dtype", b.wire_dtype, WIRE_DTYPES)
+        _choice("bottleneck.init", b.init, BOUNDARY_INITS)
+        _choice("bottleneck.decoder", b.decoder, DECODERS)
+        _choice("bottleneck.decoder_norm", b.decoder_norm, DECODER_NORMS)
+        _choice("bottleneck.token_channel", b.token_channel, TOKEN_CHANNELS)
+        self._validate_boundary_switches()
         if b.method != "none":
             if b.width is not None and not 1 <= b.width < m.hidden_size:
                 raise ConfigError("bottleneck.width", b.width,
@@ -285,6 +320,45 @@ class Config:
         self._validate_deepspeed(world_size)
         self._validate_optimizer()
         return self
+
+    def _validate_boundary_switches(self):
+        """Combinations that would be silently ignored."""
+        m, b = self.model, self.bottleneck
+        if b.method == "none" and b.wire_dtype != "model":
+            raise ConfigError("bottleneck.wire_dtype", b.wire_dtype,
+                              "has no effect with bottleneck.method=none (the hidden state crosses in the "
+                              "model's dtype); leave it 'model'")
+        if b.method != "resbm":
+            for key, default in (("init", "identity"), ("decoder", "linear"), ("decoder_width", None),
+                                 ("decoder_norm", "rms")):
+                if getattr(b, key) != default:
+                    raise ConfigError(f"bottleneck.{key}", getattr(b, key),
+                                      f"a ResBM switch; not with bottleneck.method={b.method}")
+            if b.token_channel != "none" and b.method != "none":
+                raise ConfigError("bottleneck.token_channel", b.token_channel,
+                                  f"only with bottleneck.method=resbm (or none, as the control); not {b.method}")
+        if b.decoder_width is not None and b.decoder_width < 1:
+            raise ConfigError("bottleneck.decoder_width", b.decoder_width, "must be >= 1, or empty")
+        if b.token_channel == "lowrank" and not 1 <= b.token_rank < m.hidden_size:
+            raise ConfigError("bottleneck.token_rank", b.token_rank,
+                              f"must be >= 1 and < model.hidden_size ({m.hidden_size})")
+        if b.token_channel != "none":
+            if m.tie_embeddings:
+                raise ConfigError("model.tie_embeddings", True,
+                                  "not with bottleneck.token_channel: the tables are local to each stage "
+                                  "and never tied to the embedding; set model.tie_embeddings=false")
+            if b.segments < 2:
+                raise ConfigError("bottleneck.segments", b.segments,
+                                  "bottleneck.token_channel needs >= 2 segments (a boundary)")
+
+    @property
+    def tied_allreduce_bytes(self) -> int:
+        """Bytes per step of the tied embedding's gradient all-reduce between the first and the last
+        stage (0 unless tied across stages): traffic outside the boundary, counted by the wire meter
+        as `other` (wire.py) and paid on an emulated link (link.py)."""
+        if not self.model.tie_embeddings or self.pipeline.stages < 2:
+            return 0
+        return self.model.vocab_size * self.model.hidden_size * self.model_elem_bytes
 
     def _validate_optimizer(self):
         """Muon only where DeepSpeed really runs it (measured in tests/test_optim.py)."""

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from .config import Config
@@ -51,6 +52,19 @@ def init_distributed(timeout_s: int | None = None):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+def close_distributed(barrier: bool = True):
+    """Leave the process group before the interpreter exits. Without it, gloo's worker threads are
+    still joinable when their C++ destructors run at exit, and a rank can die with SIGABRT
+    ("terminate called without an active exception") after a run that succeeded. The barrier
+    (skipped on error paths, where a peer may be gone) keeps one rank from tearing down while
+    another still sends to it."""
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     ds = dict(cfg.ds)
     ds.setdefault("train_micro_batch_size_per_gpu", cfg.micro_batch_size)
@@ -93,8 +107,10 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
-    LinkEmulator.install(cfg.wire)   # innermost: every p2p message pays the emulated link (link.py)
+    link = LinkEmulator.install(cfg.wire)   # innermost: every p2p message pays the emulated link (link.py)
     wire = WireMeter.install()
+    if link.delay_collective not in wire.collective_hooks:   # collectives between stages pay it too
+        wire.collective_hooks.append(link.delay_collective)
     WireCodec.install(cfg.wire)      # outermost: the meter counts encoded bytes (codecs.py)
     ds = deepspeed_config(cfg, dp)
     ds.update(extra_ds or {})

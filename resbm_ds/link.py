@@ -33,10 +33,15 @@ reads after its real recv (p2p messages are FIFO per direction, so the k-th mess
 k-th received). No extra message crosses the transport, and nothing the meter counts changes.
 The emulator therefore needs both stages of a link on one host; `install` checks that.
 
-What it does not model: congestion control, packet loss, jitter, the real transport's own time
+Collectives between stages (the loss broadcast, the clip-norm reduction, a tied gradient's
+all-reduce, the trainer's metric reduction; counted by wire.py as `other`) pay too: every member of
+such a collective waits `n * 8 / B + L` before it joins (`delay_collective`, a simpler model than
+the p2p queue: they are a few bytes per step, so the latency is what matters). Collectives within
+one stage (data-parallel gradient all-reduce) are not delayed: they do not cross a link.
+
+What it does not model: congestion control, packet loss, jitter, and the real transport's own time
 (on one machine, gloo over loopback adds well under a millisecond per transfer on top of the
-emulated time), and traffic outside the pipeline's p2p layer (data-parallel gradient all-reduce,
-the trainer's loss broadcast and metric reductions are not delayed).
+emulated time).
 
 Measured on the 2-core CPU box (tests/test_codecs_link.py, tests/test_bench.py): a single transfer
 arrives within about 1 ms of `n * 8 / B + L`; an uncompressed tiny pipeline on a 0.5 Mbit/s link
@@ -58,7 +63,7 @@ import struct
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -153,7 +158,7 @@ class LinkStats:
     bytes: int = 0
     send_wait_s: float = 0.0     # time senders spent blocked on the emulated link
     recv_wait_s: float = 0.0     # time receivers waited after the real transport had delivered
-    log: list = field(default_factory=list)   # (nbytes, offered, done, arrival) per send, if enabled
+    collectives: int = 0         # collectives between stages that paid the link
 
 
 class LinkEmulator:
@@ -166,7 +171,6 @@ class LinkEmulator:
         self.enabled = False
         self.full_duplex = False
         self.stats = LinkStats()
-        self.keep_log = False
         self._dir: Path | None = None
         self._clocks: dict[tuple, LinkClock] = {}
         atexit.register(self.close)
@@ -241,8 +245,12 @@ class LinkEmulator:
         s.transfers += 1
         s.bytes += nbytes
         s.send_wait_s += done - offered
-        if self.keep_log:
-            s.log.append((nbytes, offered, done, arrival))
+
+    def delay_collective(self, nbytes: int, group_ranks: list[int]):
+        """wire.WireMeter collective hook: a collective between stages pays one link transfer."""
+        if self.enabled:
+            self.stats.collectives += 1
+            time.sleep(self.model.transfer_s(nbytes))
 
     def _after_recv(self, src_stage: int):
         clock, direction = self._clock(src_stage, sending=False)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from .bottleneck import BottleneckDecoder, BottleneckEncoder
-from .config import OPTIMIZERS
 from .model import TransformerBlock
 
 # Whose nn.Linear weights are "hidden matrices" in the Muon sense. Keller Jordan: Muon is for the
@@ -71,10 +70,17 @@ def count_every_stage_in_clip_norm(module: nn.Module):
         p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
 
+def newton_schulz_dtype(method: str) -> str:
+    """The dtype DeepSpeed runs Muon's Newton-Schulz in on this machine: `standard` in bf16; `gram`
+    in fp16 where oneDNN has fp16 kernels (AVX512-FP16 / AMX-FP16 CPUs, and GPUs), else in fp32.
+    The choice follows the CPU, so it is reported at start-up; ONEDNN_MAX_CPU_ISA=AVX2 pins gram to
+    fp32 on any CPU (tests/test_optim.py measures both paths)."""
+    from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
+    return str(ns_compute_dtype(method)).removeprefix("torch.")
+
+
 def build_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
-    if t.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer={t.optimizer!r}: allowed: {list(OPTIMIZERS)}")
     count_every_stage_in_clip_norm(module)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(decay_groups(module, t.weight_decay), lr=t.lr, betas=t.betas,

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from .baselines import baseline_boundary
-from .bottleneck import BottleneckDecoder, BottleneckEncoder
+from .baselines import baseline_layers
+from .bottleneck import (BlockWithIds, BottleneckDecoder, BottleneckEncoder, EmbeddingWithIds,
+                         TokenTableLayer)
 from .config import Config
 from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
 
@@ -39,12 +40,13 @@ class Boundary:
 
 
 def boundary_layers(cfg: Config) -> Boundary:
-    method = cfg.bottleneck.method
+    method, ids = cfg.bottleneck.method, cfg.bottleneck.token_channel != "none"
+    with_ids = dict(embedding=EmbeddingWithIds, block=BlockWithIds) if ids else {}
     if method == "resbm":
-        return Boundary(BottleneckEncoder, BottleneckDecoder)
-    if method == "none":
-        return Boundary(None, None)
-    return baseline_boundary(cfg)        # bottleneck-noskip, subspace: baselines.py
+        return Boundary(BottleneckEncoder, BottleneckDecoder, **with_ids)
+    if method == "none":   # uncompressed; with a token channel, the control (same tables, no code)
+        return Boundary(None, TokenTableLayer if ids else None, **with_ids)
+    return Boundary(**baseline_layers(cfg))        # bottleneck-noskip, subspace: baselines.py
 
 
 def layer_specs(cfg: Config) -> tuple[list, list[int]]:
@@ -103,3 +105,4 @@ class ResBMPipeline(PipelineModule):
         self.parts = stage_parts(self.resbm_config, self.num_stages)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
 import yaml
@@ -29,7 +30,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .config import Config, ConfigError, load_config
 from .data import PackedBatches, TextSource, validation_batches
-from .engine import Runtime, build_engine, world_size_from_env
+from .engine import Runtime, build_engine, close_distributed, world_size_from_env
+from .optim import newton_schulz_dtype
 from .slurm_layout import report_layout
 
 
@@ -141,12 +143,14 @@ class Metrics:
                                   if k != "step" and isinstance(v, (int, float))])
 
 
-def wire_totals(rt: Runtime) -> tuple[int, int]:
-    """Bytes sent forward / backward across every stage boundary of every pipeline this step."""
+def wire_totals(rt: Runtime) -> tuple[int, int, int]:
+    """Bytes sent forward / backward at p2p, and in collectives between stages (wire.py), across
+    every stage boundary of every pipeline this step. The reduction itself goes through
+    deepspeed.comm, so the meter counts it too (in the next step's `other`)."""
     counts = rt.wire.take()
-    t = torch.tensor([counts.sent_fwd, counts.sent_bwd], dtype=torch.float64)
-    dist.all_reduce(t)
-    return int(t[0]), int(t[1])
+    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other], dtype=torch.float64)
+    ds_comm.all_reduce(t)
+    return int(t[0]), int(t[1]), int(t[2])
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -183,9 +187,17 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         save_tokenizer(tok, out)
+        muon = (f", Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
+                if t.optimizer == "muon" else "")
         print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
-              f"({cfg.compression_ratio:g}x), {cfg.precision}, ZeRO-{cfg.zero_stage}; "
-              f"{'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)
+              f"({cfg.compression_ratio():.3g}x vs dense bf16), {cfg.precision}, ZeRO-{cfg.zero_stage}; "
+              f"{'resuming at step ' + str(start) if start else 'from scratch'}{muon}", flush=True)
+        if cfg.tied_allreduce_bytes:
+            code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len
+            print(f"[resbm] note: model.tie_embeddings=true across {S} stages: DeepSpeed all-reduces the "
+                  f"embedding gradient between the first and last stage, {cfg.tied_allreduce_bytes:,} bytes per "
+                  f"step outside the boundary (which carries {code:,}); counted as wire_bytes_other. "
+                  "model.tie_embeddings=false avoids it.", flush=True)
     metrics = Metrics(out / "metrics.jsonl", rt.engine, start, rank0)
 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
@@ -197,12 +209,13 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
         t0 = time.perf_counter()
         loss = float(rt.engine.train_batch(data_iter=data))
         dt = time.perf_counter() - t0
-        fwd, bwd = wire_totals(rt)
+        fwd, bwd, other = wire_totals(rt)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
         row = dict(step=step, loss=loss, lr=lr, tokens=step * tokens_per_step,
                    tokens_per_s=tokens_per_step / dt, step_time_s=dt, wire_bytes_fwd=fwd,
-                   wire_bytes_bwd=bwd, wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries))
+                   wire_bytes_bwd=bwd, wire_bytes_other=other,
+                   wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries))
         if step % t.log_every == 0 or step == t.steps:
             metrics.log(row)
         if bar:
@@ -251,14 +264,17 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
     last = steps[-1]
     tail = steps[len(steps) // 2:] or steps
     tok_s = sum(r["tokens_per_s"] for r in tail) / len(tail)
-    per_boundary = last["wire_bytes_per_boundary"]
-    elem = 2 if cfg.precision == "bf16" else 4
-    dense = 2 * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len * cfg.model.hidden_size * elem
     lines = [f"final loss {last['loss']:.4f}" + (f", val_loss {vals[-1]['val_loss']:.4f}" if vals else ""),
              f"tokens/s {tok_s:,.0f} (mean of the last {len(tail)} steps)"]
     if S > 1:
-        lines.append(f"wire: {per_boundary:,} bytes per boundary per step (fwd+bwd) vs {dense:,} uncompressed "
-                     f"-> measured compression {dense / per_boundary:.1f}x")
+        per = (S - 1) * dp * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len   # boundary-tokens
+        fwd, bwd = last["wire_bytes_fwd"] / per, last["wire_bytes_bwd"] / per
+        busier = max(fwd, bwd)
+        lines.append(f"wire: {fwd:g} bytes/token forward, {bwd:g} backward per boundary (measured) -> "
+                     f"{cfg.dense_bytes_per_token('model') / busier:.1f}x fewer than a dense {cfg.precision} "
+                     f"boundary, {cfg.dense_bytes_per_token() / busier:.1f}x vs dense bf16")
+        lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
+                     "(loss broadcast, clip norm, metrics; wire.py)")
     else:
         lines.append("wire: 1 stage, nothing crosses a link")
     print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
@@ -271,14 +287,15 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finished = False
     try:
         train(cfg, train_src, val_src, args.resume)
+        finished = True
     except (TrainingError, ConfigError) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(barrier=finished)   # no barrier on error paths: a peer may be gone
     return 0
 
 

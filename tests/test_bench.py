@@ -98,3 +98,54 @@ def test_validation_loss_at_equal_wallclock_is_interpolated():
     assert val_at_time(m, 5.0) == pytest.approx((7.0, 50))
     assert val_at_time(m, 15.0) == pytest.approx((5.5, 150))
     assert val_at_time(m, 30.0) == pytest.approx((5.0, 200))
+
+
+# ---- the convergence suite: its runner and report on a tiny model -------------------------------
+
+TINY = ["--set", "model.hidden_size=64", "--set", "model.num_heads=4", "--set", "train.steps=4",
+        "--set", "train.eval_every=2", "--set", "train.eval_batches=2", "--set", "train.warmup_steps=1",
+        "--set", "deepspeed.train_micro_batch_size_per_gpu=2", "--set", "deepspeed.gradient_accumulation_steps=1"]
+PAIR = "^(none-adamw|resbm-128x-adamw|none-adamw-s2|resbm-128x-adamw-s2)$"
+
+
+def convergence(out, *extra):
+    return subprocess.run([sys.executable, "-m", "resbm_ds.bench", "--suite", "convergence", "--out", str(out),
+                           "--only", PAIR, *TINY, *extra], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
+    from resbm_ds import convergence as conv
+    out = tmp_path / "conv"
+    proc = convergence(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in res["runs"]}
+    assert set(runs) == {"none-adamw", "resbm-128x-adamw", "none-adamw-s2", "resbm-128x-adamw-s2"}
+    assert all(r["status"] == "ok" for r in runs.values()), [r.get("error") for r in runs.values()]
+    for name in ("resbm-128x-adamw", "resbm-128x-adamw-s2"):   # gap against the same-seed control
+        r, c = runs[name], runs["none-adamw" + name[len("resbm-128x-adamw"):]]
+        want = 100 * (r["metrics"]["final_val_loss"] / c["metrics"]["final_val_loss"] - 1)
+        assert r["gap_pct"] == pytest.approx(want)
+        assert r["wire_bytes_per_token_fwd"] == 2 * 2 and r["ratio_vs_bf16"] == 2 * 64 / 4   # h=2 in bf16
+    spreads = {s["label"]: s for s in res["seed_spread"]}
+    s = spreads["ResBM 128x (h=2)"]
+    assert s["seeds"] == [1234, 2] and s["loss_spread"] == pytest.approx(abs(s["losses"][0] - s["losses"][1]))
+    assert res["gap_vs_width"] == [dict(width=2, gap_pct=runs["resbm-128x-adamw"]["gap_pct"], optimizer="adamw")]
+    for png in ("val_loss_vs_tokens.png", "gap_vs_width.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "| ResBM 128x (h=2) | adamw | 1234 | 4, 4 | 32x |" in md and "Seed spread" in md
+    assert len(conv.RUNS) == len({r.name for r in conv.RUNS})
+    again = convergence(out)                                   # resumable: finished runs are reused
+    assert again.returncode == 0 and again.stdout.count(": reused") == 4, again.stdout[-2000:]
+
+
+@pytest.mark.parametrize("extra,phrase", [(["--jobs", "0"], "--jobs"), (["--only", "nothing-like-this"], "matches no run"),
+                                          (["--link", "80m=1"], "--link"), (["--set", "bottleneck.width=0"], "bottleneck.width")])
+def test_convergence_suite_refuses_bad_arguments_before_training(tmp_path, extra, phrase):
+    proc = subprocess.run([sys.executable, "-m", "resbm_ds.bench", "--suite", "convergence", "--out",
+                           str(tmp_path / "c"), *extra], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and phrase in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "c" / "runs").exists()

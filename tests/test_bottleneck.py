@@ -6,11 +6,52 @@ from resbm_ds.bottleneck import BottleneckDecoder, BottleneckEncoder, orthonorma
 from resbm_ds.config import load_config
 
 
-def boundary(identity, wire="model", H=64, h=8):
-    cfg = load_config(None, [f"model.hidden_size={H}", f"bottleneck.width={h}",
-                             f"bottleneck.identity={identity}", f"bottleneck.wire_dtype={wire}"]).validate()
+def boundary(identity, wire="model", H=64, h=8, *extra):
+    cfg = load_config(None, [f"model.hidden_size={H}", f"bottleneck.width={h}", f"bottleneck.identity={identity}",
+                             f"bottleneck.wire_dtype={wire}", *extra]).validate()
     torch.manual_seed(0)
     return BottleneckEncoder(cfg, 0), BottleneckDecoder(cfg, 0)
+
+
+def rank_h_identity(enc, x):
+    """P^T P x, from the identity path alone."""
+    return enc.identity.lift(enc.identity.project(x))
+
+
+@pytest.mark.parametrize("identity", ["slice", "orthonormal"])
+@pytest.mark.parametrize("extra", [[], ["bottleneck.decoder=mlp"]])
+def test_fresh_boundary_is_the_rank_h_identity(identity, extra):
+    enc, dec = boundary(identity, "model", 64, 8, *extra)
+    x = 0.05 * torch.randn(2, 5, 64)          # the stream's scale at init
+    y = dec(enc(x))
+    assert torch.allclose(y, rank_h_identity(enc, x), atol=1e-7), (y - rank_h_identity(enc, x)).abs().max()
+    assert (y - x).norm() / x.norm() > 0.5     # not the identity: only h of H directions pass
+
+
+def test_fresh_boundary_with_token_channel_is_the_rank_h_identity():
+    enc, dec = boundary("slice", "model", 64, 8, "bottleneck.token_channel=learned",
+                        "bottleneck.segments=3", "pipeline.stages=3")
+    x, ids = 0.05 * torch.randn(2, 5, 64), torch.randint(0, 4096, (2, 5), dtype=torch.int16)
+    y, ids_out = dec(enc((x, ids)))           # boundary 0 of 3 segments: the ids travel on
+    assert torch.equal(ids_out, ids) and torch.allclose(y, rank_h_identity(enc, x), atol=1e-7)
+
+
+def identity_share_of_gradient(enc, dec, x):
+    """The fraction of the gradient reaching the sender's stream that comes through P (vs W_e)."""
+    x = x.clone().requires_grad_(True)
+    g = torch.randn(*x.shape[:-1], 64)
+    (dec(enc(x)) * g).sum().backward()
+    through_identity = rank_h_identity(enc, g)   # d/dx of (P^T P x . g) = P^T P g
+    return float(through_identity.norm() / x.grad.norm()), float((x.grad - through_identity).norm() / x.grad.norm())
+
+
+def test_at_step_0_the_identity_path_carries_the_gradient():
+    x = 0.05 * torch.randn(4, 16, 64)
+    share, rest = identity_share_of_gradient(*boundary("slice"), x)
+    assert share == pytest.approx(1.0, abs=1e-6) and rest < 1e-6
+    # The paper's N(0, init_std) init: most of the gradient takes the random projection W_e instead.
+    share, rest = identity_share_of_gradient(*boundary("slice", "model", 64, 8, "bottleneck.init=normal"), x)
+    assert rest > share, (share, rest)
 
 
 def test_orthonormal_basis_is_orthonormal_and_seeded():
@@ -57,7 +98,8 @@ def test_wire_dtype_cast_and_back():
     x = torch.randn(2, 5, 64, requires_grad=True)
     b = enc(x)
     assert b.dtype == torch.bfloat16 and b.element_size() == 2
+    b.retain_grad()
     y = dec(b)
     assert y.dtype == torch.float32
     y.sum().backward()
-    assert x.grad.dtype == torch.float32
+    assert b.grad.dtype == torch.bfloat16   # the gradient that crosses back is in the wire dtype too

@@ -96,6 +96,12 @@ def test_both_directions_of_a_half_duplex_link_share_one_queue(tmp_path):
         c.close()
 
 
+# Scheduling slack on top of the emulated time: a sleep's overshoot plus gloo over loopback. Measured
+# on the 2-core box, also with two training runs competing for the cores: <= 2 ms. It is below the
+# 20 ms latency, so a sender that paid the latency fails the check.
+SLACK_S = 0.008
+
+
 def test_p2p_layer_between_two_processes(tmp_path):
     """Codec, meter and link wrapped around DeepSpeed's p2p.send/recv, as build_engine installs them."""
     prefix = tmp_path / "wire"
@@ -116,9 +122,10 @@ def test_p2p_layer_between_two_processes(tmp_path):
             elif rank == 1 or c["backward"]:
                 assert 0 < c["rel_err"] < (0.01 if c["codec"] == "int8" else 0.04), c
     for t in r1["link"]:        # one transfer on an idle link: bytes / bandwidth + latency
-        assert t["expected"] - 0.001 <= t["delay"] <= t["expected"] + 0.03, t
-        assert t["sender_blocked"] <= t["expected"] - 0.02 + 0.03, t      # the sender does not pay latency
-        assert t["sender_blocked"] >= t["nbytes"] * 8 / 8e6 - 0.001, t
+        serialisation = t["nbytes"] * 8 / 8e6
+        assert t["expected"] - 0.001 <= t["delay"] <= t["expected"] + SLACK_S, t
+        # the sender pays the serialisation only, not the 20 ms latency (SLACK_S < latency)
+        assert serialisation - 0.001 <= t["sender_blocked"] <= serialisation + SLACK_S, t
     serial = r1["serial"]       # back-to-back transfers are serialised on the link
     for got, want in zip(serial["arrivals"], serial["expected"]):
-        assert want - 0.001 <= got <= want + 0.04, serial
+        assert want - 0.001 <= got <= want + SLACK_S, serial

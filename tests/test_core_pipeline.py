@@ -45,8 +45,9 @@ def test_one_process_matches_two_stages(two_stage, tmp_path):
     (one,) = run_pipe_worker(tmp_path, 1, STEPS, ["pipeline.stages=1", *SMALL])
     assert one["local_layers"].count("BottleneckEncoder") == 1   # the boundary is inside the stage
     assert all(w["sent_fwd"] == w["recv_bwd"] == 0 for w in one["wire"])
-    for a, b in zip(one["losses"], s0["losses"]):
-        assert math.isclose(a, b, rel_tol=2e-3), (one["losses"], s0["losses"])
+    # Same model, seed and data; only float summation order may differ (measured: 0 and 1e-7 relative).
+    worst = max(abs(a - b) / abs(b) for a, b in zip(one["losses"], s0["losses"]))
+    assert worst < 1e-5, (worst, one["losses"], s0["losses"])
 
 
 def test_two_stage_checkpoint_loads_into_one_process(two_stage, tmp_path):

@@ -38,7 +38,7 @@ def test_cli_run_writes_metrics_monitor_checkpoints(tmp_path):
         assert r["tokens"] == r["step"] * GAS * MB * T and r["tokens_per_s"] > 0
     assert steps[0]["lr"] < steps[2]["lr"]     # warmup
     assert steps[-1]["loss"] < steps[0]["loss"]
-    assert "measured compression 16.0x" in proc.stdout
+    assert "-> 16.0x fewer than a dense fp32 boundary, 8.0x vs dense bf16" in proc.stdout
     assert (out / "checkpoints" / "latest").read_text() == "step6"
     assert (out / "tokenizer" / "spm.model").exists() and (out / "config.yaml").exists()
     monitor_files = [p.name for p in (out / "monitor").rglob("*") if p.is_file()]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine
+from resbm_ds.engine import build_engine, close_distributed
 
 
 def random_batches(cfg, dp_rank, seed=0):
@@ -78,3 +78,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    close_distributed()   # before exit: gloo threads left joinable abort the process

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from pipe_worker import synthetic_batches  # noqa: E402
 
 from resbm_ds.config import load_config  # noqa: E402
-from resbm_ds.engine import build_engine  # noqa: E402
+from resbm_ds.engine import build_engine, close_distributed  # noqa: E402
 from resbm_ds.model import lm_loss  # noqa: E402
 from resbm_ds.optim import decay_groups, muon_matrices  # noqa: E402
 from resbm_ds.pipeline import layer_specs  # noqa: E402
@@ -202,3 +202,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    close_distributed()   # before exit: gloo threads left joinable abort the process

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine
+from resbm_ds.engine import build_engine, close_distributed
+from resbm_ds.link import LinkEmulator
 
 
 def synthetic_batches(cfg, dp_rank, dp_size, seed=0):
@@ -60,10 +61,13 @@ def main():
                   eval_loss=eval_loss, param_hash=h.hexdigest(),
                   param_dtypes=sorted({str(p.dtype) for p in rt.module.parameters()}),
                   local_layers=[type(l).__name__ for l in rt.module.forward_funcs],
-                  compression_ratio=cfg.compression_ratio, code_width=cfg.code_width)
+                  compression_ratio=cfg.compression_ratio("model"), code_width=cfg.code_width,
+                  wire_bytes_per_token=list(cfg.wire_bytes_per_token),
+                  link_collectives=LinkEmulator._installed.stats.collectives)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(report, f)
 
 
 if __name__ == "__main__":
     main()
+    close_distributed()   # before exit: gloo threads left joinable abort the process
