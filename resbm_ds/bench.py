@@ -261,8 +261,8 @@ def analyse(run_dir: Path, cfg: Config, link: Link) -> dict:
     steady = steps[1:] or steps      # step 1 also pays the shape handshake and buffer allocation
     steady_time = sum(r["step_time_s"] for r in steady)
     per_boundary = steady[-1]["wire_bytes_per_boundary"]
-    elem = 2 if cfg.precision == "bf16" else 4
-    dense = 2 * tokens_per_step * cfg.model.hidden_size * elem
+    dense = 2 * tokens_per_step * cfg.dense_bytes_per_token("model")            # both directions
+    busier = max(steady[-1]["wire_bytes_fwd"], steady[-1]["wire_bytes_bwd"])   # one boundary per run
     tail = steps[-max(1, len(steps) // 10):]
     m = dict(
         steps=len(steps), tokens=steps[-1]["tokens"], tokens_per_step=tokens_per_step,
@@ -271,7 +271,8 @@ def analyse(run_dir: Path, cfg: Config, link: Link) -> dict:
         wire_bytes_per_boundary_per_step=per_boundary,
         wire_bytes_fwd_per_step=steady[-1]["wire_bytes_fwd"], wire_bytes_bwd_per_step=steady[-1]["wire_bytes_bwd"],
         dense_bytes_per_boundary_per_step=dense,
-        measured_compression=dense / per_boundary if per_boundary else None,
+        measured_compression=dense / 2 / busier if busier else None,             # vs the model's dtype
+        measured_compression_vs_bf16=tokens_per_step * cfg.dense_bytes_per_token() / busier if busier else None,
         final_train_loss=sum(r["loss"] for r in tail) / len(tail),
         final_val_loss=vals[-1]["val_loss"] if vals else None,
         initial_loss=steps[0]["loss"],
@@ -475,9 +476,10 @@ def markdown(results: dict, suite: Suite) -> str:
     lines += [
         "How to read the columns:",
         "",
-        "- measured compression: bytes an uncompressed boundary would carry per step (forward "
-        "activations + backward gradients at the model's dtype) / bytes the wire meter counted at the "
-        "boundary (after any codec; token ids included where a method sends them).",
+        "- measured compression: bytes an uncompressed boundary would carry per step in one direction "
+        "(at the model's dtype) / bytes the wire meter counted at the boundary in the busier direction "
+        "(after any codec; token ids included where a method sends them); results.json also has it "
+        "against a dense bf16 boundary (`measured_compression_vs_bf16`).",
         "- tokens/s: tokens per step / mean step time, steps 2..N (step 1 also pays the one-off shape "
         "handshake). Step times are measured by the trainer around `train_batch`, so they include the "
         "emulated link (resbm_ds/link.py: every transfer pays bytes/bandwidth + latency, one queue per "

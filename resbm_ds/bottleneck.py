@@ -119,7 +119,7 @@ class BottleneckEncoder(nn.Module):
         _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
         self.wire_dtype = wire_torch_dtype(cfg)
-        self.carries_ids = cfg.bottleneck.token_channel != "none"
+        self.carries_ids = cfg.token_channel != "none"
 
     def encode(self, x):
         b = self.proj(self.norm(x))
@@ -139,7 +139,7 @@ class TokenTable(nn.Module):
 
     def __init__(self, cfg: Config, boundary: int):
         super().__init__()
-        m, kind = cfg.model, cfg.bottleneck.token_channel
+        m, kind = cfg.model, cfg.token_channel
         self.kind = kind
         if kind == "learned":
             self.weight = nn.Parameter(torch.empty(m.vocab_size, m.hidden_size))
@@ -184,7 +184,7 @@ class BottleneckDecoder(nn.Module):
             self.proj = nn.Linear(h, H, bias=False)
         _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
-        self.tokens = TokenTable(cfg, boundary) if b.token_channel != "none" else None
+        self.tokens = TokenTable(cfg, boundary) if cfg.token_channel != "none" else None
         self.last = boundary == b.segments - 2
 
     def decode(self, b):

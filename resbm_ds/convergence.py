@@ -156,6 +156,7 @@ def resolved(cfg) -> dict:
     """The run's whole configuration, less where it writes: what a reused result must match."""
     d = cfg.to_dict()
     d["train"].pop("out_dir")
+    d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
     return d
 
 
@@ -191,8 +192,10 @@ def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = F
     for r in runs:
         entry = describe(r, configs[r.name], settings)
         old = previous.get(r.name)
-        if old and "config" not in old and old.get("status") == "ok":   # written before configs were stored
-            old["config"] = resolved(resolve(Run(r.name, r.label, r.group, tuple(old["overrides"]), old["seed"]), out))
+        if old and "config" not in old and old.get("status") == "ok":
+            # written before configs were stored, when bottleneck.token_channel defaulted to none
+            legacy = ("bottleneck.token_channel=none", *old["overrides"])
+            old["config"] = resolved(resolve(Run(r.name, r.label, r.group, legacy, old["seed"]), out))
         if old and old.get("status") == "ok" and old.get("config") == entry["config"]:
             entries[r.name] = old
             print(f"[convergence] {r.name}: reused", flush=True)

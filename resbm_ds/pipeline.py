@@ -40,7 +40,7 @@ class Boundary:
 
 
 def boundary_layers(cfg: Config) -> Boundary:
-    method, ids = cfg.bottleneck.method, cfg.bottleneck.token_channel != "none"
+    method, ids = cfg.bottleneck.method, cfg.token_channel != "none"
     with_ids = dict(embedding=EmbeddingWithIds, block=BlockWithIds) if ids else {}
     if method == "resbm":
         return Boundary(BottleneckEncoder, BottleneckDecoder, **with_ids)
@@ -52,12 +52,12 @@ def boundary_layers(cfg: Config) -> Boundary:
 def layer_specs(cfg: Config) -> tuple[list, list[int]]:
     """The model's layers in order, and the index just after each segment (where a cut may go)."""
     m, kit = cfg.model, boundary_layers(cfg)
-    if kit.embedding is not None:
-        specs = [LayerSpec(kit.embedding, cfg)]
-    elif m.tie_embeddings:
-        specs = [TiedLayerSpec("embed", TokenEmbedding, m, tied_weight_attr=["weight"])]
+    # the embedding class and its argument (the baselines' and the token channel's take the Config)
+    embedding, embedding_arg = (kit.embedding, cfg) if kit.embedding is not None else (TokenEmbedding, m)
+    if m.tie_embeddings:
+        specs = [TiedLayerSpec("embed", embedding, embedding_arg, tied_weight_attr=["weight"])]
     else:
-        specs = [LayerSpec(TokenEmbedding, m)]
+        specs = [LayerSpec(embedding, embedding_arg)]
     segment_ends, block_id = [], 0
     sizes = segment_sizes(m.num_layers, cfg.bottleneck.segments)
     for seg, n_blocks in enumerate(sizes):
@@ -75,7 +75,7 @@ def layer_specs(cfg: Config) -> tuple[list, list[int]]:
         segment_ends.append(len(specs))
     specs.append(LayerSpec(FinalNorm, m))
     if m.tie_embeddings:
-        specs.append(TiedLayerSpec("embed", TokenEmbedding, m, forward_fn=tied_lm_head,
+        specs.append(TiedLayerSpec("embed", embedding, embedding_arg, forward_fn=tied_lm_head,
                                    tied_weight_attr=["weight"]))
     else:
         specs.append(LayerSpec(LMHead, m))

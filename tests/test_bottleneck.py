@@ -7,8 +7,9 @@ from resbm_ds.config import load_config
 
 
 def boundary(identity, wire="model", H=64, h=8, *extra):
+    """A boundary on plain tensors (token_channel=none) unless `extra` says otherwise."""
     cfg = load_config(None, [f"model.hidden_size={H}", f"bottleneck.width={h}", f"bottleneck.identity={identity}",
-                             f"bottleneck.wire_dtype={wire}", *extra]).validate()
+                             f"bottleneck.wire_dtype={wire}", "bottleneck.token_channel=none", *extra]).validate()
     torch.manual_seed(0)
     return BottleneckEncoder(cfg, 0), BottleneckDecoder(cfg, 0)
 

@@ -17,7 +17,7 @@ def test_defaults_are_valid_and_overrides_are_typed():
     cfg = load_config(None, ["model.hidden_size=512", "train.lr=3e-4", "train.betas=[0.9, 0.99]",
                              "deepspeed.zero_optimization.stage=1"]).validate(world_size=4)
     assert cfg.model.hidden_size == 512 and cfg.train.lr == 3e-4 and cfg.train.betas == (0.9, 0.99)
-    assert cfg.zero_stage == 1 and cfg.code_width == 16 and cfg.compression_ratio("model") == 32
+    assert cfg.zero_stage == 1 and cfg.code_width == 16 and cfg.compression_ratio("model") == 512 * 4 / (16 * 4 + 2)   # + int16 ids
     assert cfg.ds["gradient_clipping"] == 1.0   # the rest of the DeepSpeed JSON is kept
 
 
@@ -25,7 +25,7 @@ def test_yaml_file_and_preset(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: {hidden_size: 128, num_heads: 8}\nbottleneck: {width: 4}\n")
     cfg = load_config(str(f), ["bottleneck.segments=4"]).validate()
-    assert cfg.model.hidden_size == 128 and cfg.code_width == 4 and cfg.compression_ratio("model") == 32
+    assert cfg.model.hidden_size == 128 and cfg.code_width == 4 and cfg.compression_ratio("model") == 128 * 4 / (4 * 4 + 2)
     assert cfg.bottleneck.segments == 4
 
 

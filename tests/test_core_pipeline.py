@@ -12,8 +12,11 @@ MB, T, GAS, H = 4, 32, 4, 64
 STEPS = 6
 
 
-def per_step_bytes(width, elem_bytes):
-    return GAS * MB * T * width * elem_bytes
+IDS = 2   # the default ResBM boundary also sends the token ids, int16 (vocabulary 256)
+
+
+def per_step_bytes(width, elem_bytes, ids=0):
+    return GAS * MB * T * (width * elem_bytes + ids)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +35,12 @@ def test_two_stages_train_and_send_only_the_code(two_stage):
     assert s0["local_layers"][-1] == "BottleneckEncoder" and s1["local_layers"][0] == "BottleneckDecoder"
     assert falling(s0["losses"]), s0["losses"]
     h = H // 8
-    assert s0["code_width"] == h and s0["compression_ratio"] == H / h == 8
+    assert s0["code_width"] == h and s0["compression_ratio"] == 4 * H / (4 * h + IDS)
     for w0, w1 in zip(s0["wire"], s1["wire"]):
-        assert w0["sent_fwd"] == w1["recv_fwd"] == per_step_bytes(h, 4)
+        assert w0["sent_fwd"] == w1["recv_fwd"] == per_step_bytes(h, 4, IDS)
         assert w1["sent_bwd"] == w0["recv_bwd"] == per_step_bytes(h, 4)
         assert w0["sent_bwd"] == w1["sent_fwd"] == 0
-        assert w0["sends"] == GAS   # one float tensor per micro-batch
+        assert w0["sends"] == 2 * GAS and w1["sends"] == GAS   # (code, ids) per micro-batch; the code's gradient
 
 
 def test_one_process_matches_two_stages(two_stage, tmp_path):
@@ -65,8 +68,8 @@ def test_three_stages_train(tmp_path):
     assert falling(s2["losses"]), s2["losses"]
     assert s1["local_layers"][0] == "BottleneckDecoder" and s1["local_layers"][-1] == "BottleneckEncoder"
     w = s1["wire"][-1]
-    expected = per_step_bytes(H // 8, 4)
-    assert w["recv_fwd"] == w["sent_fwd"] == w["recv_bwd"] == w["sent_bwd"] == expected
+    assert w["recv_fwd"] == w["sent_fwd"] == per_step_bytes(H // 8, 4, IDS)
+    assert w["recv_bwd"] == w["sent_bwd"] == per_step_bytes(H // 8, 4)
 
 
 def test_uncompressed_pipeline_sends_full_hidden_state(tmp_path):
@@ -92,13 +95,15 @@ def test_bf16_model_and_wire(tmp_path):
     s0, s1 = run_pipe_worker(tmp_path, 2, STEPS, ["deepspeed.bf16.enabled=true", *SMALL])
     assert s0["param_dtypes"] == ["torch.bfloat16"]
     assert falling(s1["losses"]), s1["losses"]
-    assert s0["wire"][-1]["sent_fwd"] == s1["wire"][-1]["sent_bwd"] == per_step_bytes(H // 8, 2)
+    assert s0["wire"][-1]["sent_fwd"] == per_step_bytes(H // 8, 2, IDS)
+    assert s1["wire"][-1]["sent_bwd"] == per_step_bytes(H // 8, 2)
 
 
 def test_fp32_model_with_bf16_wire_halves_the_bytes(tmp_path, two_stage):
     _, (fp32_s0, _) = two_stage
     s0, s1 = run_pipe_worker(tmp_path, 2, 3, ["bottleneck.wire_dtype=bf16", *SMALL])
     assert s0["param_dtypes"] == ["torch.float32"]
-    assert 2 * s0["wire"][-1]["sent_fwd"] == fp32_s0["wire"][-1]["sent_fwd"]
-    assert 2 * s1["wire"][-1]["sent_bwd"] == fp32_s0["wire"][-1]["sent_fwd"]
+    assert 2 * (s0["wire"][-1]["sent_fwd"] - per_step_bytes(0, 0, IDS)) == \
+        fp32_s0["wire"][-1]["sent_fwd"] - per_step_bytes(0, 0, IDS)          # the code halves, the ids stay
+    assert 2 * s1["wire"][-1]["sent_bwd"] == fp32_s0["wire"][-1]["recv_bwd"]
     assert s1["losses"][-1] < s1["losses"][0], s1["losses"]

@@ -106,14 +106,17 @@ def check_completed_on_two_nodes(info, output):
 
 
 def check_wire_bytes(rows):
-    """fp32 code of width h per token, MB x GAS micro-batches, one boundary per pipeline, 2 pipelines."""
+    """fp32 code of width h per token (and the int16 token ids forward), MB x GAS micro-batches, one
+    boundary per pipeline, 2 pipelines."""
     per_pipeline = GAS * MB * T * h * FP32
+    ids = GAS * MB * T * 2
     boundaries = (NODES - 1) * PER_NODE
     steps = [r for r in rows if "loss" in r]
     assert steps
     for r in steps:
-        assert r["wire_bytes_fwd"] == r["wire_bytes_bwd"] == per_pipeline * boundaries, r
-        assert r["wire_bytes_per_boundary"] == 2 * per_pipeline, r
+        assert r["wire_bytes_fwd"] == (per_pipeline + ids) * boundaries, r
+        assert r["wire_bytes_bwd"] == per_pipeline * boundaries, r
+        assert r["wire_bytes_per_boundary"] == 2 * per_pipeline + ids, r
 
 
 # ---- no cluster needed --------------------------------------------------------------------------
@@ -172,7 +175,7 @@ def test_each_cpu_template_trains_on_two_nodes_and_the_next_resumes(slurm, tmp_p
         check_completed_on_two_nodes(info, out)
         assert f"resbm: launch ({template.split('_')[1]}):" in out, where
         assert ("from scratch" if not done else f"resuming at step {done}") in out, (where, out[-5000:])
-        assert f"-> {H // h:.1f}x fewer than a dense fp32 boundary" in out, where      # dense / measured bytes
+        assert f"-> {4 * H / (4 * h + 2):.1f}x fewer than a dense fp32 boundary" in out, where   # dense / measured
         rows = metric_rows(run_dir)
         check_wire_bytes(rows)
         step_rows = [r for r in rows if "loss" in r]

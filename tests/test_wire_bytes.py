@@ -13,10 +13,13 @@ SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_layers=2"
 TOKENS_PER_STEP = MB * GAS * T
 
 CASES = {
-    "fp32": [],
+    "fp32-default": [],                                   # the default boundary: code + int16 token ids
+    "fp32-no-ids": ["bottleneck.token_channel=none"],
+    "paper-form-tied": ["bottleneck.init=normal", "bottleneck.token_channel=none", "model.tie_embeddings=true"],
+    "ids-tied": ["model.tie_embeddings=true"],
     "bf16": ["deepspeed.bf16.enabled=true"],
     "bf16-wire-on-fp32": ["bottleneck.wire_dtype=bf16"],
-    "int8": ["wire.codec=int8"],
+    "int8": ["wire.codec=int8"],                          # codec payload + scale, and the ids as they are
     "fp8-both-ways": ["wire.codec=fp8", "wire.codec_backward=true"],
     "subspace": ["bottleneck.method=subspace"],
     "noskip": ["bottleneck.method=bottleneck-noskip"],
@@ -45,15 +48,16 @@ def test_predicted_bytes_and_ratio_equal_the_meter(case, tmp_path):
 
 def test_ratios_in_bytes():
     def cfg(*o):
-        return load_config(None, [f"model.hidden_size={H}", "bottleneck.width=4", *o]).validate()
+        return load_config(None, [f"model.hidden_size={H}", "bottleneck.width=4", "bottleneck.token_channel=none",
+                                  *o]).validate()
     assert cfg().wire_bytes_per_token == (16, 16) and cfg().compression_ratio() == 8   # fp32 code
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio() == 16
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio("model") == 32
     assert cfg("wire.codec=int8").wire_bytes_per_token == (4 + 2, 16)                 # h + bf16 scale
     assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16 + 2, 16)   # int16 ids
-    big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4",
-                             "bottleneck.token_channel=learned"]).validate()
-    assert big.wire_bytes_per_token == (16 + 4, 16)                                    # int32 ids
+    big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]).validate()
+    assert big.token_channel == "learned" and big.wire_bytes_per_token == (16 + 4, 16)   # the default; int32 ids
+    assert load_config(None, ["bottleneck.method=none"]).validate().token_channel == "none"
 
 
 @pytest.mark.parametrize("overrides,key", [
