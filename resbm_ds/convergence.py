@@ -157,7 +157,7 @@ def resolved(cfg) -> dict:
     d = cfg.to_dict()
     d["train"].pop("out_dir")
     d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
-    return d
+    return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 
 
 def describe(run: Run, cfg, settings=()) -> dict:

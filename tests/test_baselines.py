@@ -64,7 +64,9 @@ def test_wire_bytes_and_compression_ratio_count_what_crosses():
     big = load_config(None, ["model.hidden_size=4096", "model.num_heads=32", "bottleneck.method=subspace",
                              "model.vocab_size=50000", "bottleneck.width=40"]).validate()
     assert big.compression_ratio("model") == 4096 / 41
-    assert config("resbm").compression_ratio("model") == H / K and config("none").compression_ratio("model") == 1
+    resbm = config("resbm", "bottleneck.token_channel=none")
+    assert resbm.compression_ratio("model") == H / K and config("none").compression_ratio("model") == 1
+    assert config("resbm").compression_ratio("model") == 4 * H / (4 * K + 2)   # the default sends int16 ids
 
 
 @pytest.mark.parametrize("overrides,key,phrase", [
@@ -208,7 +210,7 @@ def test_noskip_is_swarm_shaped_and_has_no_identity_path():
     assert torch.count_nonzero(x.grad) == 0
     assert torch.allclose(y, dec(enc(torch.randn(2, 5, H))))
     # contrast: ResBM's identity path carries a gradient with W_e = 0 (test_bottleneck.py)
-    rcfg = config("resbm")
+    rcfg = config("resbm", "bottleneck.token_channel=none")
     renc, rdec = BottleneckEncoder(rcfg, 0), BottleneckDecoder(rcfg, 0)
     with torch.no_grad():
         renc.proj.weight.zero_()

@@ -47,10 +47,11 @@ def test_smoke_suite_runs_end_to_end_and_writes_all_outputs(smoke):
                                                                      rel=1e-5)
     assert fast["tokens_per_s"] > 2 * slow["tokens_per_s"]
     # the codec's bytes are counted after encoding: ResBM h=64/16=4, int8 forward and backward,
-    # 2 micro-batches x 2 x 64 tokens, (4 + 2 scale) bytes per token each way
+    # 2 micro-batches x 2 x 64 tokens, (4 + 2 scale) bytes per token each way, plus the int16 ids forward
     codec = runs["resbm-16x-int8-slow"]["metrics"]
-    assert codec["wire_bytes_fwd_per_step"] == codec["wire_bytes_bwd_per_step"] == 2 * 2 * 64 * 6
-    assert codec["measured_compression"] == pytest.approx(64 * 4 / 6)     # vs 64 fp32 values per token
+    assert codec["wire_bytes_fwd_per_step"] == 2 * 2 * 64 * (6 + 2) and codec["wire_bytes_bwd_per_step"] == 2 * 2 * 64 * 6
+    assert codec["measured_compression"] == pytest.approx(64 * 4 / 8)     # 64 fp32 values / the busier direction
+    assert codec["measured_compression_vs_bf16"] == pytest.approx(64 * 2 / 8)
     assert fast["wire_bytes_per_boundary_per_step"] == 2 * 2 * 2 * 64 * 64 * 4
 
 
@@ -105,7 +106,8 @@ def test_validation_loss_at_equal_wallclock_is_interpolated():
 TINY = ["--set", "model.hidden_size=64", "--set", "model.num_heads=4", "--set", "train.steps=4",
         "--set", "train.eval_every=2", "--set", "train.eval_batches=2", "--set", "train.warmup_steps=1",
         "--set", "deepspeed.train_micro_batch_size_per_gpu=2", "--set", "deepspeed.gradient_accumulation_steps=1"]
-PAIR = "^(none-adamw|resbm-128x-adamw|none-adamw-s2|resbm-128x-adamw-s2)$"
+PAIR = "^(none-adamw|resbm-128x-adamw|none-adamw-s2|resbm-128x-tok-adamw|resbm-128x-tok-adamw-s2)$"
+RUN_NAMES = {"none-adamw", "resbm-128x-adamw", "none-adamw-s2", "resbm-128x-tok-adamw", "resbm-128x-tok-adamw-s2"}
 
 
 def convergence(out, *extra):
@@ -121,15 +123,16 @@ def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in res["runs"]}
-    assert set(runs) == {"none-adamw", "resbm-128x-adamw", "none-adamw-s2", "resbm-128x-adamw-s2"}
+    assert set(runs) == RUN_NAMES
     assert all(r["status"] == "ok" for r in runs.values()), [r.get("error") for r in runs.values()]
-    for name in ("resbm-128x-adamw", "resbm-128x-adamw-s2"):   # gap against the same-seed control
-        r, c = runs[name], runs["none-adamw" + name[len("resbm-128x-adamw"):]]
+    for name, control in (("resbm-128x-adamw", "none-adamw"), ("resbm-128x-tok-adamw", "none-adamw"),
+                          ("resbm-128x-tok-adamw-s2", "none-adamw-s2")):   # gap against the same-seed control
+        r, c = runs[name], runs[control]
         want = 100 * (r["metrics"]["final_val_loss"] / c["metrics"]["final_val_loss"] - 1)
         assert r["gap_pct"] == pytest.approx(want)
-        assert r["wire_bytes_per_token_fwd"] == 2 * 2 and r["ratio_vs_bf16"] == 2 * 64 / 4   # h=2 in bf16
+        assert r["wire_bytes_per_token_fwd"] == 4 and r["ratio_vs_bf16"] == 2 * 64 / 4   # h=2, or h=1 + an int16 id
     spreads = {s["label"]: s for s in res["seed_spread"]}
-    s = spreads["ResBM 128x (h=2)"]
+    s = spreads["ResBM 128x (h=1 + token ids, learned table)"]
     assert s["seeds"] == [1234, 2] and s["loss_spread"] == pytest.approx(abs(s["losses"][0] - s["losses"][1]))
     assert res["gap_vs_width"] == [dict(width=2, gap_pct=runs["resbm-128x-adamw"]["gap_pct"], optimizer="adamw")]
     for png in ("val_loss_vs_tokens.png", "gap_vs_width.png"):
@@ -138,7 +141,7 @@ def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
     assert "| ResBM 128x (h=2) | adamw | 1234 | 4, 4 | 32x |" in md and "Seed spread" in md
     assert len(conv.RUNS) == len({r.name for r in conv.RUNS})
     again = convergence(out)                                   # resumable: finished runs are reused
-    assert again.returncode == 0 and again.stdout.count(": reused") == 4, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": reused") == 5, again.stdout[-2000:]
 
 
 @pytest.mark.parametrize("extra,phrase", [(["--jobs", "0"], "--jobs"), (["--only", "nothing-like-this"], "matches no run"),

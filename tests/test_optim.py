@@ -33,6 +33,7 @@ from torch import nn
 from conftest import REPO, launch
 from resbm_ds.config import ConfigError, load_config
 from resbm_ds.optim import build_optimizer, muon_matrices
+from resbm_ds.model import TransformerBlock
 from resbm_ds.pipeline import layer_specs
 from resbm_ds import spectrum
 
@@ -225,8 +226,10 @@ def test_routing_is_by_module_role():
     names = {n for n, p in model.named_parameters() if id(p) in muon}
     suffixes = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
-    blocks = [i for i, layer in enumerate(model) if type(layer).__name__ == "TransformerBlock"]
+    blocks = [i for i, layer in enumerate(model) if isinstance(layer, TransformerBlock)]   # BlockWithIds too
     assert names == {f"{i}.{s}" for i in blocks for s in suffixes} | {"3.proj.weight", "4.proj.weight"}
+    table = model[4].tokens.weight          # the decoder's token table: an embedding, so AdamW
+    assert id(table) not in muon and table.shape == (256, 64)
     opt = build_optimizer(cfg, model)
     adam_group, muon_group = opt.param_groups
     assert not adam_group["use_muon"] and muon_group["use_muon"]
