@@ -263,10 +263,11 @@ class Config:
         ("model" = the model's own dtype)."""
         return self.model.hidden_size * DTYPE_BYTES.get(reference, self.model_elem_bytes)
 
-    def compression_ratio(self, reference: str = DENSE_REFERENCE) -> float:
+    def compression_ratio(self, reference: str = DENSE_REFERENCE, per_token=None) -> float:
         """Dense bytes per token per direction / bytes sent per token in the busier direction
-        (REFERENCE 8): against dense bf16 by default, `reference="model"` for the model's dtype."""
-        return self.dense_bytes_per_token(reference) / max(self.wire_bytes_per_token)
+        (REFERENCE 8): against dense bf16 by default, `reference="model"` for the model's dtype.
+        `per_token` = measured (forward, backward) bytes per token; default: the prediction."""
+        return self.dense_bytes_per_token(reference) / max(per_token or self.wire_bytes_per_token)
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "Config":

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import REPO_ROOT, ConfigError, load_config
+from .bench import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
+from .config import ConfigError, load_config
 
 CONFIG = "bench-convergence"
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
@@ -123,24 +122,10 @@ def resolve(run: Run, out: Path, settings=()):
 
 
 def launch(run: Run, out: Path, timeout_s: int, env: dict, settings=()) -> tuple[int, float]:
-    from .bench import free_port
-    run_dir = out / "runs" / run.name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    """One run in one process (no launcher: pipeline.stages=1), its own MASTER_PORT so parallel runs
+    never collide."""
     cmd = [sys.executable, "-m", "resbm_ds.train", "--config", CONFIG, *run.all_overrides(out, settings)]
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-    t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**env, "MASTER_PORT": str(free_port())},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-            log.write(f"\n[convergence] killed after {timeout_s} s\n")
-    return rc, time.perf_counter() - t0
+    return run_logged(cmd, out / "runs" / run.name, timeout_s, {**env, "MASTER_PORT": str(free_port())})
 
 
 def analyse(run_dir: Path) -> dict:
@@ -163,7 +148,6 @@ def resolved(cfg) -> dict:
 
 
 def describe(run: Run, cfg, settings=()) -> dict:
-    from .bench import parameter_count
     fwd, bwd = cfg.wire_bytes_per_token
     return dict(name=run.name, label=run.label, group=run.group, optimizer=run.optimizer, seed=run.seed,
                 config=resolved(cfg),
@@ -177,9 +161,6 @@ def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = F
               timeout_s: int = 3600, command: str = "", settings: tuple[str, ...] = ()) -> dict:
     """Train the suite's runs (those matching `only`), `jobs` at a time; `settings` are overrides
     for every run (e.g. a smaller model for a quick check), part of what a reused run must match."""
-    import re
-
-    from .bench import machine_info, run_env
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in RUNS if not only or re.search(only, r.name)]
     configs = {r.name: resolve(r, out, settings) for r in runs}   # every run validated before any starts
@@ -229,9 +210,9 @@ def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = F
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             msg = f"val loss {e['metrics']['final_val_loss']:.4f}, {e['metrics']['tokens_per_s']:,.0f} tok/s"
         else:
-            tail = (run_dir / "log.txt").read_text(errors="replace").replace("\r", "\n").splitlines()
-            e["status"], e["error"] = "failed", "\n".join(tail[-20:])
-            msg = f"FAILED (rc {rc}): {tail[-1] if tail else ''}"
+            tail = log_tail(run_dir, 20)
+            e["status"], e["error"] = "failed", tail
+            msg = f"FAILED (rc {rc}): {tail.splitlines()[-1] if tail else ''}"
         with lock:
             publish()
         print(f"[convergence] {time.strftime('%H:%M:%S')} done {r.name} in {wall:.0f} s: {msg}", flush=True)
@@ -389,7 +370,6 @@ def plot(results: dict, out: Path):
 
 def main(args, command: str) -> int:
     """`python -m resbm_ds.bench --suite convergence ...` (arguments parsed by bench.main)."""
-    import re
     problems = []
     if args.jobs < 1:
         problems.append(f"--jobs {args.jobs}: must be >= 1")

@@ -268,11 +268,10 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
              f"tokens/s {tok_s:,.0f} (mean of the last {len(tail)} steps)"]
     if S > 1:
         per = (S - 1) * dp * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len   # boundary-tokens
-        fwd, bwd = last["wire_bytes_fwd"] / per, last["wire_bytes_bwd"] / per
-        busier = max(fwd, bwd)
-        lines.append(f"wire: {fwd:g} bytes/token forward, {bwd:g} backward per boundary (measured) -> "
-                     f"{cfg.dense_bytes_per_token('model') / busier:.1f}x fewer than a dense {cfg.precision} "
-                     f"boundary, {cfg.dense_bytes_per_token() / busier:.1f}x vs dense bf16")
+        measured = last["wire_bytes_fwd"] / per, last["wire_bytes_bwd"] / per
+        lines.append(f"wire: {measured[0]:g} bytes/token forward, {measured[1]:g} backward per boundary (measured) "
+                     f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
+                     f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
         lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
                      "(loss broadcast, clip norm, metrics; wire.py)")
     else:

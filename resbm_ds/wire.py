@@ -14,6 +14,9 @@ the global gradient-norm reduction for clipping, a tied embedding's gradient all
 trainer's own metric reduction). Each such collective is counted once, with its payload size, on
 the lowest rank of its group (a broadcast: on its source); a 2-rank all-reduce of n bytes moves n
 bytes each way. Hooks (`collective_hooks`, e.g. the emulated link) see each one on every rank.
+Not counted: barriers (no payload), collectives before the engine's stage layout exists (its own
+set-up: weight broadcast within data-parallel groups, the link emulator's host check), and
+checkpoint files (written to storage, not sent between stages).
 
 Direction: a transfer towards a later stage is forward (activations), towards an earlier stage is
 backward (gradients).

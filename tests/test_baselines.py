@@ -1,6 +1,5 @@
 """Baseline boundary methods (bottleneck-noskip, subspace): modules on their own, then through the
 real DeepSpeed pipeline in several processes, with the bytes on the wire checked against the formula."""
-import math
 from types import SimpleNamespace
 
 import pytest

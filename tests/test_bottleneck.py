@@ -104,3 +104,13 @@ def test_wire_dtype_cast_and_back():
     assert y.dtype == torch.float32
     y.sum().backward()
     assert b.grad.dtype == torch.bfloat16   # the gradient that crosses back is in the wire dtype too
+
+
+def test_identity_none_ablation_is_not_a_dead_boundary():
+    """identity=none has nothing to start from, so its default init is N(0, init_std): a zero W_e and
+    W_d would get no gradient at all and the boundary would stay zero for the whole run."""
+    enc, dec = boundary("none")
+    assert enc.proj.weight.abs().sum() > 0 and dec.proj.weight.abs().sum() > 0
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    dec(enc(x)).square().sum().backward()
+    assert enc.proj.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
