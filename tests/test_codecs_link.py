@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, launch
 from resbm_ds.codecs import QMAX, SCALE_BYTES, compression_factor, encode, encoded_nbytes, roundtrip
 from resbm_ds.config import ConfigError, load_config
-from resbm_ds.link import LinkClock, LinkModel, link_bound_tokens_per_s
+from resbm_ds.link import LinkClock, LinkEmulator, LinkModel, link_bound_tokens_per_s
 
 
 def activations(dtype=torch.float32, shape=(3, 50, 32), seed=0):
@@ -65,6 +65,21 @@ def test_wire_config_is_validated():
         with pytest.raises(ConfigError) as e:
             load_config(None, overrides).validate()
         assert e.value.key == key
+
+
+def test_a_collective_between_stages_pays_one_link_transfer():
+    """LinkEmulator.delay_collective, the hook wire.WireMeter calls on every member of a collective
+    that spans stages: bytes / bandwidth + latency when the link is emulated, nothing otherwise."""
+    import time
+    link = LinkEmulator()
+    t0 = time.monotonic()
+    link.delay_collective(1_000_000, [0, 1])                 # link off: free
+    assert time.monotonic() - t0 < 0.005 and link.stats.collectives == 0
+    link.enabled, link.model = True, LinkModel(bandwidth_mbps=400.0, latency_ms=30.0)
+    t0 = time.monotonic()
+    link.delay_collective(1_000_000, [0, 1])                 # 20 ms of bytes + 30 ms latency
+    waited = time.monotonic() - t0
+    assert 0.050 <= waited <= 0.050 + 0.008 and link.stats.collectives == 1, waited
 
 
 def test_link_model_pays_bytes_over_bandwidth_plus_latency():
