@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -58,7 +59,7 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-BOUNDARY_METHODS = ("resbm", "none", "bottleneck-noskip", "subspace")   # the last two: baselines.py
+BOUNDARY_METHODS = ("resbm", "none", "bottleneck-noskip", "subspace")   # the last two: model/baselines.py
 IDENTITY_PATHS = ("slice", "orthonormal", "none")
 BOUNDARY_INITS = ("identity", "normal")
 DECODERS = ("linear", "mlp")
@@ -68,12 +69,13 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_NS_METHODS = ("standard", "gram")
 
 # The one table of wire dtypes: name -> bytes per value ("model" = the model's own dtype).
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-WIRE_DTYPES = ("model", *DTYPE_BYTES)
-DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundary (REFERENCE 8)
+# The one dtype table: names in configs -> torch dtypes (bytes: `.itemsize`).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WIRE_DTYPES = ("model", *DTYPES)
+DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundary, as the paper's do
 ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary always sends the token ids
 INT16_MAX_VOCAB = 2 ** 15             # ids below this cross as int16, larger vocabularies as int32
-CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; codecs.py)
+CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; wire/codecs.py)
 
 
 def id_wire_bytes(vocab_size: int) -> int:
@@ -88,11 +90,11 @@ class BottleneckConfig:
     `segments` is a property of the model: the layers are split into this many segments with a
     bottleneck between consecutive ones, whatever the number of pipeline stages it runs on.
     The ResBM switches (`init`, `decoder`, `decoder_norm`, `token_channel`) are described in
-    bottleneck.py. The defaults are what the convergence suite measured best (README); the paper's
+    model/boundary.py. The defaults are what the convergence suite measured best (README); the paper's
     form is init=normal token_channel=none.
     """
     method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)
-    #                                | bottleneck-noskip (SWARM) | subspace (Subspace Models); baselines.py
+    #                                | bottleneck-noskip (SWARM) | subspace (Subspace Models); model/baselines.py
     segments: int = 2
     width: int | None = None       # h, the code width; None = hidden_size // ratio
     ratio: int = 32                # H / h, used when width is None
@@ -157,8 +159,8 @@ WIRE_CODECS = ("none", "int8", "fp8")
 
 @dataclass
 class WireConfig:
-    """What happens on the wire between pipeline stages: a codec (resbm_ds/codecs.py) and an emulated
-    slow link (resbm_ds/link.py). Both work at DeepSpeed's p2p layer, under any boundary method."""
+    """What happens on the wire between pipeline stages: a codec (resbm_ds/wire/codecs.py) and an emulated
+    slow link (resbm_ds/wire/link.py). Both work at DeepSpeed's p2p layer, under any boundary method."""
     codec: str = "none"            # none | int8 | fp8 (e4m3 bits in uint8): per-row (per token) scaled
     codec_backward: bool = False   # also encode the gradients sent back (default: forward only)
     link_bandwidth_mbps: float | None = None   # emulated link in Mbit/s (1e6 bit/s); None = unlimited
@@ -226,12 +228,13 @@ class Config:
 
     @property
     def model_elem_bytes(self) -> int:
-        return DTYPE_BYTES[self.precision]
+        return DTYPES[self.precision].itemsize
 
     @property
     def wire_elem_bytes(self) -> int:
         """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
-        return DTYPE_BYTES.get(self.bottleneck.wire_dtype, self.model_elem_bytes)
+        w = self.bottleneck.wire_dtype
+        return DTYPES[w].itemsize if w in DTYPES else self.model_elem_bytes
 
     @property
     def sends_token_ids(self) -> bool:
@@ -261,11 +264,11 @@ class Config:
     def dense_bytes_per_token(self, reference: str = DENSE_REFERENCE) -> int:
         """Bytes per token per direction of an uncompressed boundary: H values in `reference`
         ("model" = the model's own dtype)."""
-        return self.model.hidden_size * DTYPE_BYTES.get(reference, self.model_elem_bytes)
+        return self.model.hidden_size * (DTYPES[reference].itemsize if reference in DTYPES else self.model_elem_bytes)
 
     def compression_ratio(self, reference: str = DENSE_REFERENCE, per_token=None) -> float:
-        """Dense bytes per token per direction / bytes sent per token in the busier direction
-        (REFERENCE 8): against dense bf16 by default, `reference="model"` for the model's dtype.
+        """Dense bytes per token per direction / bytes sent per token in the busier direction:
+        against dense bf16 by default, `reference="model"` for the model's dtype.
         `per_token` = measured (forward, backward) bytes per token; default: the prediction."""
         return self.dense_bytes_per_token(reference) / max(per_token or self.wire_bytes_per_token)
 
@@ -362,7 +365,7 @@ class Config:
     def tied_allreduce_bytes(self) -> int:
         """Bytes per step of the tied embedding's gradient all-reduce between the first and the last
         stage (0 unless tied across stages): traffic outside the boundary, counted by the wire meter
-        as `other` (wire.py) and paid on an emulated link (link.py)."""
+        as `other` (wire/meter.py) and paid on an emulated link (wire/link.py)."""
         if not self.model.tie_embeddings or self.pipeline.stages < 2:
             return 0
         return self.model.vocab_size * self.model.hidden_size * self.model_elem_bytes

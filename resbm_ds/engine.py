@@ -1,4 +1,4 @@
-"""Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine."""
+"""Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,14 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from .config import Config
-from .codecs import WireCodec
-from .hf import init_pipeline_from_hf
-from .link import LinkEmulator
+from .hf.configs import check_model_matches_hf
+from .hf.weights import init_pipeline_from_hf
+from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
-from .pipeline import ResBMPipeline
-from .wire import WireMeter
+from .wire import chain
+from .wire.codecs import WireCodec
+from .wire.link import LinkEmulator
+from .wire.meter import WireMeter
 
 
 def map_slurm_env():
@@ -30,6 +32,18 @@ def map_slurm_env():
 def world_size_from_env() -> int:
     map_slurm_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config:
+    """Every check of a run's settings, in one place and before any process group exists: the
+    config's own (`Config.validate`) and, with model.init_from_hf, that the transformers checkpoint
+    matches the model. `build_engine` accepts only a config that passed here."""
+    world_size = world_size or world_size_from_env()
+    cfg.validate(world_size=world_size)
+    if cfg.model.init_from_hf:
+        check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
+    cfg._checked_world_size = world_size
+    return cfg
 
 
 def init_distributed(timeout_s: int | None = None):
@@ -75,47 +89,39 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
 
 @dataclass
 class Runtime:
-    """What the training loop needs: the engine, where this rank sits, and the wire meter."""
+    """What the training loop needs: the engine, where this rank sits, and the wire chain's hooks."""
     engine: "deepspeed.PipelineEngine"
     module: ResBMPipeline
     stage: int
     num_stages: int
     dp_rank: int
     dp_size: int
-    wire: WireMeter
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage == self.num_stages - 1
+    meter: WireMeter
+    link: LinkEmulator
 
 
 def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
-    """Validate, join the process group, build this rank's slice of the model and its engine.
+    """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
-    `lr_scheduler`: a callable optimizer -> scheduler; DeepSpeed steps it once per `train_batch`
-    and keeps its state in checkpoints.
+    `cfg` comes from `validate_before_launch`. `lr_scheduler`: a callable optimizer -> scheduler;
+    DeepSpeed steps it once per `train_batch` and keeps its state in checkpoints.
     """
     world = world_size_from_env()
-    cfg.validate(world_size=world)
+    if getattr(cfg, "_checked_world_size", None) != world:
+        raise ValueError(f"build_engine needs a config from validate_before_launch(cfg, {world})")
     init_distributed()
     S = cfg.pipeline.stages
     dp = world // S
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
-    link = LinkEmulator.install(cfg.wire)   # innermost: every p2p message pays the emulated link (link.py)
-    wire = WireMeter.install()
-    if link.delay_collective not in wire.collective_hooks:   # collectives between stages pay it too
-        wire.collective_hooks.append(link.delay_collective)
-    WireCodec.install(cfg.wire)      # outermost: the meter counts encoded bytes (codecs.py)
+    # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
+    meter, link = WireMeter(), LinkEmulator(cfg.wire)
+    chain.install([WireCodec(cfg.wire), meter, link])
     ds = deepspeed_config(cfg, dp)
     ds.update(extra_ds or {})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
                                            lr_scheduler=lr_scheduler, config=ds)
-    wire.take()   # drop the engine's start-up ping
+    meter.take()   # drop the engine's start-up ping
     coord = topology.get_coord(int(os.environ["RANK"]))
-    return Runtime(engine, module, coord.pipe, S, coord.data, dp, wire)
+    return Runtime(engine, module, coord.pipe, S, coord.data, dp, meter, link)

@@ -7,6 +7,7 @@ embedding. `ResBMForCausalLM` holds the same layers, built from the same `layer_
 same order, so file XX is `layers.XX` and consolidating is a loop over files. It is a plain
 `nn.Module`: no DeepSpeed engine or process group is needed to load or run it.
 
+`ResBMForCausalLM` (model/causal_lm.py) is the pipeline's single-process twin.
 An exported model is a directory: `model.safetensors` (keys `layers.XX.*`), `config.yaml` (the
 run's Config) and `tokenizer/` (copied from the run), loadable with `load_model(dir)`.
 
@@ -27,49 +28,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from deepspeed.pipe import TiedLayerSpec
-from torch import nn
 
 from .config import Config, load_config
-from .model import tied_lm_head
-from .pipeline import layer_specs
+from .hf.weights import save_hf
+from .model.causal_lm import ResBMForCausalLM
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_DIR = "model.safetensors", "config.yaml", "tokenizer"
-
-
-class ResBMForCausalLM(nn.Module):
-    """The whole ResBM model on one process: token ids [B, T] -> logits [B, T, vocab].
-
-    `layers[i]` is global pipeline layer i. A tied head is an empty placeholder whose output is
-    computed with the embedding's weight, so the weight exists (and is saved) once.
-    """
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.config = cfg
-        self.tied_head: int | None = None
-        layers = []
-        with torch.random.fork_rng():
-            for i, spec in enumerate(layer_specs(cfg)[0]):
-                # The pipeline's per-layer seeds (seed_layers, base_seed=cfg.seed): a fresh model
-                # starts from the same weights as a fresh pipeline.
-                torch.manual_seed(cfg.seed + i)
-                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
-                    self.tied_head = i
-                    layers.append(nn.Identity())
-                else:
-                    layers.append(spec.build())
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = ids
-        for i, layer in enumerate(self.layers):
-            x = tied_lm_head(self.layers[0], x) if i == self.tied_head else layer(x)
-        return x
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
 
 # ---- from a pipeline checkpoint --------------------------------------------------------------
@@ -193,7 +157,6 @@ def main(argv=None) -> int:
         print(f"[export] {ckpt} -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{model.dtype})")
     if args.hf:
-        from .hf import save_hf
 
         print(f"[export] transformers -> {save_hf(model, args.hf, args.family)}")
         tok = tokenizer_dir(args.run_dir)

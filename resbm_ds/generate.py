@@ -21,33 +21,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .export import ResBMForCausalLM, load_model, tokenizer_dir
+from .config import DTYPES
+from .data.batches import TextSource, validation_batches
+from .data.tokenizer import load_saved_tokenizer
+from .export import load_model, tokenizer_dir
+from .model.causal_lm import ResBMForCausalLM
 
 
 def load_tokenizer(path):
     """The run's tokenizer for a run or export directory (`<dir>/tokenizer`)."""
-    try:   # the training entry point's loader, when it exists, is the reference
-        from .tokenizer import load_run_tokenizer
-    except ImportError:
-        load_run_tokenizer = None
     tok_dir = tokenizer_dir(path)
     if tok_dir is None:
         raise FileNotFoundError(f"{path}: no tokenizer/ directory (in it or its parents)")
-    if load_run_tokenizer is not None:
-        return load_run_tokenizer(tok_dir.parent)
-    from .tokenizer import build_tokenizer
-
-    if (tok_dir / "spm.model").is_file():
-        return build_tokenizer("sentencepiece", str(tok_dir / "spm.model"))
-    return build_tokenizer("hf", str(tok_dir))
+    return load_saved_tokenizer(tok_dir)
 
 
 @torch.no_grad()
 def evaluate(model: ResBMForCausalLM, tokenizer, text_file, max_chunks: int | None = None,
              seq_len: int | None = None, micro_batch: int = 4) -> dict:
     """Mean next-token loss (and perplexity) over the first `max_chunks` chunks (all by default)."""
-    from .data import TextSource, validation_batches
-
     seq_len = seq_len or model.config.data.seq_len
     batches = validation_batches(TextSource.local(str(text_file)), tokenizer, seq_len, micro_batch)
     model.eval()
@@ -119,7 +111,7 @@ def main(argv=None) -> int:
 
     model = load_model(args.model, args.tag)
     if args.dtype:
-        model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+        model.to(DTYPES[args.dtype])
     tokenizer = load_tokenizer(args.model)
     if args.cmd == "evaluate":
         text = args.text or model.config.data.val_path

@@ -14,7 +14,7 @@ precision path we allow:
     applies lr and weight decay.
 What it cannot do is refused by `Config._validate_optimizer` rather than run degraded: bf16 at ZeRO-0
 (BF16_Optimizer refuses Muon under a pipeline) and gradient clipping at ZeRO-1 (the clip lands on
-the orthogonalised update and shrinks it ~40x). tests/test_optim.py checks each allowed combination
+the orthogonalised update and shrinks the Muon step, to about 2% of train.muon_lr on the test model). tests/test_optim.py checks each allowed combination
 against torch.optim.Muon / the reference formula through the real engine.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bottleneck import BottleneckDecoder, BottleneckEncoder
-from .model import TransformerBlock
+from .model.boundary import BottleneckDecoder, BottleneckEncoder
+from .model.layers import TransformerBlock
 
 # Whose nn.Linear weights are "hidden matrices" in the Muon sense. Keller Jordan: Muon is for the
 # hidden weight layers; embeddings, the output head, gains and biases stay on AdamW. Subclasses

@@ -14,10 +14,8 @@ Outputs in `train.out_dir`:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,8 +27,11 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from .config import Config, ConfigError, load_config
-from .data import PackedBatches, TextSource, validation_batches
-from .engine import Runtime, build_engine, close_distributed, world_size_from_env
+from .data.batches import PackedBatches, TextSource, validation_batches
+from .data.corpus import ensure_corpus
+from .data.tokenizer import build_tokenizer, save_tokenizer
+from .metrics import METRICS_FILE, Metrics, read_metrics
+from .engine import Runtime, build_engine, close_distributed, validate_before_launch
 from .optim import newton_schulz_dtype
 from .slurm_layout import report_layout
 
@@ -59,8 +60,7 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
     if d.source != "local":
         raise ConfigError("data.source", d.source, "allowed: ['local', 'hub']")
     if d.train_path is None:
-        from .corpus import ensure_corpus     # the default corpus: fetched once, then cached
-        corpus = ensure_corpus()
+        corpus = ensure_corpus()     # the default corpus: fetched once, then cached
         train_path, val_path = corpus / "train.txt", corpus / "val.txt"
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
@@ -71,7 +71,6 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
 
 
 def make_tokenizer(cfg: Config, train: TextSource):
-    from .tokenizer import build_tokenizer
     d = cfg.data
     files = [str(p) for p in train.files()] if train.is_local else []
     if d.tokenizer == "sentencepiece-train" and not files:
@@ -82,15 +81,6 @@ def make_tokenizer(cfg: Config, train: TextSource):
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"must be >= the tokenizer's vocabulary ({tok.vocab_size})")
     return tok
-
-
-def save_tokenizer(tok, out: Path):
-    dest = out / "tokenizer"
-    dest.mkdir(parents=True, exist_ok=True)
-    if hasattr(tok, "model_file"):
-        shutil.copyfile(tok.model_file, dest / "spm.model")
-    elif hasattr(tok, "_tok"):
-        tok._tok.save_pretrained(dest)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -120,34 +110,11 @@ def resume(rt: Runtime, ckpt_dir: Path, train_data: PackedBatches) -> int:
     return int(client["step"])
 
 
-# ---- metrics ---------------------------------------------------------------------------------
-
-class Metrics:
-    """metrics.jsonl (rank 0) plus DeepSpeed's monitor (TensorBoard/CSV) for the same scalars."""
-
-    def __init__(self, path: Path, engine, resumed_step: int, enabled: bool):
-        self.path, self.engine, self.enabled = path, engine, enabled
-        if enabled and path.exists():   # drop rows past the checkpoint we resumed from
-            rows = [r for r in path.read_text().splitlines()
-                    if r and json.loads(r).get("step", 0) <= resumed_step]
-            path.write_text("".join(r + "\n" for r in rows))
-
-    def log(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            monitor.write_events([(f"resbm/{k}", float(v), row["step"]) for k, v in row.items()
-                                  if k != "step" and isinstance(v, (int, float))])
-
-
 def wire_totals(rt: Runtime) -> tuple[int, int, int]:
-    """Bytes sent forward / backward at p2p, and in collectives between stages (wire.py), across
+    """Bytes sent forward / backward at p2p, and in collectives between stages (wire/meter.py), across
     every stage boundary of every pipeline this step. The reduction itself goes through
     deepspeed.comm, so the meter counts it too (in the next step's `other`)."""
-    counts = rt.wire.take()
+    counts = rt.meter.take()
     t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other], dtype=torch.float64)
     ds_comm.all_reduce(t)
     return int(t[0]), int(t[1]), int(t[2])
@@ -166,8 +133,7 @@ def parse_args(argv=None):
 
 def prepare(args) -> tuple[Config, TextSource, TextSource]:
     """Everything that can fail on bad input, before any process group exists."""
-    cfg = load_config(args.config, args.overrides)
-    cfg.validate(world_size=world_size_from_env())
+    cfg = validate_before_launch(load_config(args.config, args.overrides))
     train_src, val_src = text_sources(cfg)
     return cfg, train_src, val_src
 
@@ -186,7 +152,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        save_tokenizer(tok, out)
+        save_tokenizer(tok, out / "tokenizer")
         muon = (f", Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
                 if t.optimizer == "muon" else "")
         print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
@@ -198,7 +164,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
                   f"embedding gradient between the first and last stage, {cfg.tied_allreduce_bytes:,} bytes per "
                   f"step outside the boundary (which carries {code:,}); counted as wire_bytes_other. "
                   "model.tie_embeddings=false avoids it.", flush=True)
-    metrics = Metrics(out / "metrics.jsonl", rt.engine, start, rank0)
+    metrics = Metrics(out / METRICS_FILE, rt.engine, start, rank0)
 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (S - 1) * dp
@@ -224,7 +190,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
             val = evaluate(rt, cfg, val_src, tok)
-            rt.wire.take()   # evaluation traffic is not part of the next step's figures
+            rt.meter.take()   # evaluation traffic is not part of the next step's figures
             metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step))
             if bar:
                 bar.write(f"step {step}: val_loss {val:.4f}")
@@ -258,9 +224,7 @@ def progress_bar(enabled: bool, start: int, total: int):
 
 def summarize(out: Path, cfg: Config, S: int, dp: int):
     """The closing lines: final loss, throughput, bytes per boundary and the measured ratio."""
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r]
-    steps = [r for r in rows if "loss" in r]
-    vals = [r for r in rows if "val_loss" in r]
+    steps, vals = read_metrics(out)
     last = steps[-1]
     tail = steps[len(steps) // 2:] or steps
     tok_s = sum(r["tokens_per_s"] for r in tail) / len(tail)
@@ -273,7 +237,7 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
                      f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
                      f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
         lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
-                     "(loss broadcast, clip norm, metrics; wire.py)")
+                     "(loss broadcast, clip norm, metrics; wire/meter.py)")
     else:
         lines.append("wire: 1 stage, nothing crosses a link")
     print("[resbm] " + "\n[resbm] ".join(lines), flush=True)

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from conftest import run_pipe_worker
-from resbm_ds.baselines import (NoSkipDecoder, NoSkipEncoder, SubspaceBlock, SubspaceDecoder, SubspaceEmbedding,
+from resbm_ds.model.baselines import (NoSkipDecoder, NoSkipEncoder, SubspaceBlock, SubspaceDecoder, SubspaceEmbedding,
                                 SubspaceLinear, off_subspace)
-from resbm_ds.bottleneck import BottleneckDecoder, BottleneckEncoder
+from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder
 from resbm_ds.config import ConfigError, load_config
-from resbm_ds.model import TransformerBlock, lm_loss
+from resbm_ds.model.layers import TransformerBlock, lm_loss
 from resbm_ds.optim import build_optimizer, muon_matrices
-from resbm_ds.pipeline import layer_specs, stage_parts
+from resbm_ds.model.pipeline import layer_specs, stage_parts
 
 SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",
@@ -221,15 +221,21 @@ def test_noskip_is_swarm_shaped_and_has_no_identity_path():
 def test_wire_meter_counts_integer_side_tensors_but_not_the_handshake(monkeypatch):
     from deepspeed.runtime.pipe import p2p
 
-    from resbm_ds.wire import WireMeter
+    from resbm_ds.wire.chain import Transfer
+    from resbm_ds.wire.meter import WireMeter
 
     monkeypatch.setattr(p2p, "_grid", SimpleNamespace(get_stage_id=lambda: 0), raising=False)
     meter = WireMeter()
-    meter._count(torch.zeros(256, dtype=torch.int32), 1, is_send=True)          # shape handshake
+
+    def send(x):
+        meter.on_send(x, Transfer.of(x, 1, sending=True))
+
+    send(torch.zeros(256, dtype=torch.int32))                           # shape handshake
     assert meter.take().sends == 0
-    meter._count(torch.zeros(MB, T, K), 1, is_send=True)                        # the code
-    meter._count(torch.zeros(MB, T, dtype=torch.int32), 1, is_send=True)        # the token ids
-    meter._count(torch.zeros(MB, T, K), 1, is_send=False)                       # its gradient
+    send(torch.zeros(MB, T, K))                                         # the code
+    send(torch.zeros(MB, T, dtype=torch.int32))                         # the token ids
+    grad = torch.zeros(MB, T, K)                                        # its gradient
+    meter.on_recv(grad, grad, Transfer.of(grad, 1, sending=False))
     c = meter.take()
     assert (c.sent_fwd, c.recv_bwd, c.sends) == (MB * T * (4 * K + 4), MB * T * 4 * K, 2)
 

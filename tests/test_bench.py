@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from resbm_ds.bench import SUITES, RunSpec, Suite, run_suite, val_at_time
+from resbm_ds.bench.throughput import SUITES, RunSpec, Suite, run_suite, val_at_time
 
 PNGS = ("val_loss_vs_tokens.png", "loss_vs_wallclock.png", "tokens_per_s.png")
 
@@ -117,7 +117,7 @@ def convergence(out, *extra):
 
 
 def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
-    from resbm_ds import convergence as conv
+    from resbm_ds.bench import convergence as conv
     out = tmp_path / "conv"
     proc = convergence(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

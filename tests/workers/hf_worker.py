@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine, close_distributed
+from resbm_ds.engine import build_engine, close_distributed, validate_before_launch
 
 
 def random_batches(cfg, dp_rank, seed=0):
@@ -38,12 +38,12 @@ def logits_of(rt, ids):
 
 def run_job(job, out: Path):
     cfg = load_config(job.get("config"), job.get("overrides", []))
-    rt = build_engine(cfg)
+    rt = build_engine(validate_before_launch(cfg))
     rank = dist.get_rank()
     report = {"rank": rank, "stage": rt.stage, "dp_rank": rt.dp_rank,
               "local_layers": [type(f).__name__ if isinstance(f, torch.nn.Module) else "tied_head"
                                for f in rt.module.forward_funcs]}
-    save_logits = rt.is_last_stage and rt.dp_rank == 0
+    save_logits = rt.stage == rt.num_stages - 1 and rt.dp_rank == 0
     ids = torch.load(job["ids"]) if job.get("ids") else None
     if ids is not None:
         logits = logits_of(rt, ids)

@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine, close_distributed
-from resbm_ds.link import LinkEmulator
+from resbm_ds.engine import build_engine, close_distributed, validate_before_launch
 
 
 def synthetic_batches(cfg, dp_rank, dp_size, seed=0):
@@ -40,7 +39,7 @@ def main():
     if overrides and overrides[0].startswith("--save="):
         save, overrides = overrides[0][len("--save="):], overrides[1:]
     cfg = load_config(None, overrides)
-    rt = build_engine(cfg)
+    rt = build_engine(validate_before_launch(cfg))
     if load:
         rt.engine.load_checkpoint(load, load_module_only=True, load_optimizer_states=False,
                                   load_lr_scheduler_states=False)
@@ -49,7 +48,7 @@ def main():
     for _ in range(steps):
         loss = rt.engine.train_batch(data_iter=data)
         losses.append(float(loss))
-        wire.append(rt.wire.take().as_dict())
+        wire.append(rt.meter.take().as_dict())
     eval_loss = float(rt.engine.eval_batch(data_iter=synthetic_batches(cfg, rt.dp_rank, rt.dp_size, seed=99)))
     if save:
         rt.engine.save_checkpoint(save, tag="t")
@@ -63,7 +62,7 @@ def main():
                   local_layers=[type(l).__name__ for l in rt.module.forward_funcs],
                   compression_ratio=cfg.compression_ratio("model"), code_width=cfg.code_width,
                   wire_bytes_per_token=list(cfg.wire_bytes_per_token),
-                  link_collectives=LinkEmulator._installed.stats.collectives)
+                  link_collectives=rt.link.stats.collectives)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(report, f)
 

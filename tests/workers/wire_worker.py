@@ -1,5 +1,5 @@
-"""Two ranks exchange tensors through DeepSpeed's p2p layer with the codec, meter and link installed
-as `build_engine` installs them, and write what they measured: `wire_worker.py OUT_PREFIX`.
+"""Two ranks exchange tensors through DeepSpeed's p2p layer with the wire chain [codec, meter, link]
+installed as `build_engine` installs it, and write what they measured: `wire_worker.py OUT_PREFIX`.
 
 Rank r is pipeline stage r of a 2-stage pipeline (a stand-in grid; no model, no engine).
 """
@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe import p2p
 
-from resbm_ds.codecs import WireCodec, roundtrip
 from resbm_ds.config import WireConfig
-from resbm_ds.link import LinkEmulator
-from resbm_ds.wire import WireMeter
+from resbm_ds.wire import chain
+from resbm_ds.wire.codecs import WireCodec, roundtrip
+from resbm_ds.wire.link import LinkEmulator
+from resbm_ds.wire.meter import WireMeter
 
 
 class Grid:
@@ -37,10 +38,12 @@ def tensor(seed, shape, dtype=torch.float32):
 
 
 def configure(**kw):
+    """A fresh chain in build_engine's order; -> (meter, link)."""
     cfg = WireConfig(**kw)
-    LinkEmulator.install(cfg)
-    WireCodec.install(cfg)
+    meter, link = WireMeter(), LinkEmulator(cfg)
+    chain.install([WireCodec(cfg), meter, link])
     dist.barrier()
+    return meter, link
 
 
 def main():
@@ -48,9 +51,6 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     rank = dist.get_rank()
     p2p._grid = Grid(rank)
-    LinkEmulator.install(WireConfig())      # the order build_engine uses
-    meter = WireMeter.install()
-    WireCodec.install(WireConfig())
     report = {"codec": [], "link": []}
     shape = (2, 16, 24)
 
@@ -59,8 +59,7 @@ def main():
     for codec in ("none", "int8", "fp8"):
         for backward in (False, True):
             for dtype in (torch.float32, torch.bfloat16):
-                configure(codec=codec, codec_backward=backward)
-                meter.take()
+                meter, _ = configure(codec=codec, codec_backward=backward)
                 seed += 2
                 x, g = tensor(seed, shape, dtype), tensor(seed + 1, shape, dtype)
                 meta = torch.arange(256, dtype=torch.int32)           # like DeepSpeed's handshake
@@ -87,8 +86,7 @@ def main():
 
     # ---- link: one transfer on an idle link pays bytes / bandwidth + latency -------------------
     bw, lat = 8.0, 20.0                       # 8 Mbit/s = 1 MB/s, 20 ms
-    configure(link_bandwidth_mbps=bw, link_latency_ms=lat)
-    link = LinkEmulator._installed
+    _, link = configure(link_bandwidth_mbps=bw, link_latency_ms=lat)
     for n_floats in (1, 12_500, 50_000):      # 4 B, 50 kB, 200 kB
         for _ in range(2):
             dist.barrier()
@@ -125,7 +123,7 @@ def main():
         report["serial"] = dict(arrivals=[a - float(stamp[0]) for a in arrivals],
                                 expected=[(k + 1) * n * 4 * 8 / (bw * 1e6) + lat / 1e3 for k in range(3)])
     report["stats"] = dict(transfers=link.stats.transfers, bytes=link.stats.bytes)
-    configure()
+    chain.CHAIN.uninstall()
     with open(f"{prefix}.rank{rank}.json", "w") as f:
         json.dump(report, f)
     dist.barrier()

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from .baselines import baseline_layers
-from .bottleneck import (BlockWithIds, BottleneckDecoder, BottleneckEncoder, EmbeddingWithIds,
+from .boundary import (BlockWithIds, BottleneckDecoder, BottleneckEncoder, EmbeddingWithIds,
                          TokenTableLayer)
-from .config import Config
-from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
+from ..config import Config
+from .layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
 
 
 def segment_sizes(num_layers: int, segments: int) -> list[int]:
@@ -46,7 +46,7 @@ def boundary_layers(cfg: Config) -> Boundary:
         return Boundary(BottleneckEncoder, BottleneckDecoder, **with_ids)
     if method == "none":   # uncompressed; with a token channel, the control (same tables, no code)
         return Boundary(None, TokenTableLayer if ids else None, **with_ids)
-    return Boundary(**baseline_layers(cfg))        # bottleneck-noskip, subspace: baselines.py
+    return Boundary(**baseline_layers(cfg))        # bottleneck-noskip, subspace: model/baselines.py
 
 
 def layer_specs(cfg: Config) -> tuple[list, list[int]]:
@@ -100,8 +100,8 @@ class ResBMPipeline(PipelineModule):
                          partition_method="resbm", seed_layers=True, base_seed=cfg.seed, **kwargs)
 
     def _partition_layers(self, method="resbm"):
-        # DeepSpeed's own methods (uniform/parameters/type:) cannot express "cut after the encoder"
-        # (REFERENCE 3); this hook is the one DeepSpeed's DualPipeVModule overrides too.
+        # DeepSpeed's own methods (uniform/parameters/type:) cannot express "cut after the encoder";
+        # this hook is the one DeepSpeed's DualPipeVModule overrides too.
         self.parts = stage_parts(self.resbm_config, self.num_stages)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])

@@ -2,7 +2,7 @@
 
 Every method uses the layer layout of `pipeline.layer_specs` (embed | blocks.. E | D blocks.. | norm
 head, a stage cut right after each encoder E); only what E, D and the layers around them compute
-changes (REFERENCE 2).
+changes.
 
 `bottleneck-noskip`: the SWARM bottleneck (Ryabinin et al. 2023), REPLACING the residual stream at
 the boundary, no identity path:
@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bottleneck import TORCH_DTYPES, BottleneckDecoder, BottleneckEncoder, id_torch_dtype, orthonormal_rows, wire_torch_dtype
-from .config import Config
-from .model import TransformerBlock, init_linear
+from .boundary import BottleneckDecoder, BottleneckEncoder, id_torch_dtype, orthonormal_rows, wire_torch_dtype
+from ..config import DTYPES, Config
+from .layers import TransformerBlock, init_linear
 
 BASELINE_METHODS = ("bottleneck-noskip", "subspace")
 BASIS_SEED_OFFSET = 104_729       # U = basis(seed + this), shared by every layer
@@ -223,7 +223,7 @@ class SubspaceDecoder(nn.Module):
         self.register_buffer("basis", subspace_basis(cfg))
         self.register_buffer("fixed", fixed_table(cfg))
         # The stream's dtype: the code's, unless bottleneck.wire_dtype changed it on the way.
-        self.stream_dtype = None if cfg.bottleneck.wire_dtype == "model" else TORCH_DTYPES[cfg.precision]
+        self.stream_dtype = None if cfg.bottleneck.wire_dtype == "model" else DTYPES[cfg.precision]
 
     def forward(self, inputs):
         c, ids = inputs

@@ -1,7 +1,7 @@
 """Wire codecs: quantise the float tensors that cross a stage boundary, at DeepSpeed's p2p layer.
 
-`WireCodec.install(cfg.wire)` wraps `deepspeed.runtime.pipe.p2p.send/recv` (outside the wire meter,
-so the meter counts the ENCODED bytes). DeepSpeed's engine never notices: it still hands a float
+`WireCodec(cfg.wire)` is the first hook of the wire chain (chain.py), before the meter, so the meter
+counts the ENCODED bytes. DeepSpeed's engine never notices: it still hands a float
 tensor to `p2p.send` and a preallocated float buffer to `p2p.recv`; the sender encodes, one uint8
 tensor crosses, and the receiver decodes into the engine's buffer in place. Both sides build the
 codec from the same config, so nothing about the encoding is negotiated on the wire.
@@ -12,7 +12,7 @@ Format (one uint8 tensor per transfer, shape [rows, h + 2], a row = one token's 
     fp8:   q = (x / s) as float8_e4m3fn bits,                s = max|x_row| / 448
     the per-row scale s travels as 2 bytes of bfloat16 (fp32's exponent range, so tiny gradients do
     not underflow as they would in fp16); the encoder quantises with the ROUNDED scale, so the
-    error bound below holds exactly. fp8 dtypes are not in DeepSpeed's dtype table (REFERENCE 3),
+    error bound below holds exactly. fp8 dtypes are not in DeepSpeed's handshake dtype table (PipelineEngine.ID_TO_DTYPE),
     hence the uint8 carrier.
 
 Bytes per row: h + 2 instead of h * itemsize, e.g. 4 bytes/value fp32 -> 4h/(h+2)x fewer bytes
@@ -31,7 +31,8 @@ estimator for the rounding).
 from __future__ import annotations
 
 import torch
-from deepspeed.runtime.pipe import p2p
+
+from .chain import Hook, Transfer
 
 SCALE_BYTES = 2                          # a bfloat16 per row
 QMAX = {"int8": 127.0, "fp8": 448.0}     # largest magnitude of the code (e4m3fn: 448)
@@ -54,7 +55,7 @@ def compression_factor(shape, dtype: torch.dtype, codec: str) -> float:
     numel = 1
     for d in shape:
         numel *= d
-    return numel * torch.empty((), dtype=dtype).element_size() / encoded_nbytes(shape, codec)
+    return numel * dtype.itemsize / encoded_nbytes(shape, codec)
 
 
 @torch.no_grad()
@@ -91,52 +92,34 @@ def roundtrip(x: torch.Tensor, codec: str) -> torch.Tensor:
     return decode_into(encode(x, codec), torch.empty_like(x), codec)
 
 
-class WireCodec:
-    """The p2p wrapper; installed once per process, reconfigured by every `install` call."""
+class WireCodec(Hook):
+    """The chain hook: encodes what it applies to on send, decodes it into the engine's buffer on recv."""
 
-    _installed: "WireCodec | None" = None
-
-    def __init__(self):
-        self.codec, self.backward = "none", False
-        self._recv_buffers: dict[tuple, torch.Tensor] = {}
-        self.encoded = 0   # transfers encoded or decoded by this process (for tests and logs)
-
-    @classmethod
-    def install(cls, wire_cfg) -> "WireCodec":
-        if cls._installed is None:
-            codec = cls()
-            inner_send, inner_recv = p2p.send, p2p.recv
-
-            def send(tensor, dest_stage, async_op=False):
-                if codec._applies(tensor, dest_stage):
-                    codec.encoded += 1
-                    return inner_send(encode(tensor, codec.codec), dest_stage, async_op=async_op)
-                return inner_send(tensor, dest_stage, async_op=async_op)
-
-            def recv(tensor, src_stage, async_op=False):
-                if not codec._applies(tensor, src_stage, receiving=True):
-                    return inner_recv(tensor, src_stage, async_op=async_op)
-                payload = codec._buffer(tensor)
-                result = inner_recv(payload, src_stage, async_op=async_op)
-                decode_into(payload, tensor, codec.codec)
-                codec.encoded += 1
-                return result
-
-            p2p.send, p2p.recv = send, recv
-            cls._installed = codec
-        cls._installed.configure(wire_cfg)
-        return cls._installed
-
-    def configure(self, wire_cfg):
+    def __init__(self, wire_cfg):
         if wire_cfg.codec == "fp8" and not hasattr(torch, "float8_e4m3fn"):
             raise RuntimeError(f"wire.codec=fp8 needs torch.float8_e4m3fn (torch {torch.__version__})")
         self.codec, self.backward = wire_cfg.codec, bool(wire_cfg.codec_backward)
+        self._recv_buffers: dict[tuple, torch.Tensor] = {}
+        self.encoded = 0   # transfers encoded or decoded by this process (for tests and logs)
 
-    def _applies(self, tensor, peer_stage, receiving=False) -> bool:
+    def _applies(self, tensor, t: Transfer) -> bool:
         if self.codec == "none" or not tensor.is_floating_point() or tensor.dim() == 0:
             return False
-        forward = (peer_stage > p2p._grid.get_stage_id()) != receiving
-        return forward or self.backward
+        return t.forward or self.backward
+
+    def on_send(self, tensor, t: Transfer):
+        if not self._applies(tensor, t):
+            return tensor
+        self.encoded += 1
+        return encode(tensor, self.codec)
+
+    def recv_buffer(self, tensor, t: Transfer):
+        return self._buffer(tensor) if self._applies(tensor, t) else tensor
+
+    def on_recv(self, received, into, t: Transfer):
+        if received is not into:
+            decode_into(received, into, self.codec)
+            self.encoded += 1
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         shape = tuple(like.shape)

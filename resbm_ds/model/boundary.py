@@ -51,16 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, id_wire_bytes
-from .model import TokenEmbedding, TransformerBlock
+from ..config import DTYPES, Config, id_wire_bytes
+from .layers import TokenEmbedding, TransformerBlock
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TABLE_SEED_OFFSET = 611_953      # frozen token tables: randn from (seed + this + boundary)
 
 
 def wire_torch_dtype(cfg: Config):
     """The code's dtype on the wire; None = the model's dtype."""
-    return TORCH_DTYPES.get(cfg.bottleneck.wire_dtype)
+    return DTYPES.get(cfg.bottleneck.wire_dtype)
 
 
 def id_torch_dtype(cfg: Config) -> torch.dtype:

@@ -4,7 +4,7 @@ Each run of a suite is a real training: `python -m torch.distributed.run --nproc
 resbm_ds.train --config <suite base> <run overrides>` (2 pipeline stages on this machine), all runs
 on the same corpus, with the same seed, tokenizer, validation batches and token budget; they differ
 only in the boundary method, its ratio, the optimizer, the wire codec and the emulated link
-(resbm_ds/link.py). Afterwards:
+(resbm_ds/wire/link.py). Afterwards:
 
   DIR/results.json              machine, command, every run's settings, metrics and curves
   DIR/results.md                the comparison table (see COLUMNS) and how to read it
@@ -21,23 +21,20 @@ Finished runs are reused when the suite is run again into the same DIR with the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import REPO_ROOT, Config, ConfigError, load_config
-from .link import link_bound_tokens_per_s
+from ..config import Config, ConfigError, load_config
+from ..wire.link import link_bound_tokens_per_s
+from ..metrics import METRICS_FILE, read_metrics
+from .runner import children_cpu_s, free_port, log_tail, machine_info, parameter_count, run_env, run_logged
 
 
 # ---- suite definitions -------------------------------------------------------------------------
@@ -170,99 +167,19 @@ def check_available(spec: RunSpec, suite: Suite) -> tuple[str, str, Config | Non
 UNAVAILABLE_IN_LOG = re.compile(r"invalid config: (bottleneck\.method|train\.optimizer|wire\.codec)=")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "resbm_ds" / "torch_extensions"))
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
-
-
-def run_logged(cmd: list[str], run_dir: Path, timeout_s: int, env: dict) -> tuple[int, float]:
-    """Run `cmd` in a fresh `run_dir` (command.txt, log.txt), in its own process group so a timeout
-    kills it with every rank it started; -> (exit code, -9 on timeout; wall seconds)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
-    t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = -9
-            log.write(f"\n[bench] killed after {timeout_s} s\n")
-    return rc, time.perf_counter() - t0
-
-
-def log_tail(run_dir: Path, lines: int = 25) -> str:
-    """The end of a run's log, without progress-bar lines."""
-    text = (run_dir / "log.txt").read_text(errors="replace")
-    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
-    return "\n".join(kept[-lines:])
-
-
 def launch(spec: RunSpec, suite: Suite, run_dir: Path, timeout_s: int) -> tuple[int, float, float, str]:
     """Train one configuration in `suite.nprocs` real processes; -> (exit code, wall s, CPU s, log tail)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={suite.nprocs}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "resbm_ds.train",
            "--config", suite.config, f"train.out_dir={run_dir}", *spec.overrides(suite)]
-    cpu0 = _children_cpu_s()
+    cpu0 = children_cpu_s()
     rc, wall = run_logged(cmd, run_dir, timeout_s, run_env())
-    return rc, wall, _children_cpu_s() - cpu0, log_tail(run_dir)
-
-
-def _children_cpu_s() -> float:
-    """CPU seconds used by finished child processes (torchrun and, through it, the ranks)."""
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def parameter_count(cfg: Config) -> int | None:
-    """Trainable parameters of the whole model (all stages), built layer by layer on this process."""
-    try:
-        from deepspeed.pipe import TiedLayerSpec
-
-        from .pipeline import layer_specs
-        specs, _ = layer_specs(cfg)
-        seen_tied, total = set(), 0
-        for spec in specs:
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key in seen_tied:
-                    continue
-                seen_tied.add(spec.key)
-            module = spec.build()
-            total += sum(p.numel() for p in module.parameters() if p.requires_grad)
-        return total
-    except Exception:   # noqa: BLE001 - a method mid-edit must not stop the report
-        return None
+    return rc, wall, children_cpu_s() - cpu0, log_tail(run_dir)
 
 
 def analyse(run_dir: Path, cfg: Config, link: Link) -> dict:
     """The numbers of one finished run, from its metrics.jsonl."""
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
-    steps = [r for r in rows if "loss" in r]
-    vals = [r for r in rows if "val_loss" in r]
+    steps, vals = read_metrics(run_dir)
     clock, t = {}, 0.0
     for r in steps:
         t += r["step_time_s"]
@@ -312,35 +229,6 @@ def val_at_time(metrics: dict, t: float) -> tuple[float, float]:
 
 # ---- the suite ---------------------------------------------------------------------------------
 
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    import deepspeed
-    import torch
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return dict(cpu=cpu or "unknown", cores=cores, logical_cpus=os.cpu_count(), memory_gib=mem,
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                deepspeed=deepspeed.__version__, hostname=socket.gethostname(),
-                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-
-
 def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = False,
               keep_checkpoints: bool = False, steps: int | None = None, command: str = "",
               settings: tuple[str, ...] = ()) -> dict:
@@ -374,7 +262,7 @@ def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = Fa
             print(f"[bench] {i}/{len(specs)} {spec.name} ({spec.label} @ {link.label}) ...", flush=True)
             rc, wall, cpu, tail = launch(spec, suite, run_dir, suite.timeout_s)
             entry["wall_s"], entry["cpu_s"] = wall, cpu
-            if rc == 0 and (run_dir / "metrics.jsonl").exists():
+            if rc == 0 and (run_dir / METRICS_FILE).exists():
                 entry["status"] = "ok"
                 entry["metrics"] = analyse(run_dir, cfg, link)
                 entry["parameters"] = parameter_count(cfg)
@@ -493,7 +381,7 @@ def markdown(results: dict, suite: Suite) -> str:
         "against a dense bf16 boundary (`measured_compression_vs_bf16`).",
         "- tokens/s: tokens per step / mean step time, steps 2..N (step 1 also pays the one-off shape "
         "handshake). Step times are measured by the trainer around `train_batch`, so they include the "
-        "emulated link (resbm_ds/link.py: every transfer pays bytes/bandwidth + latency, one queue per "
+        "emulated link (resbm_ds/wire/link.py: every transfer pays bytes/bandwidth + latency, one queue per "
         "link for both directions); evaluation is not counted.",
         "- link-bound tokens/s: the most the link allows for the bytes measured, "
         "tokens/step / (bytes per boundary per step x 8 / bandwidth); latency ignored.",
@@ -597,50 +485,3 @@ def _finish(fig, ax, path, legend):
     fig.savefig(path, dpi=120)
     import matplotlib.pyplot as plt
     plt.close(fig)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resbm_ds.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence"]),
-                   help="convergence: what compression costs in loss (resbm_ds/convergence.py)")
-    p.add_argument("--jobs", type=int, default=2, help="convergence: runs at a time (one process each)")
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--only", help="run only the runs whose name matches this regular expression")
-    p.add_argument("--steps", type=int, help="override the token budget: this many steps per run (timing)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every run of the suite (repeatable), e.g. wire.link_latency_ms=0")
-    p.add_argument("--link", action="append", default=[], metavar="KEY=MBPS[,LATENCY_MS]",
-                   help="replace one of the suite's links (see --list), e.g. 80m=4,30 for 4 Mbit/s + 30 ms")
-    p.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
-    p.add_argument("--list", action="store_true", help="list the suites and their runs, run nothing")
-    args = p.parse_args(argv)
-    if args.list:
-        for s in SUITES.values():
-            print(f"{s.name}: {s.description}")
-            for r in s.runs:
-                status, why, _ = check_available(r, s)
-                print(f"  {r.name:32s} {r.label} @ {s.links[r.link].label}"
-                      + ("" if status == "ok" else f"  [{status}: {why}]"))
-        return 0
-    if not args.suite or not args.out:
-        p.error("--suite and --out are required (or --list)")
-    command = "python -m resbm_ds.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.suite == "convergence":
-        from . import convergence
-        return convergence.main(args, command)
-    suite = SUITES[args.suite]
-    for item in args.link:
-        key, _, value = item.partition("=")
-        if key not in suite.links or not value:
-            p.error(f"--link {item}: expected KEY=MBPS[,LATENCY_MS] with KEY one of {sorted(suite.links)}")
-        mbps, _, lat = value.partition(",")
-        suite = replace_link(suite, Link(key, "", float(mbps), float(lat) if lat else suite.links[key].latency_ms))
-    run_suite(suite, Path(args.out), only=args.only, fresh=args.fresh,
-              keep_checkpoints=args.keep_checkpoints, steps=args.steps, command=command,
-              settings=tuple(args.set))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

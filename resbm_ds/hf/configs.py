@@ -1,37 +1,13 @@
-"""Hugging Face `transformers` interop: Llama / Qwen2 / Mistral configs and weights in, and back out.
-
-    config_from_hf(dir)                  a resbm-ds Config whose model section is the transformers one
-    init_pipeline_from_hf(module, cfg)   build_engine's hook: each stage reads only its own layers
-    from_hf(dir)                         the same network on one process (ResBMForCausalLM)
-    save_hf(model, out_dir)              an uncompressed model -> a `save_pretrained` directory
-
-Our layers use Hugging Face's Llama names, so a transformers tensor maps to a pipeline layer by
-name alone: `model.layers.{i}.X` is `X` of the block with layer_id i, `model.embed_tokens.weight`
-the embedding, `model.norm.weight` the final norm, `lm_head.weight` the head. The three families
-share these names; Qwen2 adds q/k/v biases (`model.attention_bias`). ResBM encoders/decoders have
-no transformers counterpart: they keep their own initialisation.
-
-Anything in a transformers config that our network does not compute the same way (RoPE scaling,
-a sliding window shorter than the sequence, MLP or o_proj biases, another activation, ...) raises
-`UnsupportedHFConfig` naming the field, rather than loading weights into a different network.
-
-CLI: `python -m resbm_ds.hf config DIR [--config BASE] [key=value ...]` prints a run config (YAML)
-for `python -m resbm_ds.train --config`, with the model section and `model.init_from_hf` filled in.
-"""
+"""transformers configs <-> resbm-ds model configs (Llama / Qwen2 / Mistral), and the checks that
+refuse what our network would compute differently (see the package docstring)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 import torch
-import yaml
-from torch import nn
 
-from .config import Config, ConfigError, ModelConfig, load_config
-from .model import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
+from ..config import Config, ConfigError, ModelConfig, load_config
 
 FAMILIES = ("llama", "qwen2", "mistral")
 # Keys a config may carry beyond its class defaults without changing the network.
@@ -166,95 +142,9 @@ def check_model_matches_hf(m: ModelConfig, path, seq_len: int | None = None) -> 
                           f"at most {want.max_seq_len} for {path} (max_position_embeddings / sliding_window)")
 
 
-# ---- weights ---------------------------------------------------------------------------------
+# ---- out -------------------------------------------------------------------------------------
 
-def hf_names(layer: nn.Module) -> dict[str, str]:
-    """Our state_dict key -> transformers key for one pipeline layer ({} for ResBM boundary layers)."""
-    if isinstance(layer, TokenEmbedding):
-        return {"weight": "model.embed_tokens.weight"}
-    if isinstance(layer, TransformerBlock):
-        return {k: f"model.layers.{layer.layer_id}.{k}" for k in layer.state_dict()}
-    if isinstance(layer, FinalNorm):
-        return {"weight": "model.norm.weight"}
-    if isinstance(layer, LMHead):
-        return {"lm_head.weight": "lm_head.weight"}
-    return {}
-
-
-class SafetensorsDir:
-    """The tensors of a save_pretrained directory, sharded or not, read by name on demand (mmap):
-    a stage that asks for its own layers reads nothing else."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.is_file():
-            self.where = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.where = {k: single.name for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
-                                    "(only safetensors checkpoints are read; save_pretrained writes them)")
-
-    def get(self, names) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        missing = [n for n in names if n not in self.where]
-        if missing:
-            raise KeyError(f"{self.path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        out = {}
-        for file, keys in by_file.items():
-            with safe_open(str(self.path / file), framework="pt") as f:
-                out.update({k: f.get_tensor(k) for k in keys})
-        return out
-
-
-def load_hf_weights(layers, path) -> list[str]:
-    """Copy transformers weights from `path` into the given layers (any subset of the model; each
-    layer reads only its own tensors). Returns the transformers names that were read."""
-    layers = list({id(l): l for l in layers if isinstance(l, nn.Module) and hf_names(l)}.values())
-    wanted = sorted({hf for l in layers for hf in hf_names(l).values()})
-    tensors = SafetensorsDir(path).get(wanted)
-    for layer in layers:
-        # strict: every parameter of a mapped layer is loaded, and shapes are checked by name
-        layer.load_state_dict({ours: tensors[hf] for ours, hf in hf_names(layer).items()})
-    return wanted
-
-
-def init_pipeline_from_hf(module, cfg: Config) -> None:
-    """build_engine's hook: with model.init_from_hf set, load this stage's layers from it.
-
-    A tied LM head on the last stage is a second copy of the embedding (DeepSpeed keeps tied copies
-    in `tied_modules` and syncs them only at construction), so it is loaded here as well."""
-    path = cfg.model.init_from_hf
-    if not path:
-        return
-    check_model_matches_hf(cfg.model, path, seq_len=cfg.data.seq_len)
-    local = [f for f in module.forward_funcs if isinstance(f, nn.Module)] + list(module.tied_modules.values())
-    load_hf_weights(local, path)
-
-
-def from_hf(path, base: Config | None = None, overrides=()):
-    """The network of a transformers directory on one process: (ResBMForCausalLM, Config). With
-    bottleneck.method=none it computes the transformers model's logits."""
-    from .export import ResBMForCausalLM
-
-    cfg = config_from_hf(path, base, overrides)
-    model = ResBMForCausalLM(cfg)
-    load_hf_weights(model.layers, path)
-    return model, cfg
-
-
-# ---- export ----------------------------------------------------------------------------------
-
-def _family_of(cfg: Config, family: str | None) -> str:
+def family_of(cfg: Config, family: str | None) -> str:
     """The family asked for, else the one the run started from, else Qwen2 (biases) or Llama."""
     src = cfg.model.init_from_hf
     if family is None and src and (Path(src) / "config.json").is_file():
@@ -272,7 +162,7 @@ def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = t
     from a transformers directory of the same family (keeping its token ids etc.), else a fresh one."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    family = _family_of(cfg, family)
+    family = family_of(cfg, family)
     m = cfg.model
     src = m.init_from_hf
     fresh = not (src and (Path(src) / "config.json").is_file() and load_hf_config(src).model_type == family)
@@ -299,60 +189,3 @@ def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = t
     hf.dtype = dtype
     check_hf_config(hf, seq_len=cfg.data.seq_len)
     return hf
-
-
-def hf_state_dict(model, family: str) -> dict[str, torch.Tensor]:
-    sd = {}
-    for layer in model.layers:
-        own = layer.state_dict()
-        sd.update({hf: own[ours].detach().contiguous() for ours, hf in hf_names(layer).items()})
-    if family == "qwen2":   # Qwen2 always has q/k/v biases: zeros compute the same as none
-        for layer in model.layers:
-            if isinstance(layer, TransformerBlock) and layer.self_attn.q_proj.bias is None:
-                for p in ("q_proj", "k_proj", "v_proj"):
-                    w = sd[f"model.layers.{layer.layer_id}.self_attn.{p}.weight"]
-                    sd[f"model.layers.{layer.layer_id}.self_attn.{p}.bias"] = w.new_zeros(w.shape[0])
-    return sd
-
-
-def save_hf(model, out_dir, family: str | None = None) -> Path:
-    """Write an uncompressed ResBMForCausalLM as a transformers save_pretrained directory
-    (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained loads."""
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    if cfg.bottleneck.method != "none" and cfg.bottleneck.segments > 1:
-        raise ValueError("only uncompressed models (bottleneck.method=none) export to transformers: the "
-                         "ResBM encoder/decoder layers have no transformers equivalent; use the "
-                         "resbm-ds export (python -m resbm_ds.export) for this model")
-    family = _family_of(cfg, family)
-    dtype = next(model.parameters()).dtype
-    hf = hf_config_for(cfg, family, dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m resbm_ds.hf", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("config", help="print a run config (YAML) built from a transformers directory")
-    c.add_argument("hf_dir")
-    c.add_argument("--config", default=None, help="base run config (file or preset); default: defaults")
-    c.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
-    args = ap.parse_args(argv)
-    try:
-        cfg = config_from_hf(args.hf_dir, base=load_config(args.config, args.overrides)).validate()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

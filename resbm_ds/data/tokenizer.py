@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from resbm_ds.corpus import cache_root, file_lock, sha256_file
+from .cache import cache_root, file_lock, sha256_file
 
 KINDS = ("sentencepiece-train", "sentencepiece", "hf")
 
@@ -201,6 +201,23 @@ def train_sentencepiece(train_files: list[str], vocab_size: int,
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"[tokenizer] trained in {time.time() - t0:.1f}s -> {model}", flush=True)
         return model
+
+
+def save_tokenizer(tok: Tokenizer, dest: Path) -> None:
+    """Write a run's tokenizer to `dest` (a run's or export's `tokenizer/`): spm.model for
+    sentencepiece, a `save_pretrained` directory for transformers tokenizers."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if isinstance(tok, SentencePieceTokenizer):
+        shutil.copyfile(tok.model_file, dest / "spm.model")
+    else:
+        tok._tok.save_pretrained(dest)
+
+
+def load_saved_tokenizer(src: Path) -> Tokenizer:
+    """The tokenizer `save_tokenizer` wrote to `src`."""
+    if (src / "spm.model").is_file():
+        return build_tokenizer("sentencepiece", str(src / "spm.model"))
+    return build_tokenizer("hf", str(src))
 
 
 def build_tokenizer(kind: str, path_or_name: str | None = None, vocab_size: int = 4096,

@@ -1,7 +1,7 @@
 """Link emulation: make every pipeline p2p transfer pay a slow network's time, on one machine.
 
-`LinkEmulator.install(cfg.wire)` wraps `deepspeed.runtime.pipe.p2p.send/recv` underneath the wire
-meter and the codec (so it times the bytes that are actually sent, after encoding).
+`LinkEmulator(cfg.wire)` is the last hook of the wire chain (chain.py), after the codec and the
+meter, so it times the bytes that are actually sent, after encoding.
 
 The model (virtual time, on the machine's monotonic clock, which all local processes share):
 
@@ -31,10 +31,10 @@ The link's state lives in a small file under /dev/shm shared by the link's two p
 direction, a ring of arrival times that the sender writes before its real send and the receiver
 reads after its real recv (p2p messages are FIFO per direction, so the k-th message sent is the
 k-th received). No extra message crosses the transport, and nothing the meter counts changes.
-The emulator therefore needs both stages of a link on one host; `install` checks that.
+The emulator therefore needs both stages of a link on one host; its constructor checks that.
 
 Collectives between stages (the loss broadcast, the clip-norm reduction, a tied gradient's
-all-reduce, the trainer's metric reduction; counted by wire.py as `other`) pay too: every member of
+all-reduce, the trainer's metric reduction; counted by meter.py as `other`) pay too: every member of
 such a collective waits `n * 8 / B + L` before it joins (`delay_collective`, a simpler model than
 the p2p queue: they are a few bytes per step, so the latency is what matters). Collectives within
 one stage (data-parallel gradient all-reduce) are not delayed: they do not cross a link.
@@ -69,6 +69,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe import p2p
+
+from .chain import Collective, Hook, Transfer, nbytes
 
 
 @dataclass
@@ -156,54 +158,36 @@ def sleep_until(t: float):
 class LinkStats:
     transfers: int = 0
     bytes: int = 0
-    send_wait_s: float = 0.0     # time senders spent blocked on the emulated link
-    recv_wait_s: float = 0.0     # time receivers waited after the real transport had delivered
     collectives: int = 0         # collectives between stages that paid the link
 
 
-class LinkEmulator:
-    """The p2p wrapper; installed once per process, reconfigured by every `install` call."""
+class LinkEmulator(Hook):
+    """The chain hook. Construct it on every rank at the same point: with the link emulated
+    (wire.link_*), the constructor is a collective (it agrees on the shared clock directory)."""
 
-    _installed: "LinkEmulator | None" = None
-
-    def __init__(self):
-        self.model = LinkModel()
-        self.enabled = False
-        self.full_duplex = False
-        self.stats = LinkStats()
-        self._dir: Path | None = None
-        self._clocks: dict[tuple, LinkClock] = {}
-        atexit.register(self.close)
-
-    @classmethod
-    def install(cls, wire_cfg) -> "LinkEmulator":
-        if cls._installed is None:
-            link = cls()
-            inner_send, inner_recv = p2p.send, p2p.recv
-
-            def send(tensor, dest_stage, async_op=False):
-                if link.enabled:
-                    link._before_send(tensor, dest_stage)
-                return inner_send(tensor, dest_stage, async_op=async_op)
-
-            def recv(tensor, src_stage, async_op=False):
-                result = inner_recv(tensor, src_stage, async_op=async_op)
-                if link.enabled:
-                    link._after_recv(src_stage)
-                return result
-
-            p2p.send, p2p.recv = send, recv
-            cls._installed = link
-        cls._installed.configure(wire_cfg)
-        return cls._installed
-
-    def configure(self, wire_cfg):
-        """Call on every rank at the same point (it is a collective when the link is emulated)."""
+    def __init__(self, wire_cfg):
         self.model = LinkModel(wire_cfg.link_bandwidth_mbps, wire_cfg.link_latency_ms)
         self.full_duplex = bool(wire_cfg.link_full_duplex)
         self.enabled = bool(wire_cfg.link_emulated)
-        if self.enabled and self._dir is None:
-            self._dir = self._shared_dir()
+        self.stats = LinkStats()
+        self._clocks: dict[tuple, LinkClock] = {}
+        self._dir: Path | None = self._shared_dir() if self.enabled else None
+        atexit.register(self.close)
+
+    def on_send(self, tensor, t: Transfer):
+        if self.enabled:
+            self._before_send(tensor, t.peer_stage)
+        return tensor
+
+    def on_recv(self, received, into, t: Transfer):
+        if self.enabled:
+            self._after_recv(t.peer_stage)
+
+    def on_collective(self, c: Collective):
+        """A collective between stages pays one link transfer (a simpler model than p2p's queue)."""
+        if self.enabled:
+            self.stats.collectives += 1
+            time.sleep(self.model.transfer_s(c.nbytes))
 
     def _shared_dir(self) -> Path:
         """A directory name from rank 0, and a check that every rank runs on this host."""
@@ -235,28 +219,18 @@ class LinkEmulator:
         return self._clocks[key], int(src > dst)
 
     def _before_send(self, tensor: torch.Tensor, dest_stage: int):
-        nbytes = tensor.numel() * tensor.element_size()
+        n = nbytes(tensor)
         clock, direction = self._clock(dest_stage, sending=True)
         offered = time.monotonic()
-        _, done, arrival = clock.reserve(self.model, nbytes, offered)
+        _, done, arrival = clock.reserve(self.model, n, offered)
         clock.post_arrival(direction, arrival)
         sleep_until(done)
-        s = self.stats
-        s.transfers += 1
-        s.bytes += nbytes
-        s.send_wait_s += done - offered
-
-    def delay_collective(self, nbytes: int, group_ranks: list[int]):
-        """wire.WireMeter collective hook: a collective between stages pays one link transfer."""
-        if self.enabled:
-            self.stats.collectives += 1
-            time.sleep(self.model.transfer_s(nbytes))
+        self.stats.transfers += 1
+        self.stats.bytes += n
 
     def _after_recv(self, src_stage: int):
         clock, direction = self._clock(src_stage, sending=False)
-        arrival = clock.take_arrival(direction)
-        self.stats.recv_wait_s += max(0.0, arrival - time.monotonic())
-        sleep_until(arrival)
+        sleep_until(clock.take_arrival(direction))
 
     def close(self):
         for clock in self._clocks.values():

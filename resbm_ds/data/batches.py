@@ -37,8 +37,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from resbm_ds.corpus import DOC_SEPARATOR, cache_root, file_lock, sha256_file
-from resbm_ds.tokenizer import Tokenizer
+from .cache import cache_root, file_lock, sha256_file
+from .corpus import DOC_SEPARATOR
+from .tokenizer import Tokenizer
 
 DATA_VERSION = 1   # bump when tokenisation/packing changes: old token caches stop matching
 

@@ -6,7 +6,7 @@ and validation batches, in one process (`pipeline.stages=1`; the losses equal th
 tests/test_core_pipeline.py). Runs differ only in the boundary, its width, the optimizer, the wire
 codec and the seed. `--jobs` runs go at once (default 2: one per core of the 2-core box).
 
-Bytes are counted as REFERENCE 8 says: the ratio is a dense bf16 boundary's bytes per token per
+Bytes are counted as the paper counts them: the ratio is a dense bf16 boundary's bytes per token per
 direction (2H = 512 at H=256) over the bytes sent per token in the busier direction, code plus codec
 scale plus token ids, from `Config.wire_bytes_per_token` (the formula tests/test_wire_bytes.py checks
 against the wire meter of 2-stage runs). So "128x" allows 4 bytes per token: h=2 in bf16, or h=1 in
@@ -32,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
+from ..metrics import METRICS_FILE, read_metrics
+from .runner import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
 
 CONFIG = "bench-convergence"
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
@@ -137,9 +138,7 @@ def launch(run: Run, out: Path, timeout_s: int, env: dict, settings=()) -> tuple
 
 
 def analyse(run_dir: Path) -> dict:
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
-    steps = [r for r in rows if "loss" in r]
-    vals = [r for r in rows if "val_loss" in r]
+    steps, vals = read_metrics(run_dir)
     tail = steps[-max(1, len(steps) // 10):]
     return dict(steps=len(steps), tokens=steps[-1]["tokens"], final_val_loss=vals[-1]["val_loss"],
                 final_train_loss=sum(r["loss"] for r in tail) / len(tail),
@@ -213,7 +212,7 @@ def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = F
         run_dir = out / "runs" / r.name
         e = entries[r.name]
         e["wall_s"] = wall
-        if rc == 0 and (run_dir / "metrics.jsonl").exists():
+        if rc == 0 and (run_dir / METRICS_FILE).exists():
             e["status"], e["metrics"] = "ok", analyse(run_dir)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             msg = f"val loss {e['metrics']['final_val_loss']:.4f}, {e['metrics']['tokens_per_s']:,.0f} tok/s"

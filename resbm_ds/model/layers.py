@@ -12,9 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def init_linear(linear: nn.Linear, std: float):
@@ -64,14 +65,14 @@ class Attention(nn.Module):
         return self._rope[1], self._rope[2]
 
     def forward(self, x):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(T, x.device)
+        heads = "b t (h d) -> b h t d"
+        q = rearrange(self.q_proj(x), heads, h=self.n_heads)
+        k = rearrange(self.k_proj(x), heads, h=self.n_kv)
+        v = rearrange(self.v_proj(x), heads, h=self.n_kv)
+        cos, sin = self.rope(x.shape[1], x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,117 @@
+"""What every benchmark suite shares: one run as a logged subprocess, its environment, and the
+machine it ran on."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.pipe import TiedLayerSpec
+
+from ..config import REPO_ROOT, Config
+from ..model.pipeline import layer_specs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "resbm_ds" / "torch_extensions"))
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def run_logged(cmd: list[str], run_dir: Path, timeout_s: int, env: dict) -> tuple[int, float]:
+    """Run `cmd` in a fresh `run_dir` (command.txt, log.txt), in its own process group so a timeout
+    kills it with every rank it started; -> (exit code, -9 on timeout; wall seconds)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    t0 = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -9
+            log.write(f"\n[bench] killed after {timeout_s} s\n")
+    return rc, time.perf_counter() - t0
+
+
+def log_tail(run_dir: Path, lines: int = 25) -> str:
+    """The end of a run's log, without progress-bar lines."""
+    text = (run_dir / "log.txt").read_text(errors="replace")
+    kept = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
+    return "\n".join(kept[-lines:])
+
+
+def children_cpu_s() -> float:
+    """CPU seconds used by finished child processes (torchrun and, through it, the ranks)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def parameter_count(cfg: Config) -> int | None:
+    """Trainable parameters of the whole model (all stages), built layer by layer on this process."""
+    try:
+        specs, _ = layer_specs(cfg)
+        seen_tied, total = set(), 0
+        for spec in specs:
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key in seen_tied:
+                    continue
+                seen_tied.add(spec.key)
+            module = spec.build()
+            total += sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return total
+    except Exception:   # noqa: BLE001 - a method mid-edit must not stop the report
+        return None
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return dict(cpu=cpu or "unknown", cores=cores, logical_cpus=os.cpu_count(), memory_gib=mem,
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                deepspeed=deepspeed.__version__, hostname=socket.gethostname(),
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)

@@ -1,0 +1,35 @@
+"""The local cache every data step shares: its root, a lock for building an entry once per node,
+and content hashes."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def cache_root() -> Path:
+    """$RESBM_CACHE, default ~/.cache/resbm_ds: corpus, npm tarballs, tokenizers, token arrays."""
+    return Path(os.environ.get("RESBM_CACHE") or Path.home() / ".cache" / "resbm_ds").expanduser()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, so several ranks on one node build a cache entry only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(bufsize):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,130 @@
+"""transformers weights <-> our layers, by name: in per pipeline stage or for one process, and out
+as a `save_pretrained` directory (see the package docstring)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..model.causal_lm import ResBMForCausalLM
+from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
+from .configs import family_of, config_from_hf, hf_config_for
+
+def hf_names(layer: nn.Module) -> dict[str, str]:
+    """Our state_dict key -> transformers key for one pipeline layer ({} for ResBM boundary layers)."""
+    if isinstance(layer, TokenEmbedding):
+        return {"weight": "model.embed_tokens.weight"}
+    if isinstance(layer, TransformerBlock):
+        return {k: f"model.layers.{layer.layer_id}.{k}" for k in layer.state_dict()}
+    if isinstance(layer, FinalNorm):
+        return {"weight": "model.norm.weight"}
+    if isinstance(layer, LMHead):
+        return {"lm_head.weight": "lm_head.weight"}
+    return {}
+
+
+class SafetensorsDir:
+    """The tensors of a save_pretrained directory, sharded or not, read by name on demand (mmap):
+    a stage that asks for its own layers reads nothing else."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.where = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
+                                    "(only safetensors checkpoints are read; save_pretrained writes them)")
+
+    def get(self, names) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise KeyError(f"{self.path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(self.path / file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return out
+
+
+def load_hf_weights(layers, path) -> list[str]:
+    """Copy transformers weights from `path` into the given layers (any subset of the model; each
+    layer reads only its own tensors). Returns the transformers names that were read."""
+    layers = list({id(l): l for l in layers if isinstance(l, nn.Module) and hf_names(l)}.values())
+    wanted = sorted({hf for l in layers for hf in hf_names(l).values()})
+    tensors = SafetensorsDir(path).get(wanted)
+    for layer in layers:
+        # strict: every parameter of a mapped layer is loaded, and shapes are checked by name
+        layer.load_state_dict({ours: tensors[hf] for ours, hf in hf_names(layer).items()})
+    return wanted
+
+
+def init_pipeline_from_hf(module, cfg: Config) -> None:
+    """build_engine's hook: with model.init_from_hf set, load this stage's layers from it.
+
+    A tied LM head on the last stage is a second copy of the embedding (DeepSpeed keeps tied copies
+    in `tied_modules` and syncs them only at construction), so it is loaded here as well."""
+    path = cfg.model.init_from_hf
+    if not path:
+        return
+    local = [f for f in module.forward_funcs if isinstance(f, nn.Module)] + list(module.tied_modules.values())
+    load_hf_weights(local, path)
+
+
+def from_hf(path, base: Config | None = None, overrides=()):
+    """The network of a transformers directory on one process: (ResBMForCausalLM, Config). With
+    bottleneck.method=none it computes the transformers model's logits."""
+    cfg = config_from_hf(path, base, overrides)
+    model = ResBMForCausalLM(cfg)
+    load_hf_weights(model.layers, path)
+    return model, cfg
+
+
+# ---- out -------------------------------------------------------------------------------------
+
+def hf_state_dict(model, family: str) -> dict[str, torch.Tensor]:
+    sd = {}
+    for layer in model.layers:
+        own = layer.state_dict()
+        sd.update({hf: own[ours].detach().contiguous() for ours, hf in hf_names(layer).items()})
+    if family == "qwen2":   # Qwen2 always has q/k/v biases: zeros compute the same as none
+        for layer in model.layers:
+            if isinstance(layer, TransformerBlock) and layer.self_attn.q_proj.bias is None:
+                for p in ("q_proj", "k_proj", "v_proj"):
+                    w = sd[f"model.layers.{layer.layer_id}.self_attn.{p}.weight"]
+                    sd[f"model.layers.{layer.layer_id}.self_attn.{p}.bias"] = w.new_zeros(w.shape[0])
+    return sd
+
+
+def save_hf(model, out_dir, family: str | None = None) -> Path:
+    """Write an uncompressed ResBMForCausalLM as a transformers save_pretrained directory
+    (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    if cfg.bottleneck.method != "none" and cfg.bottleneck.segments > 1:
+        raise ValueError("only uncompressed models (bottleneck.method=none) export to transformers: the "
+                         "ResBM encoder/decoder layers have no transformers equivalent; use the "
+                         "resbm-ds export (python -m resbm_ds.export) for this model")
+    family = family_of(cfg, family)
+    dtype = next(model.parameters()).dtype
+    hf = hf_config_for(cfg, family, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
