@@ -33,3 +33,13 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/resbm_ds/torch_extensions}"
 export TOKENIZERS_PARALLELISM=false
+# `bash launchers/setup.sh --prefetch` on a login node (or any machine with a compiler and registry
+# access), with the TORCH_EXTENSIONS_DIR and RESBM_CACHE the jobs will use: builds DeepSpeed's CPU
+# comm op and fetches the default corpus, the two things a compute node would otherwise do on first
+# start (and often cannot: no network, no compiler, or $HOME not writable).
+if [[ "${BASH_SOURCE[0]}" == "$0" && "${1:-}" == "--prefetch" ]]; then
+  echo "[setup] prefetch: DeepSpeed's CPU comm op -> $TORCH_EXTENSIONS_DIR"
+  DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+  echo "[setup] prefetch: the default corpus -> ${RESBM_CACHE:-$HOME/.cache/resbm_ds}/corpus"
+  python -m resbm_ds.corpus fetch
+fi

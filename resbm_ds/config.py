@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import typing
@@ -137,6 +138,27 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 1
     out_dir: str = "runs/default"
+    keep_last: int = 0             # checkpoints to keep (the newest N); 0 keeps all
+    # Weights only, from another run: RUN_DIR (its latest checkpoint) or RUN_DIR/checkpoints/TAG,
+    # into any stage / data-parallel layout of the same model; the optimizer and step start fresh.
+    init_from: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers, all on the training-step axis, logged from rank 0 through each library's
+    own API: TensorBoard (torch.utils.tensorboard, in OUT/tensorboard), Weights & Biases and MLflow
+    (`pip install 'resbm-ds[track]'`). Each gets the resolved config, the git commit and the package
+    versions. W&B honours WANDB_MODE / WANDB_DIR (wandb_mode=offline writes OUT/wandb); MLflow
+    defaults to a local SQLite store, sqlite:///OUT/mlflow.db."""
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "resbm-ds"
+    wandb_mode: str | None = None       # online | offline | disabled; None: wandb's default / WANDB_MODE
+    mlflow: bool = False
+    mlflow_uri: str | None = None       # None: sqlite:///OUT/mlflow.db
+    experiment: str = "resbm-ds"        # MLflow experiment
+    run_name: str | None = None         # None: the name of train.out_dir
 
 
 @dataclass
@@ -188,6 +210,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wire: WireConfig = field(default_factory=WireConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 1234
     # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
     # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
@@ -331,9 +354,41 @@ class Config:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len ({m.max_seq_len})")
         self.wire.validate()
+        self._validate_train()
+        self._validate_tracking()
         self._validate_deepspeed(world_size)
         self._validate_optimizer()
         return self
+
+    def _validate_train(self):
+        t = self.train
+        for key in ("eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
+        if t.keep_last < 0:
+            raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        if t.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps", t.warmup_steps, "must be >= 0")
+        if t.init_from is not None and not Path(t.init_from).exists():
+            raise ConfigError("train.init_from", t.init_from,
+                              "no such run or checkpoint directory (RUN_DIR or RUN_DIR/checkpoints/TAG)")
+
+    def _validate_tracking(self):
+        k = self.tracking
+        _choice("tracking.wandb_mode", k.wandb_mode, (None, "online", "offline", "disabled"))
+        for flag, module, extra in (("wandb", "wandb", "track"), ("mlflow", "mlflow", "track")):
+            if getattr(k, flag):
+                if importlib.util.find_spec(module) is None:
+                    raise ConfigError(f"tracking.{flag}", True,
+                                      f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
+        for key in ("wandb", "tensorboard", "csv_monitor", "comet"):
+            if self.ds.get(key, {}).get("enabled"):
+                raise ConfigError(f"deepspeed.{key}.enabled", True,
+                                  "DeepSpeed's monitors log by sample count, which drops the per-step "
+                                  f"resbm metrics; use tracking.{'tensorboard' if key == 'csv_monitor' else key}"
+                                  "=true instead (metrics.jsonl is the CSV)")
 
     def _validate_boundary_switches(self):
         """Combinations that would be silently ignored."""
@@ -360,6 +415,17 @@ class Config:
             if b.segments < 2:
                 raise ConfigError("bottleneck.segments", b.segments,
                                   "bottleneck.token_channel needs >= 2 segments (a boundary)")
+
+    def train_flops_per_token(self) -> float:
+        """Model FLOPs of one training token (forward + backward = 3x forward): 6 per weight of every
+        matrix multiply (blocks, LM head, boundary projections) plus causal attention's
+        6 * num_layers * seq_len * hidden_size (QK^T and AV, half the T x T matrix, times 3). The
+        token-channel tables are lookups, not multiplies."""
+        m, T = self.model, self.data.seq_len
+        H, kv = m.hidden_size, m.kv_heads * m.head_dim
+        block = H * H * 2 + H * kv * 2 + 3 * H * m.ffn_size
+        boundary = 0 if self.bottleneck.method == "none" else 2 * H * self.code_width * (self.bottleneck.segments - 1)
+        return 6.0 * (m.num_layers * block + H * m.vocab_size + boundary) + 6.0 * m.num_layers * T * H
 
     @property
     def tied_allreduce_bytes(self) -> int:
@@ -422,8 +488,11 @@ class Config:
                                   "not allowed: resbm-ds builds the optimizer and LR schedule from train.*")
         if world_size is not None:
             if world_size % self.pipeline.stages:
+                hint = ("; a single process needs pipeline.stages=1, or start the stages with a launcher: "
+                        "deepspeed --num_gpus N / torchrun --nproc_per_node N -m resbm_ds.train ..."
+                        if world_size == 1 else "")
                 raise ConfigError("pipeline.stages", self.pipeline.stages,
-                                  f"must divide the world size ({world_size} processes)")
+                                  f"must divide the world size ({world_size} processes){hint}")
             dp = world_size // self.pipeline.stages
             tbs = ds.get("train_batch_size")
             if tbs is not None and tbs != self.micro_batch_size * self.grad_accum_steps * dp:

@@ -9,12 +9,15 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.utils import clip_grad_norm_
 
-from .config import Config
+from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint
+from .config import Config, ConfigError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import init_pipeline_from_hf
 from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
+from .run_dir import check_init_from
 from .wire import chain
 from .wire.codecs import WireCodec
 from .wire.link import LinkEmulator
@@ -42,6 +45,12 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     cfg.validate(world_size=world_size)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
+    if cfg.train.init_from:
+        try:
+            checkpoint_dir(cfg.train.init_from)
+        except FileNotFoundError as e:
+            raise ConfigError("train.init_from", cfg.train.init_from, str(e)) from None
+        check_init_from(cfg)
     cfg._checked_world_size = world_size
     return cfg
 
@@ -60,8 +69,17 @@ def init_distributed(timeout_s: int | None = None):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError, ImportError) as e:
+        if "extension" not in str(e).lower() and "ninja" not in str(e).lower():
+            raise
+        raise RuntimeError(   # DeepSpeed JIT-builds its CPU comm op on first start
+            f"DeepSpeed could not build its CPU comm op in TORCH_EXTENSIONS_DIR="
+            f"{os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache/torch_extensions')} ({str(e).splitlines()[0]}); "
+            "build it once where a compiler is available (a login node), with the same TORCH_EXTENSIONS_DIR: "
+            "bash launchers/setup.sh --prefetch") from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
@@ -100,6 +118,18 @@ class Runtime:
     link: LinkEmulator
 
 
+def keep_fp32_clip_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 path clips the gradients but drops their norm (its bf16 and ZeRO paths
+    keep it in `_global_grad_norm`); keep it there too, so `get_global_grad_norm()` always reports."""
+    if engine.bfloat16_enabled() or engine.zero_optimization() or engine.gradient_clipping() <= 0:
+        return
+
+    def clip_and_keep():
+        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+    engine.clip_fp32_gradients = clip_and_keep
+
+
 def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
     """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
@@ -115,6 +145,8 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
+    if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
+        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from))
     # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
     meter, link = WireMeter(), LinkEmulator(cfg.wire)
     chain.install([WireCodec(cfg.wire), meter, link])
@@ -123,5 +155,6 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
                                            lr_scheduler=lr_scheduler, config=ds)
     meter.take()   # drop the engine's start-up ping
+    keep_fp32_clip_norm(engine)
     coord = topology.get_coord(int(os.environ["RANK"]))
     return Runtime(engine, module, coord.pipe, S, coord.data, dp, meter, link)

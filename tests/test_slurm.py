@@ -210,13 +210,41 @@ def test_requeued_job_resumes_by_itself(slurm, tmp_path):
     info = wait_job(job, timeout=JOB_TIMEOUT)
     out = job_output(info)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out[-5000:])
-    assert "resbm: job stopped by SIGTERM from Slurm" in out, out[-8000:]
+    stop = re.search(r"^resbm: stopped by SIGTERM after step (\d+): checkpoint step\1 saved", out, re.M)
+    assert stop, out[-8000:]                        # the preempted job saved first ...
     assert "resbm: requeued job (restart 1): adding --resume" in out, out[-5000:]
     resumed_at = int(re.search(r"resuming at step (\d+)", out).group(1))
-    assert every <= resumed_at < steps and resumed_at % every == 0, resumed_at
+    assert resumed_at == int(stop.group(1)) + 1 and resumed_at < steps, resumed_at   # ... so none is lost
     step_rows = [r for r in metric_rows(run_dir) if "loss" in r]
     assert [r["step"] for r in step_rows] == list(range(1, steps + 1))
     check_wire_bytes(step_rows)
+
+
+@needs_cluster
+def test_scancel_saves_and_resume_loses_no_step(slurm, tmp_path):
+    """scancel mid-run: every rank saves at its current step; a resubmission with --resume continues
+    at the next one."""
+    run_dir = tmp_path / "run"
+    job, _, _ = run_template("cpu_srun", tmp_path, run_dir, ["train.steps=400", "train.save_every=1000"],
+                             name="cancel", wait=False)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not ((run_dir / "metrics.jsonl").exists() and len(metric_rows(run_dir)) >= 3):
+        assert time.monotonic() < deadline, "no progress before the deadline"
+        assert job_info(job)["JobState"].split()[0] in ("PENDING", "RUNNING"), job_info(job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", str(job)], check=True, capture_output=True, timeout=30)
+    info = wait_job(job, timeout=JOB_TIMEOUT)
+    out = job_output(info)
+    stop = re.search(r"^resbm: stopped by SIGTERM after step (\d+): checkpoint step\1 saved", out, re.M)
+    assert stop and info["JobState"] == "CANCELLED", (info["JobState"], out[-8000:])
+    stopped = int(stop.group(1))
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped}"
+    assert max(r["step"] for r in metric_rows(run_dir) if "loss" in r) == stopped
+    _, info, out = run_template("cpu_srun", tmp_path, run_dir,
+                                [f"train.steps={stopped + 2}", "train.save_every=1000", "--resume"], name="cancel2")
+    assert info["JobState"] == "COMPLETED", out[-6000:]
+    assert f"resuming at step {stopped + 1}" in out, out[-6000:]
+    assert [r["step"] for r in metric_rows(run_dir) if "loss" in r] == list(range(1, stopped + 3))
 
 
 def _end_time(info) -> float:

@@ -7,6 +7,10 @@
 set -euo pipefail
 kind="$1"; shift
 node_rank="${SLURM_NODEID:?node_launch.sh must run as an srun task}"
+# Slurm's --signal=USR1@T (the templates) reaches every process of the step: the launcher must
+# survive it (an ignored signal stays ignored across exec) while each rank handles it by saving a
+# checkpoint and stopping (resbm_ds/train.py installs its own handler over the inherited one).
+trap '' USR1
 case "$kind" in
     torchrun)
         # static rendezvous: node 0's agent hosts the store; --max-restarts=0: a failed rank ends

@@ -306,6 +306,11 @@ _resbm_verdict() {
         resbm_log "job finished OK after ${dt}s: metrics $RESBM_RUN_DIR/metrics.jsonl, checkpoints $RESBM_RUN_DIR/checkpoints$latest"
         return
     fi
+    line=$(grep -Em1 '^\[resbm\] stopped by SIG[A-Z0-9]+ after step [0-9]+' "$errlog" 2>/dev/null)
+    if [[ -n "$line" ]]; then   # the trainer's own stop: every rank saved (train.py, StopSignals)
+        echo "resbm: ${line#\[resbm\] } (after ${dt}s; a requeued job resumes by itself)" >&2
+        return
+    fi
     if [[ -n "$RESBM_SIGNALLED" ]]; then
         echo "resbm: job stopped by SIG$RESBM_SIGNALLED from Slurm (scancel, time limit or preemption) after ${dt}s; continue with --resume from $RESBM_RUN_DIR/checkpoints/latest (a requeued job does this by itself)" >&2
         return

@@ -1,0 +1,89 @@
+"""DeepSpeed pipeline checkpoints as files: where a tag's layer files are, and reading them safely.
+
+A pipeline checkpoint holds one file per layer, named by the layer's global index,
+`<checkpoints>/<tag>/layer_XX-model_00-model_states.pt`, whatever the number of stages and
+data-parallel replicas (each layer is written once; a tied head writes no file, it is the
+embedding). So a model can be read from any checkpoint into any layout, layer by layer. Files are
+read with `torch.load(weights_only=True)`: tensors only, no code from the file runs.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from deepspeed.pipe import TiedLayerSpec
+from torch import nn
+
+LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
+
+
+def checkpoint_dir(path, tag: str | None = None) -> Path:
+    """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
+    directory (tag from its `latest` file), or the tag directory itself."""
+    p = Path(path)
+    if any(p.glob("layer_*-model_states.pt")):
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if tag is None:
+        latest = p / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
+        tag = latest.read_text().strip()
+    d = p / tag
+    if not any(d.glob("layer_*-model_states.pt")):
+        raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
+    return d
+
+
+def layer_files(tag_dir: Path) -> dict[int, Path]:
+    """Global layer index -> its file. Several files for one layer (model parallelism) are refused."""
+    files: dict[int, list[Path]] = {}
+    for f in sorted(Path(tag_dir).iterdir()):
+        m = LAYER_FILE.match(f.name)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(f)
+    several = {i: [f.name for f in fs] for i, fs in files.items() if len(fs) > 1}
+    if several:
+        raise ValueError(f"{tag_dir}: several files for one layer (model parallelism is not supported): {several}")
+    return {i: fs[0] for i, fs in sorted(files.items())}
+
+
+def read_layer(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int) -> torch.dtype | None:
+    """Load `layers` (global index -> module; modules without state are skipped) from a tag's files;
+    -> the checkpoint's dtype. Strict: every key and shape must match."""
+    files = layer_files(tag_dir)
+    extra = sorted(set(files) - set(range(expected_layers)))
+    if extra:
+        raise ValueError(f"{tag_dir} has layer files {extra} beyond the {expected_layers} layers of the "
+                         "config: the checkpoint was written with a different model/bottleneck config")
+    dtype = None
+    for i, layer in layers.items():
+        if not layer.state_dict():
+            continue
+        if i not in files:
+            raise FileNotFoundError(f"{tag_dir}: no file for layer {i} ({type(layer).__name__})")
+        sd = read_layer(files[i])
+        try:
+            layer.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ValueError(f"{files[i].name} does not fit layer {i} ({type(layer).__name__}) of this "
+                             f"config: {str(e).splitlines()[-1].strip()}") from None
+        dtype = dtype or next(iter(sd.values())).dtype
+    return dtype
+
+
+def init_pipeline_from_checkpoint(module, tag_dir: Path) -> None:
+    """train.init_from: this stage's layers (and its copies of tied layers) from a checkpoint of any
+    layout. Called before `deepspeed.initialize`, so optimizer master weights start from them."""
+    specs = module._layer_specs
+    local = {module._local_start + i: f for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)}
+    for key, tied in module.tied_modules.items():
+        owner = next(i for i, s in enumerate(specs) if isinstance(s, TiedLayerSpec) and s.key == key)
+        local.setdefault(owner, tied)
+    load_layers(local, tag_dir, len(specs))

@@ -1,0 +1,139 @@
+"""A run directory (`train.out_dir`) between runs: what is in it, what a new start may do with it,
+and its checkpoint tags. Everything here runs before the process group, so a refusal costs nothing.
+
+    fresh start      refused into a directory that holds a run, unless --overwrite (which clears it)
+    --resume         from checkpoints/latest; refused when tags exist but `latest` is missing or
+                     names a missing tag (it lists the tags: pass --resume-from TAG)
+    --resume-from T  from tag T
+    a changed config on resume: only RESUMABLE keys may change (more steps, logging, trackers, the
+                     emulated link); any other difference is refused, naming the keys
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import Config
+from .metrics import METRICS_FILE, TRACKER_IDS, flatten
+
+CONFIG_FILE = "config.yaml"
+TAG = re.compile(r"step(\d+)$")
+# Keys that may differ between a run and its resumption: they change neither shapes, nor the data
+# order, nor what the optimizer state means.
+RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
+             "train.keep_last", "train.init_from", "train.out_dir", "tracking.", "wire.link_",
+             "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown")
+# What must match for train.init_from (weights only): the network's shapes.
+WEIGHT_SHAPES = ("model.", "bottleneck.")
+
+
+class RunDirError(ValueError):
+    """A start that would lose or mix up a run's data; the message says what to do instead."""
+
+
+def tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint tags (stepN directories), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in ckpt_dir.iterdir() if d.is_dir() and (m := TAG.match(d.name))]
+    return [name for _, name in sorted(found)]
+
+
+def config_changes(saved: dict, new: dict, only=None, allowed=()) -> dict[str, tuple]:
+    """Flattened keys whose values differ (within the `only` prefixes, outside `allowed`)."""
+    a, b = flatten(saved), flatten(new)
+    keys = sorted(set(a) | set(b))
+    if only:
+        keys = [k for k in keys if k.startswith(only)]
+    return {k: (a.get(k), b.get(k)) for k in keys
+            if _norm(a.get(k)) != _norm(b.get(k)) and not k.startswith(allowed)}
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _saved_config(run: Path) -> dict | None:
+    f = run / CONFIG_FILE
+    return yaml.safe_load(f.read_text()) if f.is_file() else None
+
+
+@dataclass
+class RunPlan:
+    out: Path
+    resume_tag: str | None = None          # the checkpoint to resume from, None: a fresh start
+    overwrite: bool = False                # clear the directory first (rank 0)
+    changes: dict = field(default_factory=dict)   # resumable keys that changed (reported at start)
+
+
+def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool) -> RunPlan:
+    out = Path(cfg.train.out_dir)
+    ckpt = out / "checkpoints"
+    have = tags(ckpt)
+    if resume_from:
+        if resume_from not in have:
+            raise RunDirError(f"--resume-from {resume_from}: no such checkpoint in {ckpt} (tags: {have or 'none'})")
+        tag = resume_from
+    elif resume:
+        latest = ckpt / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else None
+        if tag not in have:
+            if have:
+                why = f"names {tag!r}, which is missing" if tag else "is missing"
+                raise RunDirError(f"{latest} {why}, but {ckpt} holds {have}: pass --resume-from TAG "
+                                  f"(the newest is {have[-1]}); nothing was changed")
+            tag = None             # nothing saved yet: --resume starts at step 0
+    else:
+        tag = None
+        held = [p for p in (METRICS_FILE, "checkpoints") if (out / p).exists()]
+        if held and not overwrite:
+            raise RunDirError(f"train.out_dir={out} already holds a run ({', '.join(held)}"
+                              f"{f': {len(have)} checkpoints' if have else ''}): continue it with --resume, "
+                              "start over with --overwrite, or choose another train.out_dir")
+    plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
+    saved = _saved_config(out)
+    if tag is not None and saved is not None:
+        refused = config_changes(saved, cfg.to_dict(), allowed=RESUMABLE)
+        if refused:
+            raise RunDirError(f"--resume: the config differs from the run's {out / CONFIG_FILE} in keys that "
+                              f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
+        plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
+    return plan
+
+
+def check_init_from(cfg: Config) -> None:
+    """train.init_from: the source run's network must be this one (weights load layer by layer)."""
+    src = Path(cfg.train.init_from)
+    run = next((d for d in (src, *src.parents[:2]) if (d / CONFIG_FILE).is_file()), None)
+    if run is None:
+        return   # a bare tag directory: shapes are checked when the layers load
+    diff = config_changes(_saved_config(run), cfg.to_dict(), only=WEIGHT_SHAPES)
+    if diff:
+        raise RunDirError(f"train.init_from={src}: its network differs from this config: {_listing(diff)}")
+
+
+def _listing(diff: dict) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove what a previous run wrote (rank 0, before anything new is written)."""
+    for name in (METRICS_FILE, TRACKER_IDS, CONFIG_FILE):
+        (out / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "tensorboard", "monitor", "tokenizer"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """train.keep_last: delete all but the newest `keep_last` tags (never the one `latest` names)."""
+    if keep_last < 1:
+        return []
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    old = [t for t in tags(ckpt_dir)[:-keep_last] if t != latest]
+    for t in old:
+        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+    return old
