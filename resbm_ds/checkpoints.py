@@ -4,10 +4,12 @@ A pipeline checkpoint holds one file per layer, named by the layer's global inde
 `<checkpoints>/<tag>/layer_XX-model_00-model_states.pt`, whatever the number of stages and
 data-parallel replicas (each layer is written once; a tied head writes no file, it is the
 embedding). So a model can be read from any checkpoint into any layout, layer by layer. Files are
-read with `torch.load(weights_only=True)`: tensors only, no code from the file runs.
+read with `torch.load(weights_only=True)`: tensors only, no code from the file runs; DeepSpeed's
+own loads (--resume) are switched to the same (`load_deepspeed_checkpoints_safely`).
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -50,8 +52,29 @@ def layer_files(tag_dir: Path) -> dict[int, Path]:
     return {i: fs[0] for i, fs in sorted(files.items())}
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file that holds more than tensors and plain containers: it is not loaded."""
+
+
+def safe_load(path, map_location=None):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only. A file that
+    would need to run code to load is refused."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"refusing to load {path}: it holds objects other than tensors and plain "
+                               f"containers, and loading it would run code ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_deepspeed_checkpoints_safely(engine) -> None:
+    """DeepSpeed's checkpoint engine loads every file (model, optimizer, ZeRO and layer states) with
+    torch.load(weights_only=False), which runs whatever code a crafted file carries; make it load
+    them with `safe_load` instead."""
+    engine.checkpoint_engine.load = safe_load
+
+
 def read_layer(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path, map_location="cpu")
 
 
 def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int) -> torch.dtype | None:

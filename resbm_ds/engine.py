@@ -11,7 +11,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import clip_grad_norm_
 
-from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint
+from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
 from .config import Config, ConfigError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import init_pipeline_from_hf
@@ -156,5 +156,6 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
                                            lr_scheduler=lr_scheduler, config=ds)
     meter.take()   # drop the engine's start-up ping
     keep_fp32_clip_norm(engine)
+    load_deepspeed_checkpoints_safely(engine)
     coord = topology.get_coord(int(os.environ["RANK"]))
     return Runtime(engine, module, coord.pipe, S, coord.data, dp, meter, link)

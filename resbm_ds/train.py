@@ -35,6 +35,7 @@ import torch.distributed as dist
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
+from .checkpoints import UnsafeCheckpoint
 from .config import Config, ConfigError, TrainConfig, load_config
 from .data.batches import PackedBatches, TextSource, validation_batches
 from .data.corpus import default_dir, ensure_corpus
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
             print(f"[resbm] {e}", file=sys.stderr, flush=True)
         finished = True    # every rank saved and stops at the same step: leave together
         return 128 + e.signum
-    except (TrainingError, ConfigError) as e:
+    except (TrainingError, ConfigError, UnsafeCheckpoint) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:

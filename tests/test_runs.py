@@ -185,6 +185,30 @@ def test_the_run_directory_is_never_silently_reused(one_run, tmp_path):
     assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.is_dir()) == ["step2"]
 
 
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(one_run, tmp_path):
+    import torch
+    copy = tmp_path / "crafted"
+    shutil.copytree(one_run, copy)
+    marker = tmp_path / "code-ran"
+    states = copy / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
+    torch.save({"module": None, "payload": RunsCode(marker)}, states)
+    proc = train1(copy, "train.steps=6", "train.save_every=1", "train.keep_last=2", "train.eval_every=100",
+                  "--resume", check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    line = error_line(proc)
+    assert "refusing to load" in line and "mp_rank_00_model_states.pt" in line, line
+
+
 # ---- weights only, from another layout ----------------------------------------------------------
 
 def test_init_from_a_two_stage_checkpoint_into_one_process_gives_its_eval_loss(tmp_path):
