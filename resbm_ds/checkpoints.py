@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 from deepspeed.pipe import TiedLayerSpec
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
@@ -56,11 +59,18 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file that holds more than tensors and plain containers: it is not loaded."""
 
 
+# Plain-data classes DeepSpeed's ZeRO-1 / bf16 optimizer states hold (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on fp32/bf16 x AdamW/Muon checkpoints): an
+# attribute bag, an enum and a dataclass, rebuilt without calling any code of the file's choosing.
+DEEPSPEED_STATE_TYPES = (LossScaler, ZeroStageEnum, fragment_address)
+
+
 def safe_load(path, map_location=None):
-    """torch.load with weights_only=True: tensors, numbers, strings and containers only. A file that
-    would need to run code to load is refused."""
+    """torch.load with weights_only=True: tensors, numbers, strings, containers and the DeepSpeed
+    state types above only. A file that would need to run code to load is refused."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(DEEPSPEED_STATE_TYPES)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f"refusing to load {path}: it holds objects other than tensors and plain "
                                f"containers, and loading it would run code ({str(e).splitlines()[0][:200]})") from None

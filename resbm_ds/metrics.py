@@ -152,7 +152,7 @@ def plain_line(row: dict, total: int) -> str:
         return f"{step} checkpoint {row['checkpoint']} saved ({row['checkpoint_s']:.1f}s)"
     parts = [f"loss {row['loss']:.4f}", f"lr {row['lr']:.3g}", f"grad_norm {_g(row.get('grad_norm'))}",
              f"tok/s {row['tokens_per_s']:,.0f}", f"wire {(row['wire_bytes_fwd'] + row['wire_bytes_bwd']) / 1e6:.3f} MB",
-             f"rss {row.get('peak_rss_mb', 0):,.0f} MB"]
+             f"peak mem {row.get('peak_mem_mb', 0):,.0f} MB"]
     return f"{step} " + ", ".join(parts)
 
 

@@ -254,3 +254,14 @@ def test_a_log_file_gets_plain_lines_not_progress_bars(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[resbm] step ")]
     assert [ln.split()[2] for ln in lines if " loss " in ln] == ["2/6", "4/6", "6/6"], lines
     assert all(len(ln) < 300 for ln in lines)
+
+
+def test_a_compute_node_without_the_corpus_is_told_to_prefetch(tmp_path):
+    """No cached corpus and no npm on PATH (a compute node without registry access): one line that
+    names the login-node step, before anything starts."""
+    env = {**ENV, "RESBM_CACHE": str(tmp_path / "empty-cache"), "PATH": os.path.dirname(sys.executable)}
+    proc = subprocess.run([sys.executable, "-m", "resbm_ds.train", "--config", "cpu-demo", *TINY, *ONE,
+                           f"train.out_dir={tmp_path / 'x'}", "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    line = error_line(proc)
+    assert "the default corpus is not in" in line and "launchers/setup.sh --prefetch" in line, line

@@ -112,9 +112,6 @@ def _runs() -> list[Run]:
             resbm(14, "wire.codec=int8", "wire.codec_backward=true")),
         Run("resbm-128x-noid-adamw", "ResBM 128x (h=2), identity=none", "variant",
             resbm(2, "bottleneck.identity=none")),
-        Run("none-muon-s2", "uncompressed", "control", MUON, seed=2),
-        Run("resbm-128x-tok-muon-s2", "ResBM 128x (h=1 + token ids, learned table)", "variant",
-            resbm(1, *TOKENS) + MUON, seed=2),
     ]
     assert len({x.name for x in r}) == len(r)
     return r

@@ -312,7 +312,11 @@ _resbm_verdict() {
         return
     fi
     if [[ -n "$RESBM_SIGNALLED" ]]; then
-        echo "resbm: job stopped by SIG$RESBM_SIGNALLED from Slurm (scancel, time limit or preemption) after ${dt}s; continue with --resume from $RESBM_RUN_DIR/checkpoints/latest (a requeued job does this by itself)" >&2
+        # srun stops relaying the ranks' output once it is signalled, so the trainer's own stop line
+        # may not reach this log: say what the run directory holds (the ranks save on SIGTERM)
+        local saved="no checkpoint yet"
+        [[ -f "$RESBM_RUN_DIR/checkpoints/latest" ]] && saved="checkpoints/latest: $(cat "$RESBM_RUN_DIR/checkpoints/latest")"
+        echo "resbm: job stopped by SIG$RESBM_SIGNALLED from Slurm (scancel, time limit or preemption) after ${dt}s, $saved; continue with --resume from $RESBM_RUN_DIR/checkpoints/latest (a requeued job does this by itself)" >&2
         return
     fi
     # the first task srun reports is the one that failed; the others were ended by srun
