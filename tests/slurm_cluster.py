@@ -84,11 +84,17 @@ def cluster_available() -> bool:
 
 
 def _run(cmd, *, env=None, timeout=60.0, check=True) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise SlurmError(f"{' '.join(map(str, cmd))} timed out after {timeout}s") from e
+    for attempt in range(3):
+        try:
+            proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise SlurmError(f"{' '.join(map(str, cmd))} timed out after {timeout}s") from e
+        # a read-only query killed by a signal (seen once: scontrol show job, SIGPIPE, on a loaded
+        # box) is asked again; anything that changes state is never repeated
+        if not (proc.returncode < 0 and list(map(str, cmd[:2])) == ["scontrol", "show"]):
+            break
+        time.sleep(1)
     if check and proc.returncode != 0:
         raise SlurmError(f"{' '.join(map(str, cmd))} failed (rc={proc.returncode}):\n"
                          f"{proc.stdout}{proc.stderr}".rstrip())
