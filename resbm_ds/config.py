@@ -384,7 +384,8 @@ class Config:
                     raise ConfigError(f"tracking.{flag}", True,
                                       f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
         for key in ("wandb", "tensorboard", "csv_monitor", "comet"):
-            if self.ds.get(key, {}).get("enabled"):
+            section = self.ds.get(key)
+            if isinstance(section, dict) and section.get("enabled"):
                 raise ConfigError(f"deepspeed.{key}.enabled", True,
                                   "DeepSpeed's monitors log by sample count, which drops the per-step "
                                   f"resbm metrics; use tracking.{'tensorboard' if key == 'csv_monitor' else key}"

@@ -144,9 +144,12 @@ def analyse(run_dir: Path) -> dict:
 
 
 def resolved(cfg) -> dict:
-    """The run's whole configuration, less where it writes: what a reused result must match."""
+    """The run's whole configuration, less what does not change what it trains (where it writes,
+    trackers, checkpoint retention): what a reused result must match."""
     d = cfg.to_dict()
-    d["train"].pop("out_dir")
+    for key in ("out_dir", "keep_last", "init_from"):
+        d["train"].pop(key, None)
+    d.pop("tracking", None)
     d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
     return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 
