@@ -544,6 +544,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def config_from_dict(raw: dict) -> Config:
+    """A Config from `Config.to_dict()`'s output (as saved in exports), checked key by key."""
+    return _build(Config, raw, "")
+
+
 def _set_nested(raw: dict, keys: list[str], value, full_key: str):
     if keys[0] == "deepspeed" and len(keys) > 1 and isinstance(raw.get("deepspeed", "x"), str):
         # Override inside the DeepSpeed JSON: load it first so the rest of the file is kept.

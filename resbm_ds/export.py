@@ -7,14 +7,16 @@ same order, so file XX is `layers.XX` and consolidating is a loop over files. It
 
 `ResBMForCausalLM` (model/causal_lm.py) is the pipeline's single-process twin.
 An exported model is a directory: `model.safetensors` (keys `layers.XX.*`), `config.yaml` (the
-run's Config) and `tokenizer/` (copied from the run), loadable with `load_model(dir)`.
+run's Config) and `tokenizer/` (the run's tokenizer, also in transformers format), loadable with
+`load_model(dir)`.
 
     python -m resbm_ds.export RUN_DIR [--tag step200] [--out DIR] [--hf HF_DIR]
 
 RUN_DIR is a training run (`config.yaml`, `checkpoints/`, `tokenizer/`); the default tag is the
 one in `checkpoints/latest`, the default output `RUN_DIR/export/<tag>`. `--hf` also writes a
-transformers `save_pretrained` directory (uncompressed models only; a transformers tokenizer of
-the run is copied into it). RUN_DIR may also be an exported directory, to re-export it.
+transformers `save_pretrained` directory with the run's tokenizer in transformers format: a plain
+Llama / Qwen2 / Mistral for an uncompressed model, else model_type `resbm` (`import resbm_ds`
+registers it; hf/modeling.py). RUN_DIR may also be an exported directory, to re-export it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import yaml
 
 from .checkpoints import checkpoint_dir, load_layers
 from .config import Config, load_config
-from .hf.weights import save_hf
+from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
+from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_DIR = "model.safetensors", "config.yaml", "tokenizer"
@@ -56,7 +59,8 @@ def consolidate(path, tag: str | None = None, cfg: Config | None = None) -> ResB
 # ---- the exported format ---------------------------------------------------------------------
 
 def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
-    """Write model.safetensors + config.yaml (+ a copy of the tokenizer directory `tokenizer_from`)."""
+    """Write model.safetensors + config.yaml (+ the tokenizer directory `tokenizer_from`, with its
+    transformers form beside it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -66,6 +70,7 @@ def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
     (out / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
     if tokenizer_from is not None and Path(tokenizer_from).is_dir():
         shutil.copytree(tokenizer_from, out / TOKENIZER_DIR, dirs_exist_ok=True)
+        save_transformers_tokenizer(load_saved_tokenizer(out / TOKENIZER_DIR), out / TOKENIZER_DIR)
     return out
 
 
@@ -117,13 +122,14 @@ def main(argv=None) -> int:
         print(f"[export] {ckpt} -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{model.dtype})")
     if args.hf:
-
-        print(f"[export] transformers -> {save_hf(model, args.hf, args.family)}")
-        tok = tokenizer_dir(args.run_dir)
-        if tok is not None and (tok / "tokenizer_config.json").is_file():
-            # A transformers tokenizer travels along, so AutoTokenizer loads the same directory.
-            # (A sentencepiece spm.model does not: transformers' Llama tokenizer would add a prefix space.)
-            shutil.copytree(tok, args.hf, dirs_exist_ok=True)
+        tok_dir = tokenizer_dir(args.run_dir)
+        tok = load_saved_tokenizer(tok_dir) if tok_dir is not None else None
+        hf = save_hf(model, args.hf, args.family, eos_token_id=tok.eos_id if tok else None)
+        if tok is not None:   # AutoTokenizer.from_pretrained(HF_DIR) loads the run's tokenizer
+            save_transformers_tokenizer(tok, hf)
+        kind = "resbm" if not is_plain_transformer(model) else "plain transformers"
+        print(f"[export] transformers ({kind}) -> {hf}"
+              + ("" if tok else " (no tokenizer: none found beside the run)"))
     elif out is None:
         print("[export] nothing to do: the input is already an export (use --hf to write transformers)")
     return 0

@@ -3,6 +3,7 @@ per evaluation; read by the trainer's summary and the benchmarks), plain log lin
 experiment trackers (TensorBoard, W&B, MLflow), every one on the training-step axis."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -28,7 +29,6 @@ def run_metadata() -> dict:
     import torch
     import transformers
 
-    from . import __version__
     sha = None
     if (REPO_ROOT / ".git").exists():
         try:
@@ -36,7 +36,7 @@ def run_metadata() -> dict:
                                  text=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"git_sha": sha, "resbm_ds": __version__, "python": platform.python_version(),
+    return {"git_sha": sha, "resbm_ds": importlib.metadata.version("resbm-ds"), "python": platform.python_version(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "host": platform.node()}
 

@@ -202,6 +202,11 @@ def two_proc(hf_dirs):
     jobs.append({"name": "qwen2_bf16", "config": str(tmp / "qwen2.yaml"), "ids": str(tmp / "ids.pt"),
                  "overrides": ["deepspeed.bf16.enabled=true"], "train_steps": 2,
                  "run_dir": str(tmp / "run_bf16")})
+    # ResBM without the token channel (the paper's form), 2 stages: exported as model_type resbm
+    jobs.append({"name": "resbm_noids", "config": str(tmp / "llama.yaml"), "ids": str(tmp / "ids.pt"),
+                 "overrides": ["bottleneck.method=resbm", "bottleneck.token_channel=none",
+                               "bottleneck.ratio=8", "bottleneck.init=normal"],
+                 "train_steps": 2, "run_dir": str(tmp / "run_resbm")})
     (tmp / "plan.json").write_text(json.dumps({"out": str(out), "jobs": jobs}))
     launch([str(REPO / "tests" / "workers" / "hf_worker.py"), str(tmp / "plan.json")], 2,
            env={"RESBM_CACHE": str(tmp / "cache")})
@@ -238,6 +243,37 @@ def test_round_trip_train_export_and_load_in_transformers(two_proc):
     diff = (logits - after).abs().max().item()
     print("max |logit diff| trained pipeline -> transformers:", diff)
     assert diff < 1e-5
+
+
+def check_resbm_transformers_export(run, hf_dir, ids, reference) -> "PreTrainedModel":
+    """export --hf of a ResBM run, then from_pretrained: model_type resbm, every tensor loaded,
+    the logits of `reference`; generate() with transformers' KV cache equals generate() without."""
+    assert export.main([str(run), "--hf", str(hf_dir)]) == 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["model_type"] == "resbm" and "auto_map" not in config
+    assert not list(hf_dir.glob("*.py"))   # no code travels with the export
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model).__name__ == "ResBMHFForCausalLM"
+    with torch.no_grad():
+        diff = (model(ids).logits - reference).abs().max().item()
+    print(f"max |logit diff| {run.name} -> transformers resbm:", diff)
+    assert diff < 1e-5
+    prompt = ids[:1, :8]
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 20) and torch.equal(cached, uncached)
+    return model
+
+
+def test_resbm_without_token_channel_exports_as_transformers_model(two_proc):
+    tmp, ids, _, _, out = two_proc
+    after = torch.load(out / "resbm_noids.after.pt")    # the 2-stage pipeline's logits after training
+    stage0, stage1 = (json.loads((out / f"resbm_noids.rank{r}.json").read_text())["local_layers"] for r in range(2))
+    assert stage0[-1] == "BottleneckEncoder" and stage1[0] == "BottleneckDecoder"   # the code crossed
+    check_resbm_transformers_export(tmp / "run_resbm", tmp / "resbm_hf", ids, after)
 
 
 # ---- 4 processes: the trainer, from a transformers model, ResBM 2 stages x 2 DP; then 1 process -
@@ -307,8 +343,59 @@ def test_resbm_2x2_checkpoint_consolidates_evaluates_and_samples(resbm_run, caps
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isclose(line["loss"], val_loss, rel_tol=1e-4) and line["chunks"] == chunks
 
-    with pytest.raises(ValueError, match="only uncompressed"):
-        hf_weights.save_hf(model, tmp / "nope")
+    # The run's own validation text is the default (data.val_path here).
+    assert generate.main(["evaluate", str(run), "--max-chunks", str(chunks)]) == 0
+    assert math.isclose(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"], val_loss, rel_tol=1e-4)
+
+
+def test_resbm_token_channel_run_exports_to_transformers_with_its_tokenizer(resbm_run, capsys, monkeypatch):
+    """The 2x2 token-channel run as a transformers model: the consolidated model's logits, text from
+    generate(), and the sentencepiece tokenizer as a fast tokenizer with the same ids."""
+    from transformers import AutoTokenizer
+
+    from resbm_ds.data.tokenizer import load_saved_tokenizer
+
+    tmp, run, val, cfg, _ = resbm_run
+    monkeypatch.setenv("RESBM_CACHE", str(tmp / "cache"))
+    consolidated = export.consolidate(run)
+    assert cfg.token_channel == "learned"
+    ids = torch.randint(0, cfg.model.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = consolidated(ids)
+    model = check_resbm_transformers_export(run, tmp / "hf", ids, reference)
+
+    spm = load_saved_tokenizer(run / "tokenizer")
+    fast = AutoTokenizer.from_pretrained(str(tmp / "hf"))
+    text = val.read_text()
+    for piece in [text, *text.split("\n")[:200], "  two  spaces, tab\t, unicode \u00e9\u2603 and 12345"]:
+        ours = spm.encode(piece)
+        assert fast.encode(piece, add_special_tokens=False) == ours
+        assert fast.decode(ours, clean_up_tokenization_spaces=False) == spm.decode(ours)
+    assert spm.decode(spm.encode(text)) == text and fast.eos_token_id == spm.eos_id
+
+    prompt = fast("This License", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    new_text = fast.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert out.shape[1] > prompt["input_ids"].shape[1] and new_text.strip(), new_text
+    # generate sample on the transformers directory: the same greedy text as on the run directory
+    for source in (tmp / "hf", run):
+        capsys.readouterr()
+        assert generate.main(["sample", str(source), "--prompt", "GNU", "--max-new-tokens", "8",
+                              "--temperature", "0"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith("GNU")
+        if source == run:
+            assert printed == from_hf_dir, (printed, from_hf_dir)
+        from_hf_dir = printed
+
+
+def test_generate_errors_are_one_line(resbm_run, capsys):
+    tmp, run, *_ = resbm_run
+    for argv, names in ((["sample", str(tmp / "no_such_run")], "no_such_run"),
+                        (["evaluate", str(run), "--text", str(tmp / "missing.txt")], "missing.txt")):
+        assert generate.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
 
 
 def test_bf16_tied_qwen2_round_trip(two_proc):

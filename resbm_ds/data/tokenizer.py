@@ -213,6 +213,35 @@ def save_tokenizer(tok: Tokenizer, dest: Path) -> None:
         tok._tok.save_pretrained(dest)
 
 
+def save_transformers_tokenizer(tok: Tokenizer, dest: Path) -> None:
+    """Write `tok` in transformers format to `dest`, so `AutoTokenizer.from_pretrained(dest)` loads it.
+
+    A sentencepiece model becomes a fast (`tokenizers`) tokenizer through transformers' own
+    converter, which follows the model's normalizer settings (here: none, no dummy prefix, byte
+    fallback), so ids and round trips equal sentencepiece's (tests/test_hf.py checks the corpus).
+    No special token is added on encode: the model was trained on plain text with eos between
+    documents. A transformers tokenizer is saved as it is."""
+    from transformers import PreTrainedTokenizerFast
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if not isinstance(tok, SentencePieceTokenizer):
+        tok._tok.save_pretrained(dest)
+        return
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_file.read_bytes())
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    sp = tok._sp
+    special = {name: sp.id_to_piece(i) for name, i in
+               (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())) if i >= 0}
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                   model_max_length=int(1e12), **special)
+    fast.save_pretrained(dest)
+
+
 def load_saved_tokenizer(src: Path) -> Tokenizer:
     """The tokenizer `save_tokenizer` wrote to `src`."""
     if (src / "spm.model").is_file():

@@ -12,6 +12,7 @@ from ..config import Config
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
 from .configs import family_of, config_from_hf, hf_config_for
+from .modeling import ResBMHFForCausalLM
 
 def hf_names(layer: nn.Module) -> dict[str, str]:
     """Our state_dict key -> transformers key for one pipeline layer ({} for ResBM boundary layers)."""
@@ -110,20 +111,36 @@ def hf_state_dict(model, family: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_hf(model, out_dir, family: str | None = None) -> Path:
-    """Write an uncompressed ResBMForCausalLM as a transformers save_pretrained directory
-    (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained loads."""
+def is_plain_transformer(model: ResBMForCausalLM) -> bool:
+    """True when every layer is a plain Llama layer (no boundary, token table or baseline layer):
+    the model is then a transformers Llama / Qwen2 / Mistral."""
+    plain = (TokenEmbedding, TransformerBlock, FinalNorm, LMHead)
+    return all(type(layer) in plain or i == model.tied_head for i, layer in enumerate(model.layers))
+
+
+def save_hf(model: ResBMForCausalLM, out_dir, family: str | None = None, eos_token_id: int | None = None) -> Path:
+    """Write a consolidated model as a transformers `save_pretrained` directory that
+    `AutoModelForCausalLM.from_pretrained` loads: a plain Llama / Qwen2 / Mistral when the model
+    is uncompressed, else a `resbm` model (hf/modeling.py; `import resbm_ds` registers it)."""
     from safetensors.torch import save_file
 
+    out = Path(out_dir)
+    if not is_plain_transformer(model):
+        if family is not None:
+            raise ValueError(f"family={family!r}: a ResBM model (bottleneck.method="
+                             f"{model.config.bottleneck.method}) exports as model_type 'resbm', not as a "
+                             "transformers family; only uncompressed models take --family")
+        hf_model = ResBMHFForCausalLM.from_resbm(model)
+        if eos_token_id is not None:
+            hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos_token_id
+        hf_model.save_pretrained(str(out))
+        return out
     cfg = model.config
-    if cfg.bottleneck.method != "none" and cfg.bottleneck.segments > 1:
-        raise ValueError("only uncompressed models (bottleneck.method=none) export to transformers: the "
-                         "ResBM encoder/decoder layers have no transformers equivalent; use the "
-                         "resbm-ds export (python -m resbm_ds.export) for this model")
     family = family_of(cfg, family)
     dtype = next(model.parameters()).dtype
     hf = hf_config_for(cfg, family, dtype)
-    out = Path(out_dir)
+    if eos_token_id is not None:
+        hf.eos_token_id = eos_token_id
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
     save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -5,10 +5,17 @@ layer's output, so every forward takes and returns one tensor. Positions and the
 computed where they are needed (RoPE tables, `is_causal=True`), never sent between stages.
 Module names follow Hugging Face's Llama (`self_attn.q_proj`, `mlp.gate_proj`, ...) so that weights
 map one-to-one.
+
+Generation (hf/modeling.py) needs what a pipeline never does: a KV cache, positions that do not
+start at 0, and padding. The layer interface stays one tensor in, one out; for the length of one
+forward, the caller hands each `Attention` a `Decoding` (see `decoding()`), and attention without
+one is the training path, unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +46,52 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
     return emb.cos(), emb.sin()
 
 
+def rope_at(head_dim: int, positions: torch.Tensor, theta: float):
+    """cos/sin [B, 1, T, head_dim] at explicit positions [B, T] (equal to rope_tables' rows)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass
+class Decoding:
+    """One forward's generation state for one attention layer.
+
+    cache:     a transformers `Cache` (keys/values of earlier tokens, appended to by this forward),
+               or None; `layer_idx` is this layer's slot in it.
+    positions: the new tokens' positions [B, T] (RoPE).
+    mask:      bool [B, 1, T, T_past + T], True = may attend; None = plain causal (no padding, and
+               either no past or a single new token).
+    """
+    cache: object | None
+    layer_idx: int
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def decoding(attentions, cache, positions, mask):
+    """Give every Attention in `attentions` (in cache-slot order) its Decoding for one forward."""
+    for i, attn in enumerate(attentions):
+        attn.decoding = Decoding(cache, i, positions, mask)
+    try:
+        yield
+    finally:
+        for attn in attentions:
+            attn.decoding = None
+
+
 class Attention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (SDPA does the GQA broadcast)."""
+
+    decoding: Decoding | None = None      # set only for the length of one generation forward
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,9 +114,21 @@ class Attention(nn.Module):
         q = rearrange(self.q_proj(x), heads, h=self.n_heads)
         k = rearrange(self.k_proj(x), heads, h=self.n_kv)
         v = rearrange(self.v_proj(x), heads, h=self.n_kv)
-        cos, sin = self.rope(x.shape[1], x.device)
+        d = self.decoding
+        if d is None:
+            cos, sin = self.rope(x.shape[1], x.device)
+        else:
+            cos, sin = rope_at(self.head_dim, d.positions, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        mask, causal = None, True
+        if d is not None:
+            if d.cache is not None:
+                k, v = d.cache.update(k, v, d.layer_idx)
+            # Without a mask: causal when the new tokens are all there is, none for one new token
+            # (it may see every cached one).
+            mask, causal = d.mask, d.mask is None and q.shape[2] == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
