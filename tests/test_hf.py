@@ -389,11 +389,13 @@ def test_resbm_token_channel_run_exports_to_transformers_with_its_tokenizer(resb
         from_hf_dir = printed
 
 
-def test_generate_errors_are_one_line(resbm_run, capsys):
+def test_generate_and_export_errors_are_one_line(resbm_run, capsys):
     tmp, run, *_ = resbm_run
-    for argv, names in ((["sample", str(tmp / "no_such_run")], "no_such_run"),
-                        (["evaluate", str(run), "--text", str(tmp / "missing.txt")], "missing.txt")):
-        assert generate.main(argv) == 2
+    for tool, argv, names in ((generate, ["sample", str(tmp / "no_such_run")], "no_such_run"),
+                              (generate, ["evaluate", str(run), "--text", str(tmp / "missing.txt")], "missing.txt"),
+                              (export, [str(tmp / "no_such_run")], "no_such_run"),
+                              (export, [str(run), "--hf", str(tmp / "fam"), "--family", "llama"], "--family")):
+        assert tool.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
 

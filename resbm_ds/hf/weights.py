@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
 from .configs import family_of, config_from_hf, hf_config_for
@@ -127,9 +127,8 @@ def save_hf(model: ResBMForCausalLM, out_dir, family: str | None = None, eos_tok
     out = Path(out_dir)
     if not is_plain_transformer(model):
         if family is not None:
-            raise ValueError(f"family={family!r}: a ResBM model (bottleneck.method="
-                             f"{model.config.bottleneck.method}) exports as model_type 'resbm', not as a "
-                             "transformers family; only uncompressed models take --family")
+            raise ConfigError("--family", family, f"only uncompressed models take a family: this model "
+                              f"(bottleneck.method={model.config.bottleneck.method}) exports as model_type 'resbm'")
         hf_model = ResBMHFForCausalLM.from_resbm(model)
         if eos_token_id is not None:
             hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos_token_id
