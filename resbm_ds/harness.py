@@ -24,9 +24,11 @@ from pathlib import Path
 
 import yaml
 
+from .config import Config, ConfigError
 from .data.batches import TextSource, iter_documents
 from .export import run_config
-from .generate import default_text, is_transformers_dir, load_transformers_model
+from .generate import default_text, is_transformers_dir
+from .hf.modeling import ResBMHFConfig
 
 TASK = "resbm_lastword"
 # A sentence end: a word of letters followed by . ! or ?, then whitespace.
@@ -60,7 +62,7 @@ def make_task(out_dir, source: TextSource, examples: int, context_words: int) ->
     out.mkdir(parents=True, exist_ok=True)
     rows = lastword_examples(source, examples, context_words)
     if not rows:
-        raise ValueError(f"{source.describe()}: no sentence with {context_words} words of context")
+        raise ConfigError("--text", source.describe(), f"holds no sentence with {context_words} words of context")
     data = out / f"{TASK}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {
@@ -81,6 +83,17 @@ def make_task(out_dir, source: TextSource, examples: int, context_words: int) ->
     return out
 
 
+def trained_config(path) -> Config | None:
+    """The resbm-ds Config of a run, an export or a `resbm` transformers directory (None for a
+    foreign transformers model), read without loading any weights."""
+    if not is_transformers_dir(path):
+        return run_config(path)
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return hf.resbm_config() if isinstance(hf, ResBMHFConfig) else None
+
+
 def make_task_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m resbm_ds.harness make-task",
                                  description="write a local lm-eval task from a run's validation text")
@@ -94,12 +107,11 @@ def make_task_main(argv) -> int:
         if args.text:
             source = TextSource.local(args.text)
         elif args.model:
-            cfg = load_transformers_model(args.model)[1] if is_transformers_dir(args.model) else run_config(args.model)
-            source = default_text(cfg)
+            source = default_text(trained_config(args.model))
         else:
             ap.error("give a run directory or --text FILE")
         make_task(args.out, source, args.examples, args.context_words)
-    except (ValueError, FileNotFoundError) as e:   # ConfigError is a ValueError
+    except (ConfigError, FileNotFoundError) as e:   # user errors: one line, no traceback
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,14 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
+def package_version() -> str:
+    """resbm-ds's installed version; "source" when run from a checkout that is not installed."""
+    try:
+        return importlib.metadata.version("resbm-ds")
+    except importlib.metadata.PackageNotFoundError:
+        return "source"
+
+
 def run_metadata() -> dict:
     """What a tracker should know besides the config: the code's commit and the package versions."""
     import deepspeed
@@ -36,7 +44,7 @@ def run_metadata() -> dict:
                                  text=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"git_sha": sha, "resbm_ds": importlib.metadata.version("resbm-ds"), "python": platform.python_version(),
+    return {"git_sha": sha, "resbm_ds": package_version(), "python": platform.python_version(),
             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "host": platform.node()}
 

@@ -218,7 +218,7 @@ def save_transformers_tokenizer(tok: Tokenizer, dest: Path) -> None:
 
     A sentencepiece model becomes a fast (`tokenizers`) tokenizer through transformers' own
     converter, which follows the model's normalizer settings (here: none, no dummy prefix, byte
-    fallback), so ids and round trips equal sentencepiece's (tests/test_hf.py checks the corpus).
+    fallback), so ids and round trips equal sentencepiece's (tests/test_hf.py checks a run's text).
     No special token is added on encode: the model was trained on plain text with eos between
     documents. A transformers tokenizer is saved as it is."""
     from transformers import PreTrainedTokenizerFast
