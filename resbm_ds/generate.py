@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .config import DTYPES, Config, ConfigError
+from .config import DTYPES, Config, ConfigError, cli
 from .data.batches import TextSource, validation_batches
 from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir
@@ -130,6 +130,7 @@ def default_text(cfg: Config | None) -> TextSource:
                                           "pass --text FILE") from None
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resbm_ds.generate", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -150,12 +151,7 @@ def main(argv=None) -> int:
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--top-k", type=int, default=50)
     sa.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError) as e:   # user errors: one line, no traceback
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
+    return run(ap.parse_args(argv))
 
 
 def run(args) -> int:

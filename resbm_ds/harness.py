@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, cli
 from .data.batches import TextSource, iter_documents
 from .export import run_config
 from .generate import default_text, is_transformers_dir
@@ -103,20 +103,17 @@ def make_task_main(argv) -> int:
     ap.add_argument("--examples", type=int, default=500)
     ap.add_argument("--context-words", type=int, default=48)
     args = ap.parse_args(argv)
-    try:
-        if args.text:
-            source = TextSource.local(args.text)
-        elif args.model:
-            source = default_text(trained_config(args.model))
-        else:
-            ap.error("give a run directory or --text FILE")
-        make_task(args.out, source, args.examples, args.context_words)
-    except (ConfigError, FileNotFoundError) as e:   # user errors: one line, no traceback
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
+    if args.text:
+        source = TextSource.local(args.text)
+    elif args.model:
+        source = default_text(trained_config(args.model))
+    else:
+        ap.error("give a run directory or --text FILE")
+    make_task(args.out, source, args.examples, args.context_words)
     return 0
 
 
+@cli
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["make-task"]:

@@ -10,17 +10,20 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .config import Config
+from .config import Config, UserError
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
+LAYOUT_FILE = "layout.json"   # the process layout a run's checkpoints were written with
 TAG = re.compile(r"step(\d+)$")
 # Keys that may differ between a run and its resumption: they change neither shapes, nor the data
 # order, nor what the optimizer state means.
@@ -31,7 +34,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_e
 WEIGHT_SHAPES = ("model.", "bottleneck.")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A start that would lose or mix up a run's data; the message says what to do instead."""
 
 
@@ -70,8 +73,40 @@ class RunPlan:
     changes: dict = field(default_factory=dict)   # resumable keys that changed (reported at start)
 
 
-def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool) -> RunPlan:
+def check_writable(out: Path) -> None:
+    """train.out_dir must be a directory we can create files in (or one we can create): tried with a
+    real temporary file in the nearest existing ancestor, since os.access says yes to root anywhere."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"train.out_dir={out}: exists and is not a directory; choose another train.out_dir")
+    base = next(d for d in (out, *out.parents) if d.exists())
+    if not base.is_dir():
+        raise RunDirError(f"train.out_dir={out}: {base} is a file, not a directory; choose another train.out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise RunDirError(f"train.out_dir={out}: cannot write in {base} ({e.strerror}); "
+                          "choose a writable train.out_dir") from None
+
+
+def write_layout(out: Path, stages: int, dp: int) -> None:
+    """Rank 0 at start: the layout, which the config does not hold (it follows the world size)."""
+    (out / LAYOUT_FILE).write_text(json.dumps({"pipeline.stages": stages, "data_parallel": dp}) + "\n")
+
+
+def _layout_change(out: Path, cfg: Config, world: int | None) -> dict:
+    f = out / LAYOUT_FILE
+    if world is None or not f.is_file():
+        return {}
+    saved = json.loads(f.read_text()).get("data_parallel")
+    dp = world // cfg.pipeline.stages
+    return {} if saved in (None, dp) else {"data_parallel (world size / pipeline.stages)": (saved, dp)}
+
+
+def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool,
+             world: int | None = None) -> RunPlan:
     out = Path(cfg.train.out_dir)
+    check_writable(out)
     ckpt = out / "checkpoints"
     have = tags(ckpt)
     if resume_from:
@@ -97,7 +132,8 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
     if tag is not None and saved is not None:
-        refused = config_changes(saved, cfg.to_dict(), allowed=RESUMABLE)
+        # the data order and ZeRO's optimizer partitions follow the data-parallel size too
+        refused = {**config_changes(saved, cfg.to_dict(), allowed=RESUMABLE), **_layout_change(out, cfg, world)}
         if refused:
             raise RunDirError(f"--resume: the config differs from the run's {out / CONFIG_FILE} in keys that "
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
@@ -122,7 +158,7 @@ def _listing(diff: dict) -> str:
 
 def clear_run(out: Path) -> None:
     """--overwrite: remove what a previous run wrote (rank 0, before anything new is written)."""
-    for name in (METRICS_FILE, TRACKER_IDS, CONFIG_FILE):
+    for name in (METRICS_FILE, TRACKER_IDS, CONFIG_FILE, LAYOUT_FILE):
         (out / name).unlink(missing_ok=True)
     for name in ("checkpoints", "tensorboard", "monitor", "tokenizer"):
         shutil.rmtree(out / name, ignore_errors=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import checkpoint_dir, layer_files, read_layer
+from .config import cli
 
 # A checkpoint file has no module types, only state-dict keys, so here (unlike the optimizer
 # routing) the kind of a matrix comes from its key; bottleneck projections are told apart by shape.
@@ -107,6 +108,7 @@ def plot(runs: list[dict], path: Path):
     plt.close(fig)
 
 
+@cli
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m resbm_ds.spectrum", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,14 +36,14 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoints import UnsafeCheckpoint
-from .config import Config, ConfigError, TrainConfig, load_config
-from .data.batches import PackedBatches, TextSource, validation_batches
+from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli, load_config
+from .data.batches import PackedBatches, TextSource, check_local_file, tokenize_to_array, validation_batches
 from .data.corpus import default_dir, ensure_corpus
-from .data.tokenizer import build_tokenizer, save_tokenizer
+from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
 from .metrics import Metrics, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints
+from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, write_layout
 from .slurm_layout import report_layout
 
 
@@ -91,8 +91,8 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
     """Train/validation text; checked before any process starts (a missing path is an error)."""
     d = cfg.data
     if d.source == "hub":
-        return (TextSource.hub(d.hub_name, d.hub_config, d.hub_split, d.text_field),
-                TextSource.hub(d.hub_name, d.hub_config, d.hub_val_split, d.text_field))
+        return (TextSource.hub(d.hub_name, d.hub_config, d.hub_split, d.text_field, revision=d.hub_revision),
+                TextSource.hub(d.hub_name, d.hub_config, d.hub_val_split, d.text_field, revision=d.hub_revision))
     if d.source != "local":
         raise ConfigError("data.source", d.source, "allowed: ['local', 'hub']")
     if d.train_path is None:
@@ -108,8 +108,7 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
     for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
-        if not Path(path).exists():
-            raise ConfigError(key, str(path), "no such file or directory")
+        check_local_file(path, key)
     return TextSource.local(str(train_path), d.text_field), TextSource.local(str(val_path), d.text_field)
 
 
@@ -119,7 +118,15 @@ def make_tokenizer(cfg: Config, train: TextSource):
     if d.tokenizer == "sentencepiece-train" and not files:
         raise ConfigError("data.tokenizer", d.tokenizer, "training a tokenizer needs local text; "
                           "with data.source=hub use 'hf' or 'sentencepiece' and data.tokenizer_path")
-    tok = build_tokenizer(d.tokenizer, d.tokenizer_path, cfg.model.vocab_size, files)
+    try:
+        tok = build_tokenizer(d.tokenizer, d.tokenizer_path, cfg.model.vocab_size, files,
+                              revision=d.tokenizer_revision)
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        # transformers' offline / not-found OSError, or a sentencepiece file it cannot parse
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path,
+                          f"cannot load the {d.tokenizer} tokenizer: {str(e).strip().splitlines()[0]}") from None
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"must be >= the tokenizer's vocabulary ({tok.vocab_size})")
@@ -187,14 +194,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan]:
+def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
     if args.print_config:
-        return cfg, None, None, None
+        return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)
-    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite)
-    return cfg, train_src, val_src, plan
+    world = world_size_from_env()
+    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world)
+    tok = make_tokenizer(cfg, train_src)
+    check_enough_text(cfg, tok, train_src, val_src, world)
+    return cfg, train_src, val_src, plan, tok
+
+
+def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_src: TextSource, world: int):
+    """Local text must fill a micro-batch on every data-parallel rank (training), and
+    train.eval_batches of them (validation). Tokenising here fills the token cache the ranks read."""
+    dp, chunk = world // cfg.pipeline.stages, cfg.data.seq_len + 1
+    for key, src, batches in (("data.train_path", train_src, 1), ("data.val_path", val_src, cfg.train.eval_batches)):
+        if not src.is_local or src.is_streaming:
+            continue
+        tokens = len(tokenize_to_array(src, tok))
+        need = batches * cfg.micro_batch_size * dp
+        if tokens // chunk // dp < batches * cfg.micro_batch_size:
+            raise DataError(key, src.describe(),
+                            f"{tokens:,} tokens are {tokens // chunk} sequences of data.seq_len + 1 = {chunk}; "
+                            f"at least {need} needed ({batches} x micro-batch {cfg.micro_batch_size} x "
+                            f"{dp} data-parallel ranks{'' if batches == 1 else ', train.eval_batches'}): "
+                            "give more text or lower data.seq_len")
 
 
 def describe(cfg: Config, plan: RunPlan, world: int) -> str:
@@ -211,10 +238,9 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
             f"{start}; out_dir {plan.out}")
 
 
-def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan):
+def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
     out, t = plan.out, cfg.train
     stop = StopSignals()
-    tok = make_tokenizer(cfg, train_src)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
@@ -229,6 +255,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_layout(out, S, dp)
         save_tokenizer(tok, out / "tokenizer")
         print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
         print(describe(cfg, plan, S * dp), flush=True)
@@ -351,13 +378,10 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
     print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
 
 
+@cli
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg, train_src, val_src, plan = prepare(args)
-    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (config.cli)
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if args.dry_run:
@@ -366,7 +390,7 @@ def main(argv=None) -> int:
         return 0
     finished = False
     try:
-        train(cfg, train_src, val_src, plan)
+        train(cfg, train_src, val_src, plan, tok)
         finished = True
     except Stopped as e:
         if dist.is_initialized() and dist.get_rank() == 0:

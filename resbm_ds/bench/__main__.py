@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import cli
 from . import convergence
 from .throughput import SUITES, Link, check_available, replace_link, run_suite
 
 
+@cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m resbm_ds.bench", description="resbm-ds benchmark suites")
     p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence"]),

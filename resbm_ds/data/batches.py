@@ -26,6 +26,7 @@ files have one document per row, in the `text_field` column.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import DataError
 from .cache import cache_root, file_lock, sha256_file
 from .corpus import DOC_SEPARATOR
 from .tokenizer import Tokenizer
@@ -53,6 +55,7 @@ class TextSource:
     path: str | tuple[str, ...] | None = None   # local file, or several files of one kind
     name: str | None = None                     # hub dataset, e.g. "allenai/c4"
     config: str | None = None                   # hub config, e.g. "en"
+    revision: str | None = None                 # hub commit / tag / branch to pin (data.hub_revision)
     split: str = "train"
     text_field: str = "text"
     streaming: bool | None = None               # None: True for hub, False for local files
@@ -71,8 +74,9 @@ class TextSource:
 
     @classmethod
     def hub(cls, name: str, config: str | None = None, split: str = "train", text_field: str = "text",
-            streaming: bool = True) -> "TextSource":
-        return cls(name=name, config=config, split=split, text_field=text_field, streaming=streaming)
+            streaming: bool = True, revision: str | None = None) -> "TextSource":
+        return cls(name=name, config=config, split=split, text_field=text_field, streaming=streaming,
+                   revision=revision)
 
     @property
     def is_local(self) -> bool:
@@ -106,7 +110,41 @@ class TextSource:
     def describe(self) -> str:
         if self.is_local:
             return ", ".join(str(p) for p in self.files())
-        return f"hub:{self.name}" + (f"/{self.config}" if self.config else "") + f"[{self.split}]"
+        return (f"hub:{self.name}" + (f"/{self.config}" if self.config else "")
+                + (f"@{self.revision}" if self.revision else "") + f"[{self.split}]")
+
+
+def check_local_file(path: str | os.PathLike, key: str) -> Path:
+    """A data file the run can read: a regular file with a known extension, not empty, and (for text
+    and JSON) UTF-8 without NUL bytes. Raises DataError naming `key` (data.train_path / val_path)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(key, p, "is a directory; give a file (or a list of files)")
+    if not p.is_file():
+        raise DataError(key, p, "no such file")
+    if p.suffix.lower() not in _BUILDERS:
+        raise DataError(key, p, f"unsupported extension {p.suffix!r}; allowed: {', '.join(sorted(_BUILDERS))}")
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise DataError(key, p, f"cannot be read ({e.strerror})") from None
+    with f:
+        text = _BUILDERS[p.suffix.lower()] != "parquet"
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        while block := f.read(1 << 20):
+            if not text:
+                break
+            if (nul := block.find(b"\0")) >= 0:
+                raise DataError(key, p, f"looks binary (a NUL byte at offset {offset + nul}); text must be UTF-8")
+            try:
+                decoder.decode(block, final=len(block) < 1 << 20)
+            except UnicodeDecodeError as e:
+                raise DataError(key, p, f"is not UTF-8 (byte 0x{block[e.start]:02x} at offset {offset + e.start}); "
+                                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(block)
+        if f.tell() == 0:
+            raise DataError(key, p, "is empty")
+    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +183,8 @@ def iter_documents(source: TextSource, shuffle_seed: int | None = None) -> Itera
             return
         ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
     else:
-        ds = load_dataset(source.name, source.config, split=source.split, streaming=source.is_streaming)
+        ds = load_dataset(source.name, source.config, split=source.split, streaming=source.is_streaming,
+                          revision=source.revision)
     if shuffle_seed is not None and source.is_streaming:
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=source.shuffle_buffer)
     for row in ds:

@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import DataError
 from .cache import cache_root, file_lock, sha256_file
 
 KINDS = ("sentencepiece-train", "sentencepiece", "hf")
@@ -123,16 +124,16 @@ def _spm_fingerprint(path: Path) -> str:
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, revision: str | None = None):
         from transformers import AutoTokenizer
 
         name_or_path = os.path.expanduser(name_or_path)   # hub names never start with "~"
         if name_or_path.startswith(("/", "./", "../")) and not os.path.exists(name_or_path):
             raise FileNotFoundError(f"hf tokenizer directory not found: {name_or_path}")
-        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        self._tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         # We feed whole documents, far longer than any model_max_length; silence that warning.
         self._tok.model_max_length = int(1e12)
-        self.name = f"hf:{name_or_path}"
+        self.name = f"hf:{name_or_path}" + (f"@{revision}" if revision else "")
         self.vocab_size = len(self._tok)   # includes added tokens, unlike .vocab_size
         if self._tok.eos_token_id is None:
             raise ValueError(f"hf tokenizer {name_or_path!r} has no eos_token_id; the data pipeline "
@@ -188,10 +189,16 @@ def train_sentencepiece(train_files: list[str], vocab_size: int,
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
         try:
             spm.set_random_generator_seed(SPM_SEED)
-            spm.SentencePieceTrainer.train(
-                input=[str(f) for f in train_files], model_prefix=str(tmp / "spm"),
-                vocab_size=vocab_size, num_threads=max(1, os.cpu_count() or 1), minloglevel=2,
-                **SPM_SETTINGS)
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=[str(f) for f in train_files], model_prefix=str(tmp / "spm"),
+                    vocab_size=vocab_size, num_threads=max(1, os.cpu_count() or 1), minloglevel=2,
+                    **SPM_SETTINGS)
+            except RuntimeError as e:   # e.g. "Vocabulary size too high (4096). Please set it to a value <= 58."
+                raise DataError("data.train_path", ", ".join(map(str, train_files)),
+                                f"sentencepiece cannot train a {vocab_size}-token vocabulary (model.vocab_size) "
+                                f"on it: {str(e).splitlines()[0].split('] ')[-1]}; give more text or a smaller "
+                                "model.vocab_size") from None
             (tmp / "meta.json").write_text(json.dumps(
                 {"train_files": [str(f) for f in train_files], "vocab_size": vocab_size,
                  "settings": SPM_SETTINGS, "seed": SPM_SEED, "seconds": round(time.time() - t0, 2)},
@@ -251,7 +258,7 @@ def load_saved_tokenizer(src: Path) -> Tokenizer:
 
 def build_tokenizer(kind: str, path_or_name: str | None = None, vocab_size: int = 4096,
                     train_files: list[str] | None = None, *,
-                    cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+                    cache_dir: str | os.PathLike | None = None, revision: str | None = None) -> Tokenizer:
     """Make a tokenizer.
 
     kind="sentencepiece-train": train on `train_files` with `vocab_size` (cached; `path_or_name`
@@ -267,5 +274,5 @@ def build_tokenizer(kind: str, path_or_name: str | None = None, vocab_size: int 
     if kind == "hf":
         if not path_or_name:
             raise ValueError("tokenizer kind 'hf' needs path_or_name: a hub name or a local directory")
-        return HFTokenizer(path_or_name)
+        return HFTokenizer(path_or_name, revision)
     raise ValueError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(repr(k) for k in KINDS)}")

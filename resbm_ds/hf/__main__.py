@@ -7,9 +7,12 @@ import sys
 
 import yaml
 
-from ..config import ConfigError, load_config
+from ..config import cli, load_config
 from .configs import config_from_hf
+from .weights import check_hf_weights
 
+
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resbm_ds.hf", description="Hugging Face transformers interop")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -18,11 +21,8 @@ def main(argv=None) -> int:
     c.add_argument("--config", default=None, help="base run config (file or preset); default: defaults")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     args = ap.parse_args(argv)
-    try:
-        cfg = config_from_hf(args.hf_dir, base=load_config(args.config, args.overrides)).validate()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_hf(args.hf_dir, base=load_config(args.config, args.overrides)).validate()
+    check_hf_weights(cfg.model, cfg.model.init_from_hf)   # the config is only useful with its weights
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, ModelConfig, load_config
+from ..config import Config, ConfigError, ModelConfig, UserError, load_config
 
 FAMILIES = ("llama", "qwen2", "mistral")
 # Keys a config may carry beyond its class defaults without changing the network.
@@ -36,7 +36,11 @@ def load_hf_config(src):
     path = Path(src)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a transformers save_pretrained directory")
-    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # bad JSON, no/unknown model_type, bad field
+        raise UserError(f"{path / 'config.json'}: not a valid transformers config: "
+                        f"{str(e).strip().splitlines()[0]}") from None
 
 
 def sliding_window(hf) -> int | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig, UserError
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
 from .configs import family_of, config_from_hf, hf_config_for
@@ -36,12 +36,18 @@ class SafetensorsDir:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
-            self.where = json.loads(index.read_text())["weight_map"]
+            try:
+                self.where = dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         elif single.is_file():
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(single), framework="pt") as f:
-                self.where = {k: single.name for k in f.keys()}
+            try:
+                with safe_open(str(single), framework="pt") as f:
+                    self.where = {k: single.name for k in f.keys()}
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{single}: not a readable safetensors file ({e})") from None
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
                                     "(only safetensors checkpoints are read; save_pretrained writes them)")
@@ -60,6 +66,32 @@ class SafetensorsDir:
             with safe_open(str(self.path / file), framework="pt") as f:
                 out.update({k: f.get_tensor(k) for k in keys})
         return out
+
+
+def check_hf_weights(m: ModelConfig, path) -> None:
+    """Before any process starts: every safetensors file of `path` is readable (its header parses and
+    covers the file: a truncated or garbage file fails here) and holds the tensors of the model `m`,
+    with the embedding's shape. UserError names the file and what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = SafetensorsDir(path)
+    shapes = {}
+    for file in sorted(set(weights.where.values())):
+        try:
+            with safe_open(str(weights.path / file), framework="pt") as f:
+                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{weights.path / file}: not a readable safetensors file ({e})") from None
+    need = ["model.embed_tokens.weight", "model.norm.weight", *([] if m.tie_embeddings else ["lm_head.weight"])]
+    need += [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(m.num_layers)]
+    missing = [n for n in need if n not in shapes]
+    if missing:
+        raise UserError(f"{weights.path}: the weights lack {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                        f"(found {len(shapes)} tensors); expected a complete {m.num_layers}-layer model")
+    embed = list(shapes["model.embed_tokens.weight"])
+    if embed != [m.vocab_size, m.hidden_size]:
+        raise UserError(f"{weights.path}: model.embed_tokens.weight has shape {embed}, config.json says "
+                        f"[{m.vocab_size}, {m.hidden_size}]")
 
 
 def load_hf_weights(layers, path) -> list[str]:
