@@ -9,7 +9,6 @@ The resume rows share one run directory holding a saved config.yaml, layout.json
 import json
 import os
 import random
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -215,14 +214,38 @@ def test_deepspeed_launcher_prints_one_line_for_two_ranks(files):
 
 # ---- shell safety: what the pdsh launcher would send to the remote shell ----------------------------
 
+def pdsh_remote_tail(user_args) -> str:
+    """The training arguments of the command DeepSpeed's real PDSH runner hands each remote shell."""
+    import argparse
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    args = argparse.Namespace(user_args=list(user_args), user_script="resbm_ds.train", ssh_port=None, launcher_args="",
+                              master_addr="node1", master_port=29500, venv_script=None, no_python=False, module=True,
+                              no_local_rank=False, save_pid=False, enable_each_rank_log="None")
+    cmd, _, _ = PDSHRunner(args, "e30=").get_cmd({}, {"node1": [0], "node2": [0]})
+    remote = " ".join(cmd[cmd.index("-w") + 2:])   # pdsh sends the rest as one string
+    return remote.split(" resbm_ds.train ", 1)[1]
+
+
 def test_pdsh_command_quotes_every_argument(tmp_path):
     """launchers/deepspeed_hostfile.sh quotes each training argument for the remote shell (DeepSpeed's
-    PDSH runner quotes only arguments with spaces). Printed, not run over ssh."""
-    nasty = ["data.train_path=/x;id>f", "train.out_dir=$(id)", "tracking.run_name=a b`id`", "x='y'"]
-    proc = subprocess.run(["bash", str(REPO / "launchers" / "deepspeed_hostfile.sh"), "--print-quoted", *nasty],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    quoted = proc.stdout.strip()
-    assert shlex.split(quoted) == nasty      # a POSIX shell reads back exactly the arguments
-    for arg in nasty:
-        assert shlex.quote(arg) in quoted
+    PDSH runner quotes only arguments with spaces); a real `sh` reads the command DeepSpeed builds
+    (no ssh) and must see exactly the arguments and run nothing."""
+    nasty = ["data.train_path=/x;id>f", "train.out_dir=$(id>g)", "x='y'", "tracking.run_name=a b",
+             "train.betas=[0.9,0.95]", "train.out_dir=`id>h`"]
+    script = str(REPO / "launchers" / "deepspeed_hostfile.sh")
+    quoted = subprocess.run(["bash", script, "--print-quoted", *nasty], capture_output=True, text=True, timeout=60)
+    assert quoted.returncode == 0, quoted.stderr
+
+    def remote_shell_reads(user_args):
+        proc = subprocess.run(["sh", "-c", "printf '%s\\n' " + pdsh_remote_tail(user_args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        return proc.stdout.splitlines(), sorted(p.name for p in tmp_path.iterdir())
+
+    assert remote_shell_reads(nasty)[1] == ["f", "g", "h"]   # unquoted, the remote shell runs `id` three times
+    for p in tmp_path.iterdir():
+        p.unlink()
+    assert remote_shell_reads(quoted.stdout.splitlines()) == (nasty, [])
+    refused = subprocess.run(["bash", script, "--print-quoted", "tracking.run_name=a $(id)"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "$(id)" in refused.stderr
