@@ -44,7 +44,7 @@ from typing import Iterator, Mapping, Optional, Union
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_SH = REPO_ROOT / "slurm" / "cluster" / "start.sh"
 STOP_SH = REPO_ROOT / "slurm" / "cluster" / "stop.sh"
-DEFAULT_STATE_DIR = "/tmp/resbm-slurm"
+DEFAULT_STATE_DIR = "/run/resbm-slurm"
 
 #: Job states after which a job will not change any more.
 TERMINAL_STATES = frozenset({

@@ -6,7 +6,7 @@
 # nothing. See slurm/cluster/README.md and shared/design/slurm.md.
 #
 # Environment (defaults in brackets):
-#   SLURM_TEST_STATE  state/log/spool directory               [/tmp/resbm-slurm]
+#   SLURM_TEST_STATE  state/log/spool directory               [/run/resbm-slurm]
 #   NODES             number of emulated nodes n1..nN         [2]
 #   CPUS_PER_NODE     CPUs each node claims (config_overrides) [4]
 #   MEM_PER_NODE_MB   RealMemory of each node (not enforced)  [4000]
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STATE="${SLURM_TEST_STATE:-/tmp/resbm-slurm}"
+STATE="${SLURM_TEST_STATE:-/run/resbm-slurm}"
 NODES="${NODES:-2}"
 CPUS_PER_NODE="${CPUS_PER_NODE:-4}"
 MEM_PER_NODE_MB="${MEM_PER_NODE_MB:-4000}"
@@ -27,7 +27,9 @@ SLURMD_BASE_PORT="${SLURMD_BASE_PORT:-17001}"
 START_TIMEOUT="${START_TIMEOUT:-30}"
 CONF=/etc/slurm/slurm.conf
 MUNGE_PID=/run/munge/munged.pid
-LOCK=/tmp/resbm-slurm.lock
+# Root-only places: this runs as root and deletes and moves files in the state directory, so no
+# path may sit where another user can plant a symlink or a directory of their own (/tmp).
+LOCK=/run/resbm-slurm.lock
 T0=$(date +%s.%N)
 
 log() { echo "start.sh: $*" >&2; }
@@ -54,11 +56,39 @@ done
 [[ "$PARTITION" =~ ^[A-Za-z0-9_-]+$ ]] || fail "PARTITION must be [A-Za-z0-9_-]+, got '$PARTITION'"
 [[ -n "$STATE" && "$STATE" == /* && "$STATE" != / ]] || fail "SLURM_TEST_STATE must be an absolute path other than /"
 
+root_only() {  # root_only PATH: PATH and every directory above it are root's and not a symlink,
+    # and none is writable by others unless sticky (/tmp), where others cannot rename our entries
+    local p="$1" mode
+    while [[ -n "$p" ]]; do
+        if [[ -e "$p" || -L "$p" ]]; then
+            [[ ! -L "$p" ]] || fail "$p is a symlink; refusing to use it as root (remove it, or set SLURM_TEST_STATE)"
+            [[ "$(stat -c %u "$p")" == 0 ]] || fail "$p is owned by uid $(stat -c %u "$p"), not root; refusing to use it"
+            mode=$((8#$(stat -c %a "$p")))
+            if [[ "$p" == "$1" ]]; then
+                (( (mode & 8#022) == 0 )) || fail "$p is writable by group or others; refusing to use it"
+            else
+                (( (mode & 8#022) == 0 || (mode & 8#1000) )) || fail "$p is writable by others (and not sticky); refusing to use a path below it"
+            fi
+        fi
+        [[ "$p" == / ]] && break
+        p="$(dirname "$p")"
+    done
+}
+private_dir() {  # private_dir DIR: create it (root, 0755) or check an existing one
+    root_only "$1"
+    mkdir -p -m 0755 "$1" || fail "cannot create $1"
+    root_only "$1"
+}
+
 # One start/stop at a time on this machine (/etc/slurm/slurm.conf and the ports are global).
 # The daemons are started with fd 9 closed, else they would hold the lock for their lifetime.
+root_only "$(dirname "$LOCK")"
+[[ ! -L "$LOCK" ]] || fail "$LOCK is a symlink; refusing to use it"
 exec 9>"$LOCK"
 flock -w 120 9 || fail "could not get the lock $LOCK within 120 s (another start.sh/stop.sh running?)"
 export RESBM_SLURM_LOCKED=1   # lets our own call of stop.sh skip the lock
+private_dir "$STATE"
+private_dir "$STATE/log"
 
 NODE_NAMES=()
 for ((k = 1; k <= NODES; k++)); do NODE_NAMES+=("n$k"); done
@@ -150,6 +180,13 @@ healthy() {
     nodes_in 'idle|alloc|mix|comp'
 }
 
+# a cluster started with another state directory (e.g. an older default) holds the ports: stop it
+prev_state="$(head -n1 "$CONF" 2>/dev/null | sed -n 's/^# resbm-slurm-test-cluster state=//p' || true)"
+if [[ -n "$prev_state" && "$prev_state" != "$STATE" ]] && command -v scontrol >/dev/null; then
+    log "the running configuration names state=$prev_state; stopping that cluster first"
+    SLURM_TEST_STATE="$prev_state" "$HERE/stop.sh" >&2 || fail "stop.sh failed for the cluster in $prev_state"
+fi
+
 if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && any_ours_running; then
     if healthy; then
         echo "slurm test cluster already running and healthy: nodes=${NODE_NAMES[*]} cpus/node=$CPUS_PER_NODE partition=$PARTITION ctld_port=$CTLD_PORT state=$STATE (nothing to do)"
@@ -169,14 +206,14 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     log "installing slurmctld slurmd slurm-client munge (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     pkgs=(slurmctld slurmd slurm-client munge)
-    if ! apt-get install -y --no-install-recommends "${pkgs[@]}" >"/tmp/resbm-slurm-apt.log" 2>&1; then
+    if ! apt-get install -y --no-install-recommends "${pkgs[@]}" >"$STATE/log/apt.log" 2>&1; then
         log "apt-get install failed; running apt-get update and retrying"
-        apt-get update >>"/tmp/resbm-slurm-apt.log" 2>&1 || true
-        apt-get install -y --no-install-recommends "${pkgs[@]}" >>"/tmp/resbm-slurm-apt.log" 2>&1 \
-            || fail "apt-get install ${pkgs[*]} failed" /tmp/resbm-slurm-apt.log
+        apt-get update >>"$STATE/log/apt.log" 2>&1 || true
+        apt-get install -y --no-install-recommends "${pkgs[@]}" >>"$STATE/log/apt.log" 2>&1 \
+            || fail "apt-get install ${pkgs[*]} failed" $STATE/log/apt.log
     fi
     for b in slurmctld slurmd sbatch srun sinfo scontrol munged; do
-        command -v "$b" >/dev/null || fail "$b is still missing after apt-get install" /tmp/resbm-slurm-apt.log
+        command -v "$b" >/dev/null || fail "$b is still missing after apt-get install" $STATE/log/apt.log
     done
 fi
 
@@ -197,8 +234,8 @@ if ! munge_ok; then
     fi
     rm -f "$MUNGE_PID"
     # --force: start even if a stale socket exists (e.g. after a crash)
-    runuser -u munge -- /usr/sbin/munged --force >/tmp/resbm-munged.out 2>&1 9>&- \
-        || fail "munged failed to start: $(cat /tmp/resbm-munged.out)" /var/log/munge/munged.log
+    runuser -u munge -- /usr/sbin/munged --force >$STATE/log/munged.out 2>&1 9>&- \
+        || fail "munged failed to start: $(cat $STATE/log/munged.out)" /var/log/munge/munged.log
     deadline=$(($(date +%s) + START_TIMEOUT))
     until munge_ok || (($(date +%s) >= deadline)); do sleep 0.1; done
     munge_ok || fail "munged started but munge -n | unmunge still fails after ${START_TIMEOUT}s" /var/log/munge/munged.log

@@ -6,7 +6,7 @@
 # slurmd(s), slurmctld and munged by the pids in their pid files. Idempotent: safe when nothing runs.
 #
 # Environment (defaults in brackets):
-#   SLURM_TEST_STATE  state directory; else read from /etc/slurm/slurm.conf's marker [/tmp/resbm-slurm]
+#   SLURM_TEST_STATE  state directory; else read from /etc/slurm/slurm.conf's marker [/run/resbm-slurm]
 #   STOP_TIMEOUT      seconds to wait for jobs/steps to end                          [30]
 #   KEEP_MUNGE=1      leave munged running
 # Exit status: 0 when everything stopped; 1 if job steps or daemons were still alive at the end.
@@ -14,7 +14,7 @@ set -uo pipefail
 
 CONF=/etc/slurm/slurm.conf
 MUNGE_PID=/run/munge/munged.pid
-LOCK=/tmp/resbm-slurm.lock
+LOCK=/run/resbm-slurm.lock   # root-only /run, as in start.sh
 STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
 T0=$(date +%s.%N)
 log() { echo "stop.sh: $*" >&2; }
@@ -27,10 +27,16 @@ if [[ -n "${SLURM_TEST_STATE:-}" ]]; then
 elif [[ -f "$CONF" ]] && head -n1 "$CONF" | grep -q '^# resbm-slurm-test-cluster state=/'; then
     STATE="$(head -n1 "$CONF" | sed 's/^# resbm-slurm-test-cluster state=//')"
 else
-    STATE=/tmp/resbm-slurm
+    STATE=/run/resbm-slurm
+fi
+# the pid files it signals must be root's: a planted state directory could name any process
+if [[ -e "$STATE" || -L "$STATE" ]] && { [[ -L "$STATE" ]] || [[ "$(stat -c %u "$STATE")" != 0 ]]; }; then
+    log "ERROR: $STATE is a symlink or not owned by root; refusing to act on its pid files"
+    exit 1
 fi
 
 if [[ -z "${RESBM_SLURM_LOCKED:-}" ]]; then
+    [[ ! -L "$LOCK" ]] || { log "ERROR: $LOCK is a symlink; refusing to use it"; exit 1; }
     exec 9>"$LOCK"
     flock -w 120 9 || { log "ERROR: could not get the lock $LOCK within 120 s"; exit 1; }
 fi

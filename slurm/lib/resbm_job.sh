@@ -19,11 +19,16 @@
 #   RESBM_MASTER_PORT   rendezvous port                              [20000 + job id % 10000]
 #   RESBM_DIST_TIMEOUT  seconds a rank waits for its peers (rendezvous, collectives)      [300]
 #   RESBM_SRUN_WAIT     seconds srun lets the other tasks run after the first one ended   [60]
-#   RESBM_SRUN_ARGS     extra options for the job step's srun (split on spaces)           []
+#   RESBM_SRUN_ARGS     extra options for the job step's srun (split on whitespace, never
+#                       glob-expanded; an option cannot hold a space)                     []
 #   RESBM_STRICT_LAYOUT 1 = a node holding several stages / a stage spanning nodes is an error [0]
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-built ops   [$HOME/.cache/resbm_ds/torch_extensions]
 
 resbm_log() { echo "resbm: $*"; }
+# resbm_job_field NAME: a field of this job. The multi-line `scontrol show job` puts Command=,
+# WorkDir=, StdErr= and StdOut= each on a line of its own, so a path with spaces stays whole
+# (the one-line -o form separates fields by spaces too).
+resbm_job_field() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n "s/^ *$1=//p" | head -n1; }
 resbm_warn() { echo "resbm: WARNING: $*" >&2; }
 resbm_die() {   # resbm_die MESSAGE: a problem found before any rank started; ends the job
     echo "resbm: ERROR: $*" >&2
@@ -162,7 +167,7 @@ resbm_setup() {
     mkdir -p "$RESBM_RUN_DIR/logs" || resbm_die "cannot create the run directory $RESBM_RUN_DIR"
     # keep a pointer to this job's Slurm log next to the run's outputs
     local stdout_path
-    stdout_path=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* StdOut=\([^ ]*\).*/\1/p')
+    stdout_path=$(resbm_job_field StdOut)
     if [[ -n "$stdout_path" && -e "$stdout_path" ]]; then
         ln -sfn "$stdout_path" "$RESBM_RUN_DIR/logs/slurm-$SLURM_JOB_ID.out" 2>/dev/null || true
     fi
@@ -224,8 +229,8 @@ _resbm_on_signal() { RESBM_SIGNALLED="$1"; }
 resbm_launch() {
     local pattern="$1" step=()
     local common=(--nodes="$RESBM_NNODES" --kill-on-bad-exit=1 --wait="$RESBM_SRUN_WAIT")
-    # shellcheck disable=SC2206
-    local extra=(${RESBM_SRUN_ARGS:-})
+    local extra=()
+    read -ra extra <<<"${RESBM_SRUN_ARGS:-}"   # words, not globs: '*' stays '*'
     export RESBM_ENTRY RESBM_NNODES RESBM_PER_NODE
     case "$pattern" in
         srun)   # one task per rank; resbm_ds maps SLURM_PROCID/NTASKS/LOCALID to RANK/WORLD_SIZE/LOCAL_RANK
