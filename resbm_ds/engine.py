@@ -37,6 +37,9 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+INIT_FROM_USE = "train.init_from=<checkpoints>/{tag}"
+
+
 def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config:
     """Every check of a run's settings, in one place and before any process group exists: the
     config's own (`Config.validate`) and, with model.init_from_hf, that the transformers checkpoint
@@ -47,7 +50,7 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
     if cfg.train.init_from:
         try:
-            checkpoint_dir(cfg.train.init_from)
+            checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
         except FileNotFoundError as e:
             raise ConfigError("train.init_from", cfg.train.init_from, str(e)) from None
         check_init_from(cfg)
@@ -146,7 +149,7 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
     if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
-        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from))
+        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE))
     # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
     meter, link = WireMeter(), LinkEmulator(cfg.wire)
     chain.install([WireCodec(cfg.wire), meter, link])

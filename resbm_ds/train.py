@@ -41,9 +41,10 @@ from .data.batches import PackedBatches, TextSource, validation_batches
 from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
+from .manifest import newest_complete, write_manifest
 from .metrics import Metrics, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints
+from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints, tags
 from .slurm_layout import report_layout
 
 
@@ -129,14 +130,15 @@ def make_tokenizer(cfg: Config, train: TextSource):
 # ---- checkpoints -----------------------------------------------------------------------------
 
 def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int) -> str:
-    """All ranks write their files under a new tag; only then does rank 0 point `latest` at it,
-    atomically (write + rename), and prune old tags (train.keep_last). A run killed mid-save
-    therefore resumes from the previous tag."""
+    """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
+    manifest (manifest.py) and point `latest` at it, each atomically (write + rename), and prune old
+    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag."""
     tag = f"step{step}"
     rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                               client_state={"step": step, "data": train_data.state_dict()})
     dist.barrier()
     if dist.get_rank() == 0:
+        write_manifest(ckpt_dir / tag)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -146,7 +148,21 @@ def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBa
 
 
 def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
-    path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    """The tag's files were checked against its manifest before the process group (run_dir.plan_run);
+    a checkpoint without one (an older run) that DeepSpeed cannot read is reported in one line too."""
+    try:
+        path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except UnsafeCheckpoint:
+        raise
+    except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
+        have = tags(ckpt_dir)
+        older = have[:have.index(tag)] if tag in have else []
+        prev = newest_complete(ckpt_dir, before=tag) or (older[-1] if older else None)
+        offer = (f"continue from the previous complete checkpoint with --resume-from {prev}" if prev
+                 else "no earlier checkpoint to continue from")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
+                            f"{offer}") from None
     if path is None or not client:
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
     train_data.load_state_dict(client["data"])

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
     {"config"},                                   # config: schema and validation, the dtype table
-    {"model", "wire", "data", "metrics"},         # parts: the network, the wire chain, data, metrics.jsonl
+    {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
+                                                  # metrics.jsonl, checkpoint manifests
     {"optim", "hf", "slurm_layout", "checkpoints", "run_dir"},   # optimizers, transformers interop,
                                                   # layout report, checkpoint files, run directories
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
