@@ -1,6 +1,7 @@
 """Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,22 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     return cfg
 
 
+@contextlib.contextmanager
+def shm_allreduce_off(backend: str):
+    """On CPU, DeepSpeed's comm backend sets up its shared-memory all-reduce when LOCAL_SIZE (set by
+    the `deepspeed` launcher) equals the world size: each rank creates a 69 MB
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that nothing ever unlinks
+    (csrc/cpu/comm/shm.cpp), so every deepspeed-launched run left them behind. Only its
+    inference_all_reduce uses it; training goes through torch.distributed over gloo. So hide
+    LOCAL_SIZE while the backend initialises, and the buffers are never created."""
+    saved = os.environ.pop("LOCAL_SIZE", None) if backend == "gloo" else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_SIZE"] = saved
+
+
 def init_distributed(timeout_s: int | None = None):
     """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher.
 
@@ -73,8 +90,9 @@ def init_distributed(timeout_s: int | None = None):
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        with shm_allreduce_off(backend):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError, ImportError) as e:
         if "extension" not in str(e).lower() and "ninja" not in str(e).lower():
             raise

@@ -15,7 +15,10 @@ Outputs in `train.out_dir`:
 
 SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
-signal number; `--resume` continues at the next step.
+signal number; `--resume` continues at the next step. A launcher that ends (the `deepspeed` runner
+on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a phase
+of a step that makes no progress for RESBM_DIST_TIMEOUT seconds ends the rank with one line
+(watch.py).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from .metrics import Metrics, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
 from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints, tags
 from .slurm_layout import report_layout
+from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
 
 class TrainingError(RuntimeError):
@@ -53,11 +57,11 @@ class TrainingError(RuntimeError):
 
 
 class Stopped(Exception):
-    """A stop signal arrived; the run saved a checkpoint and ends with 128 + signum."""
+    """A stop signal arrived (or the launcher ended); the run saved a checkpoint and ends with 128 + signum."""
 
-    def __init__(self, signum: int, step: int, tag: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {tag} saved; "
-                         "continue with --resume")
+    def __init__(self, signum: int, step: int, tag: str, reason: str = ""):
+        why = f"after step {step} ({reason})" if reason else f"by {signal.Signals(signum).name} after step {step}"
+        super().__init__(f"stopped {why}: checkpoint {tag} saved; continue with --resume")
         self.signum = signum
 
 
@@ -68,9 +72,14 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.reason = 0, ""
         for s in self.SIGNALS:
             signal.signal(s, self._record)
+
+    def request(self, signum: int, reason: str):
+        """A stop for another cause than a signal to this rank (watch.LauncherWatch: the launcher ended)."""
+        if not self.signum:
+            self.reason, self.signum = reason, signum
 
     def _record(self, signum, frame):
         if signum == signal.SIGINT and self.signum:
@@ -230,12 +239,16 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan):
     out, t = plan.out, cfg.train
     stop = StopSignals()
+    LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     tok = make_tokenizer(cfg, train_src)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
+    peers = Peers()
+    rt.meter.take()    # the peer table's gather is not part of step 1's figures
+    progress = ProgressWatch(peers)
     if rank0 and plan.overwrite:
         clear_run(out)
     dist.barrier()
@@ -270,8 +283,13 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
     ok = False
     try:
-        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir)
+        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress)
         ok = True
+    except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
+        line = None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else peer_failure(e, peers)
+        if line is None:
+            raise
+        raise TrainingError(line) from None
     finally:
         if bar:
             bar.close()
@@ -281,23 +299,27 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     return loss
 
 
-def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) -> float:
+def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress) -> float:
+    """The loop; each phase (train step, eval, save) runs under `progress`'s RESBM_DIST_TIMEOUT deadline."""
     t, dp = cfg.train, rt.dp_size
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (rt.num_stages - 1) * dp
     flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
     if cfg.train.init_from and start == 0:
         t0 = time.perf_counter()
-        metrics.log(dict(step=0, val_loss=evaluate(rt, cfg, val_src, tok), tokens=0,
+        with progress.phase("the step-0 evaluation"):
+            val0 = evaluate(rt, cfg, val_src, tok)
+        metrics.log(dict(step=0, val_loss=val0, tokens=0,
                          eval_s=time.perf_counter() - t0, time=time.time()))
         rt.meter.take()
     loss = float("nan")
     for step in range(start + 1, t.steps + 1):
         lr = rt.engine.get_lr()[0]
         t0 = time.perf_counter()
-        loss = float(rt.engine.train_batch(data_iter=data))
-        dt = time.perf_counter() - t0
-        fwd, bwd, other, stop_signum = step_totals(rt, stop)
+        with progress.phase(f"step {step}"):
+            loss = float(rt.engine.train_batch(data_iter=data))
+            dt = time.perf_counter() - t0
+            fwd, bwd, other, stop_signum = step_totals(rt, stop)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
         grad_norm = rt.engine.get_global_grad_norm()
@@ -316,7 +338,8 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) 
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
             t0 = time.perf_counter()
-            val = evaluate(rt, cfg, val_src, tok)
+            with progress.phase(f"the evaluation after step {step}"):
+                val = evaluate(rt, cfg, val_src, tok)
             rt.meter.take()   # evaluation traffic is not part of the next step's figures
             metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step,
                              eval_s=time.perf_counter() - t0, time=time.time()))
@@ -324,10 +347,11 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) 
                 bar.write(f"step {step}: val_loss {val:.4f}")
         if step % t.save_every == 0 or step == t.steps or stop_signum:
             t0 = time.perf_counter()
-            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            with progress.phase(f"the checkpoint save at step {step}"):
+                tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
-                raise Stopped(stop_signum, step, tag)
+                raise Stopped(stop_signum, step, tag, stop.reason)
     return loss
 
 
