@@ -5,7 +5,8 @@ A pipeline checkpoint holds one file per layer, named by the layer's global inde
 data-parallel replicas (each layer is written once; a tied head writes no file, it is the
 embedding). So a model can be read from any checkpoint into any layout, layer by layer. Files are
 read with `torch.load(weights_only=True)`: tensors only, no code from the file runs; DeepSpeed's
-own loads (--resume) are switched to the same (`load_deepspeed_checkpoints_safely`).
+own loads (--resume) are switched to the same (`load_deepspeed_checkpoints_safely`). Before any
+file is read, the tag's files are checked against its manifest (manifest.py).
 """
 from __future__ import annotations
 
@@ -20,14 +21,18 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
+from .manifest import sibling_tags, verify
+
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
 
 
-def checkpoint_dir(path, tag: str | None = None) -> Path:
+def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Path:
     """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
-    directory (tag from its `latest` file), or the tag directory itself."""
+    directory (tag from its `latest` file), or the tag directory itself; its files checked against
+    its manifest (manifest.py; `use` says how to name the previous complete tag instead)."""
     p = Path(path)
     if any(p.glob("layer_*-model_states.pt")):
+        verify(p, use)
         return p
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
@@ -36,9 +41,13 @@ def checkpoint_dir(path, tag: str | None = None) -> Path:
         if not latest.is_file():
             raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
         tag = latest.read_text().strip()
+        if not (p / tag).is_dir():
+            raise FileNotFoundError(f"{latest} names {tag!r}, which is missing; tags in {p}: "
+                                    f"{sibling_tags(p) or 'none'} (pass one: {use.format(tag='TAG')})")
     d = p / tag
     if not any(d.glob("layer_*-model_states.pt")):
         raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
+    verify(d, use)
     return d
 
 

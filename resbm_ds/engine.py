@@ -1,6 +1,7 @@
 """Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +38,9 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+INIT_FROM_USE = "train.init_from=<checkpoints>/{tag}"
+
+
 def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config:
     """Every check of a run's settings, in one place and before any process group exists: the
     config's own (`Config.validate`) and, with model.init_from_hf, that the transformers checkpoint
@@ -48,12 +52,28 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
         check_hf_weights(cfg.model, cfg.model.init_from_hf)
     if cfg.train.init_from:
         try:
-            checkpoint_dir(cfg.train.init_from)
+            checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
         except FileNotFoundError as e:
             raise ConfigError("train.init_from", cfg.train.init_from, str(e)) from None
         check_init_from(cfg)
     cfg._checked_world_size = world_size
     return cfg
+
+
+@contextlib.contextmanager
+def shm_allreduce_off(backend: str):
+    """On CPU, DeepSpeed's comm backend sets up its shared-memory all-reduce when LOCAL_SIZE (set by
+    the `deepspeed` launcher) equals the world size: each rank creates a 69 MB
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that nothing ever unlinks
+    (csrc/cpu/comm/shm.cpp), so every deepspeed-launched run left them behind. Only its
+    inference_all_reduce uses it; training goes through torch.distributed over gloo. So hide
+    LOCAL_SIZE while the backend initialises, and the buffers are never created."""
+    saved = os.environ.pop("LOCAL_SIZE", None) if backend == "gloo" else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_SIZE"] = saved
 
 
 def init_distributed(timeout_s: int | None = None):
@@ -71,8 +91,9 @@ def init_distributed(timeout_s: int | None = None):
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        with shm_allreduce_off(backend):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError, ImportError) as e:
         if "extension" not in str(e).lower() and "ninja" not in str(e).lower():
             raise
@@ -147,7 +168,7 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
     if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
-        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from))
+        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE))
     # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
     meter, link = WireMeter(), LinkEmulator(cfg.wire)
     chain.install([WireCodec(cfg.wire), meter, link])

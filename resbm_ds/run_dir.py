@@ -5,6 +5,8 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
     --resume         from checkpoints/latest; refused when tags exist but `latest` is missing or
                      names a missing tag (it lists the tags: pass --resume-from TAG)
     --resume-from T  from tag T
+    either resume    refused when the tag's files do not match its manifest (manifest.py), naming
+                     the file and the previous complete tag
     a changed config on resume: only RESUMABLE keys may change (more steps, logging, trackers, the
                      emulated link); any other difference is refused, naming the keys
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, UserError
+from .manifest import verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
@@ -129,6 +132,8 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
             raise RunDirError(f"train.out_dir={out} already holds a run ({', '.join(held)}"
                               f"{f': {len(have)} checkpoints' if have else ''}): continue it with --resume, "
                               "start over with --overwrite, or choose another train.out_dir")
+    if tag is not None:
+        verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
     if tag is not None and saved is not None:

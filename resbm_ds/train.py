@@ -15,7 +15,10 @@ Outputs in `train.out_dir`:
 
 SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
-signal number; `--resume` continues at the next step.
+signal number; `--resume` continues at the next step. A launcher that ends (the `deepspeed` runner
+on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a phase
+of a step that makes no progress for RESBM_DIST_TIMEOUT seconds ends the rank with one line
+(watch.py).
 """
 from __future__ import annotations
 
@@ -41,10 +44,12 @@ from .data.batches import PackedBatches, TextSource, check_local_file, tokenize_
 from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
+from .manifest import newest_complete, write_manifest
 from .metrics import Metrics, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, write_layout
+from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
+from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
 
 class TrainingError(RuntimeError):
@@ -52,11 +57,11 @@ class TrainingError(RuntimeError):
 
 
 class Stopped(Exception):
-    """A stop signal arrived; the run saved a checkpoint and ends with 128 + signum."""
+    """A stop signal arrived (or the launcher ended); the run saved a checkpoint and ends with 128 + signum."""
 
-    def __init__(self, signum: int, step: int, tag: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {tag} saved; "
-                         "continue with --resume")
+    def __init__(self, signum: int, step: int, tag: str, reason: str = ""):
+        why = f"after step {step} ({reason})" if reason else f"by {signal.Signals(signum).name} after step {step}"
+        super().__init__(f"stopped {why}: checkpoint {tag} saved; continue with --resume")
         self.signum = signum
 
 
@@ -67,9 +72,14 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.reason = 0, ""
         for s in self.SIGNALS:
             signal.signal(s, self._record)
+
+    def request(self, signum: int, reason: str):
+        """A stop for another cause than a signal to this rank (watch.LauncherWatch: the launcher ended)."""
+        if not self.signum:
+            self.reason, self.signum = reason, signum
 
     def _record(self, signum, frame):
         if signum == signal.SIGINT and self.signum:
@@ -136,14 +146,15 @@ def make_tokenizer(cfg: Config, train: TextSource):
 # ---- checkpoints -----------------------------------------------------------------------------
 
 def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int) -> str:
-    """All ranks write their files under a new tag; only then does rank 0 point `latest` at it,
-    atomically (write + rename), and prune old tags (train.keep_last). A run killed mid-save
-    therefore resumes from the previous tag."""
+    """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
+    manifest (manifest.py) and point `latest` at it, each atomically (write + rename), and prune old
+    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag."""
     tag = f"step{step}"
     rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                               client_state={"step": step, "data": train_data.state_dict()})
     dist.barrier()
     if dist.get_rank() == 0:
+        write_manifest(ckpt_dir / tag)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -153,7 +164,21 @@ def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBa
 
 
 def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
-    path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    """The tag's files were checked against its manifest before the process group (run_dir.plan_run);
+    a checkpoint without one (an older run) that DeepSpeed cannot read is reported in one line too."""
+    try:
+        path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except UnsafeCheckpoint:
+        raise
+    except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
+        have = tags(ckpt_dir)
+        older = have[:have.index(tag)] if tag in have else []
+        prev = newest_complete(ckpt_dir, before=tag) or (older[-1] if older else None)
+        offer = (f"continue from the previous complete checkpoint with --resume-from {prev}" if prev
+                 else "no earlier checkpoint to continue from")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
+                            f"{offer}") from None
     if path is None or not client:
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
     train_data.load_state_dict(client["data"])
@@ -241,11 +266,15 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
     out, t = plan.out, cfg.train
     stop = StopSignals()
+    LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
+    peers = Peers()
+    rt.meter.take()    # the peer table's gather is not part of step 1's figures
+    progress = ProgressWatch(peers)
     if rank0 and plan.overwrite:
         clear_run(out)
     dist.barrier()
@@ -281,8 +310,13 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
     ok = False
     try:
-        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir)
+        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress)
         ok = True
+    except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
+        line = None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else peer_failure(e, peers)
+        if line is None:
+            raise
+        raise TrainingError(line) from None
     finally:
         if bar:
             bar.close()
@@ -292,23 +326,27 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     return loss
 
 
-def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) -> float:
+def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress) -> float:
+    """The loop; each phase (train step, eval, save) runs under `progress`'s RESBM_DIST_TIMEOUT deadline."""
     t, dp = cfg.train, rt.dp_size
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (rt.num_stages - 1) * dp
     flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
     if cfg.train.init_from and start == 0:
         t0 = time.perf_counter()
-        metrics.log(dict(step=0, val_loss=evaluate(rt, cfg, val_src, tok), tokens=0,
+        with progress.phase("the step-0 evaluation"):
+            val0 = evaluate(rt, cfg, val_src, tok)
+        metrics.log(dict(step=0, val_loss=val0, tokens=0,
                          eval_s=time.perf_counter() - t0, time=time.time()))
         rt.meter.take()
     loss = float("nan")
     for step in range(start + 1, t.steps + 1):
         lr = rt.engine.get_lr()[0]
         t0 = time.perf_counter()
-        loss = float(rt.engine.train_batch(data_iter=data))
-        dt = time.perf_counter() - t0
-        fwd, bwd, other, stop_signum = step_totals(rt, stop)
+        with progress.phase(f"step {step}"):
+            loss = float(rt.engine.train_batch(data_iter=data))
+            dt = time.perf_counter() - t0
+            fwd, bwd, other, stop_signum = step_totals(rt, stop)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
         grad_norm = rt.engine.get_global_grad_norm()
@@ -327,7 +365,8 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) 
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
             t0 = time.perf_counter()
-            val = evaluate(rt, cfg, val_src, tok)
+            with progress.phase(f"the evaluation after step {step}"):
+                val = evaluate(rt, cfg, val_src, tok)
             rt.meter.take()   # evaluation traffic is not part of the next step's figures
             metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step,
                              eval_s=time.perf_counter() - t0, time=time.time()))
@@ -335,10 +374,11 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir) 
                 bar.write(f"step {step}: val_loss {val:.4f}")
         if step % t.save_every == 0 or step == t.steps or stop_signum:
             t0 = time.perf_counter()
-            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            with progress.phase(f"the checkpoint save at step {step}"):
+                tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
-                raise Stopped(stop_signum, step, tag)
+                raise Stopped(stop_signum, step, tag, stop.reason)
     return loss
 
 

@@ -14,9 +14,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
     {"config"},                                   # config: schema and validation, the dtype table
-    {"model", "wire", "data", "metrics"},         # parts: the network, the wire chain, data, metrics.jsonl
-    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir"},   # optimizers, transformers interop,
-                                                  # layout report, checkpoint files, run directories
+    {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
+                                                  # metrics.jsonl, checkpoint manifests
+    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir", "watch"},   # optimizers, transformers
+                                                  # interop, layout report, checkpoint files, run
+                                                  # directories, launcher / progress / peer watches
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"train", "export"},                          # loop: the training loop; consolidated models
     {"generate", "spectrum", "corpus", "bench"},  # tools (README "How it is built" has this table)

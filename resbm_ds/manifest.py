@@ -1,0 +1,118 @@
+"""A checkpoint's manifest: the sha256 and size of every file in its tag directory, written last at
+save time and checked on every read (--resume, export, spectrum, train.init_from).
+
+    <checkpoints>/<tag>/manifest.json   {"format": 1, "files": {"layer_00-model_00-model_states.pt":
+                                         {"bytes": N, "sha256": "..."}, ...}}
+
+It is written after DeepSpeed has written the tag's files and before `latest` moves to the tag, by
+write + rename, so a manifest exists only for a checkpoint that was saved whole. On a read, a
+listed file that is missing, has another size or other bytes refuses the checkpoint in one line
+that names the file and the newest earlier tag that verifies. A tag without a manifest is refused
+when its siblings have one (its save was cut short); a run with no manifests at all (written
+before manifests existed) is read with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+TAG_STEP = re.compile(r"(\d+)$")
+
+
+class IncompleteCheckpoint(FileNotFoundError):
+    """A checkpoint with a missing, truncated or modified file: it is not loaded. A FileNotFoundError,
+    so every reader that reports a missing checkpoint in one line reports this one too."""
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> Path:
+    """Hash every file under `tag_dir` (DeepSpeed has finished writing it) into its manifest."""
+    tag_dir = Path(tag_dir)
+    files = {str(p.relative_to(tag_dir)): dict(bytes=p.stat().st_size, sha256=file_digest(p))
+             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp")}
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(format=1, files=files), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tag_dir / MANIFEST)
+    return tag_dir / MANIFEST
+
+
+def sibling_tags(ckpt_dir: Path) -> list[str]:
+    """Tag directories beside each other (stepN), oldest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in Path(ckpt_dir).iterdir() if d.is_dir() and (m := TAG_STEP.search(d.name))]
+    return [name for _, name in sorted(found)]
+
+
+def problem(tag_dir: Path) -> str | None:
+    """What is wrong with a tag directory's files against its manifest; None when they all match.
+    A tag without a manifest is a problem only when a sibling tag has one."""
+    tag_dir = Path(tag_dir)
+    manifest = tag_dir / MANIFEST
+    if not tag_dir.is_dir():
+        return f"{tag_dir} is missing"
+    if not manifest.is_file():
+        if any((tag_dir.parent / t / MANIFEST).is_file() for t in sibling_tags(tag_dir.parent)):
+            return f"{manifest} is missing (the save of {tag_dir.name} did not finish)"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is unreadable"
+    for name, want in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} has {size:,} bytes, the manifest says {want['bytes']:,} (truncated or replaced)"
+        if file_digest(path) != want["sha256"]:
+            return f"{path} differs from the manifest (its sha256 changed: the file was modified or corrupted)"
+    return None
+
+
+def newest_complete(ckpt_dir: Path, before: str | None = None) -> str | None:
+    """The newest tag (older than `before`, when given) whose files verify and that has a manifest."""
+    tags = sibling_tags(ckpt_dir)
+    if before in tags:
+        tags = tags[:tags.index(before)]
+    return next((t for t in reversed(tags)
+                 if (Path(ckpt_dir) / t / MANIFEST).is_file() and problem(Path(ckpt_dir) / t) is None), None)
+
+
+_verified: set[tuple[str, float]] = set()
+
+
+def verify(tag_dir: Path, use: str = "--resume-from {tag}") -> None:
+    """Refuse a checkpoint whose files do not match its manifest, naming the file and the previous
+    complete checkpoint (`use` says how to pass it, e.g. '--resume-from {tag}'). Without any
+    manifest in the run: a warning on stderr. Each tag is hashed once per process."""
+    tag_dir = Path(tag_dir).resolve()
+    key = (str(tag_dir), (tag_dir / MANIFEST).stat().st_mtime if (tag_dir / MANIFEST).is_file() else 0.0)
+    if key in _verified:
+        return
+    wrong = problem(tag_dir)
+    if wrong is not None:
+        prev = newest_complete(tag_dir.parent, before=tag_dir.name)
+        offer = (f"continue from the previous complete checkpoint with {use.format(tag=prev)}" if prev else
+                 f"no earlier checkpoint in {tag_dir.parent} verifies")
+        raise IncompleteCheckpoint(f"checkpoint {tag_dir.name} is incomplete or modified: {wrong}; {offer}")
+    if not (tag_dir / MANIFEST).is_file():
+        print(f"[resbm] warning: {tag_dir} has no {MANIFEST} (saved before manifests existed): its files "
+              "cannot be checked for truncation or modification", file=sys.stderr, flush=True)
+    _verified.add(key)
