@@ -30,8 +30,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "resbm-"
 IFACE = "resbm0"                  # each node's interface, in its own namespace
@@ -241,6 +243,14 @@ class Cluster:
         return int(m.group(1)) if m else 0
 
 
+def payload_bytes(row: dict) -> tuple[int, int]:
+    """(sent, received) bytes above TCP of one metrics.jsonl row's kernel counters: the interface's
+    bytes less HEADER_BYTES per packet (what is left is gloo's messages, its framing and any
+    retransmissions)."""
+    return (row["net_tx_bytes"] - HEADER_BYTES * row["net_tx_packets"],
+            row["net_rx_bytes"] - HEADER_BYTES * row["net_rx_packets"])
+
+
 def down(cluster_id: str) -> list[str]:
     """Remove every resbm-<id>-* namespace; -> the names removed."""
     gone = []
@@ -260,12 +270,21 @@ def torchrun_command(cluster: Cluster, k: int, port: int, train_args: list[str],
         *train_args]
 
 
-def deepspeed_command(cluster: Cluster, k: int, port: int, train_args: list[str], nproc_per_node: int = 1) -> list[str]:
-    """The same with DeepSpeed's launcher: `deepspeed --no_ssh --node_rank K` (no hostfile needed)."""
+def deepspeed_command(cluster: Cluster, k: int, port: int, train_args: list[str], nproc_per_node: int = 1,
+                      hostfile: str = "") -> list[str]:
+    """The same with DeepSpeed's launcher: `deepspeed --no_ssh --node_rank K --hostfile H`. Its runner
+    needs a hostfile to count the nodes (without one it forces master_addr=127.0.0.1); with --no_ssh
+    the host names in it are never contacted."""
+    if train_args[:1] == ["-m"]:
+        train_args = ["--module", *train_args[1:]]
     return cluster.exec_prefix(k) + [
-        shutil.which("deepspeed") or "deepspeed", "--no_ssh", f"--num_nodes={cluster.nodes}", f"--node_rank={k}",
-        f"--num_gpus={nproc_per_node}", f"--master_addr={cluster.address(0)}", f"--master_port={port}",
-        *train_args]
+        shutil.which("deepspeed") or "deepspeed", "--no_ssh", f"--node_rank={k}", f"--hostfile={hostfile}",
+        f"--master_addr={cluster.address(0)}", f"--master_port={port}", *train_args]
+
+
+def write_hostfile(cluster: Cluster, path, nproc_per_node: int = 1) -> str:
+    Path(path).write_text("".join(f"node{k} slots={nproc_per_node}\n" for k in range(cluster.nodes)))
+    return str(path)
 
 
 def node_env(env: dict | None = None) -> dict:
@@ -281,11 +300,17 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
            launcher: str = "torchrun", port: int = 29577, timeout_s: float = 1800, cwd=None) -> list[int]:
     """Run one launcher per node (each writes to logs[k], a file object); -> their exit codes.
     If one node fails or time runs out, the others are killed (each in its own process group)."""
-    build = {"torchrun": torchrun_command, "deepspeed": deepspeed_command}[launcher]
-    e = node_env(env)
-    procs = [subprocess.Popen(build(cluster, k, port, train_args), stdout=logs[k], stderr=subprocess.STDOUT,
-                              env=e, cwd=cwd, start_new_session=True)
-             for k in range(cluster.nodes)]
+    e, scratch = node_env(env), None
+    if launcher == "torchrun":
+        cmds = [torchrun_command(cluster, k, port, train_args) for k in range(cluster.nodes)]
+    elif launcher == "deepspeed":
+        scratch = tempfile.mkdtemp(prefix="resbm-netem-")
+        hostfile = write_hostfile(cluster, Path(scratch) / "hostfile")
+        cmds = [deepspeed_command(cluster, k, port, train_args, hostfile=hostfile) for k in range(cluster.nodes)]
+    else:
+        raise NetemError(f"launcher {launcher!r}: expected torchrun or deepspeed")
+    procs = [subprocess.Popen(cmd, stdout=logs[k], stderr=subprocess.STDOUT, env=e, cwd=cwd, start_new_session=True)
+             for k, cmd in enumerate(cmds)]
     deadline = time.monotonic() + timeout_s
     try:
         while any(p.poll() is None for p in procs):
@@ -301,6 +326,8 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
                 except ProcessLookupError:
                     pass
                 p.wait()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     return [p.returncode for p in procs]
 
 
