@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import REPO_ROOT, Config
 
 METRICS_FILE = "metrics.jsonl"
+NET_IFACE_ENV = "RESBM_NET_IFACE"   # an interface whose kernel counters the trainer records (netem.py)
 TRACKER_IDS = "trackers.json"      # the W&B / MLflow run ids, so a resumed run continues the same run
 
 
@@ -162,6 +163,34 @@ def plain_line(row: dict, total: int) -> str:
              f"tok/s {row['tokens_per_s']:,.0f}", f"wire {(row['wire_bytes_fwd'] + row['wire_bytes_bwd']) / 1e6:.3f} MB",
              f"peak mem {row.get('peak_mem_mb', 0):,.0f} MB"]
     return f"{step} " + ", ".join(parts)
+
+
+class NetCounters:
+    """The kernel's byte and packet counters of one network interface, read from
+    /sys/class/net/IF/statistics (under `ip netns exec` that is the namespace's own sysfs). The
+    trainer records their change over each timed step as net_tx_bytes, net_rx_bytes,
+    net_tx_packets, net_rx_packets: an account of what crossed the link that does not depend on
+    our own meter (it includes TCP/IP headers, gloo's framing and retransmissions)."""
+
+    FIELDS = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
+
+    def __init__(self, iface: str):
+        self.iface, self.dir = iface, Path("/sys/class/net") / iface / "statistics"
+        if not self.dir.is_dir():
+            raise ValueError(f"{NET_IFACE_ENV}={iface}: no such network interface here "
+                             f"(have: {', '.join(sorted(p.name for p in self.dir.parent.parent.iterdir()))})")
+
+    @classmethod
+    def from_env(cls) -> "NetCounters | None":
+        iface = os.environ.get(NET_IFACE_ENV, "").strip()
+        return cls(iface) if iface else None
+
+    def read(self) -> dict[str, int]:
+        return {f: int((self.dir / f).read_text()) for f in self.FIELDS}
+
+    @staticmethod
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        return {f"net_{f}": after[f] - before[f] for f in NetCounters.FIELDS}
 
 
 # Dense bf16 peak FLOP/s per device, for MFU; CPUs and unknown devices get none (no MFU reported).

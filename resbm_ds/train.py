@@ -45,7 +45,7 @@ from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
 from .manifest import newest_complete, write_manifest
-from .metrics import Metrics, is_terminal, peak_flops, read_metrics
+from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
 from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
@@ -222,6 +222,7 @@ def parse_args(argv=None):
 def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
+    NetCounters.from_env()   # a RESBM_NET_IFACE that names no interface fails here, before any process group
     if args.print_config:
         return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)
@@ -332,6 +333,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (rt.num_stages - 1) * dp
     flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
+    net = NetCounters.from_env()   # a real link's kernel counters (netem.py), if the launcher named one
     if cfg.train.init_from and start == 0:
         t0 = time.perf_counter()
         with progress.phase("the step-0 evaluation"):
@@ -342,10 +344,12 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
     loss = float("nan")
     for step in range(start + 1, t.steps + 1):
         lr = rt.engine.get_lr()[0]
+        net_before = net.read() if net else None
         t0 = time.perf_counter()
         with progress.phase(f"step {step}"):
             loss = float(rt.engine.train_batch(data_iter=data))
             dt = time.perf_counter() - t0
+            net_step = NetCounters.delta(net_before, net.read()) if net else {}
             fwd, bwd, other, stop_signum = step_totals(rt, stop)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
@@ -356,7 +360,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
                    wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
-                   peak_mem_mb=peak_memory_mb(), time=time.time())
+                   peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step)
         if step % t.log_every == 0 or step == t.steps:
             metrics.log(row)
         if bar:

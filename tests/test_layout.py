@@ -21,6 +21,7 @@ LAYERS = [
                                                   # directories, launcher / progress / peer watches
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"train", "export"},                          # loop: the training loop; consolidated models
+    {"netem"},                                    # a real network: namespaces, shaped links, launches
     {"generate", "spectrum", "corpus", "bench"},  # tools (README "How it is built" has this table)
     {"harness"},                                  # lm-eval on exports (uses generate's loaders)
 ]
