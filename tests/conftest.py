@@ -44,3 +44,13 @@ def run_pipe_worker(tmp_path: Path, nprocs: int, steps: int, overrides, name="ru
     out = tmp_path / name
     launch([str(REPO / "tests" / "workers" / "pipe_worker.py"), str(out), str(steps), *overrides], nprocs)
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(nprocs)]
+
+
+def run_pipe_worker_cases(tmp_path: Path, nprocs: int, steps: int, cases: dict[str, list[str]]):
+    """Run several configs through tests/workers/pipe_worker.py in one launch; {name: per-rank reports}."""
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    launch([str(REPO / "tests" / "workers" / "pipe_worker.py"), str(tmp_path / "run"), str(steps),
+            f"--cases={spec}"], nprocs)
+    return {name: [json.loads((tmp_path / f"run.{name}.rank{r}.json").read_text()) for r in range(nprocs)]
+            for name in cases}

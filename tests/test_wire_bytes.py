@@ -3,7 +3,7 @@ behind every printed and stored ratio) against the wire meter of real 2-stage ru
 codec, baseline and boundary variant; and the traffic between stages outside p2p (collectives)."""
 import pytest
 
-from conftest import run_pipe_worker
+from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.config import ConfigError, load_config
 
 H, V, T, MB, GAS = 64, 256, 32, 2, 2
@@ -31,12 +31,18 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def case_reports(tmp_path_factory):
+    """Every case's 2-stage run, one after another in one launch (a fresh engine each)."""
+    return run_pipe_worker_cases(tmp_path_factory.mktemp("wire"), 2, 2,
+                                 {case: [*SMALL, *extra] for case, extra in CASES.items()})
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_predicted_bytes_and_ratio_equal_the_meter(case, tmp_path):
-    overrides = [*SMALL, *CASES[case]]
-    cfg = load_config(None, overrides).validate(world_size=2)
+def test_predicted_bytes_and_ratio_equal_the_meter(case, case_reports):
+    cfg = load_config(None, [*SMALL, *CASES[case]]).validate(world_size=2)
     fwd, bwd = cfg.wire_bytes_per_token
-    s0, s1 = run_pipe_worker(tmp_path, 2, 2, overrides)
+    s0, s1 = case_reports[case]
     for w0, w1 in zip(s0["wire"], s1["wire"]):
         assert w0["sent_fwd"] == w1["recv_fwd"] == TOKENS_PER_STEP * fwd, (case, w0, fwd)
         assert w1["sent_bwd"] == w0["recv_bwd"] == TOKENS_PER_STEP * bwd, (case, w1, bwd)

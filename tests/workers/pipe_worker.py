@@ -1,6 +1,8 @@
 """Runs a few pipeline training steps on a fixed synthetic token stream and writes a JSON report.
 
-Used by the core tests under torchrun/deepspeed: `pipe_worker.py OUT.json STEPS [overrides...]`.
+Used by the core tests under torchrun/deepspeed: `pipe_worker.py OUT STEPS [overrides...]`, or
+`pipe_worker.py OUT STEPS --cases=CASES.json` to run several configs ({name: [overrides...]}) one after
+another in the same process group, each on a fresh engine (one launch instead of one per config).
 The token stream is a learnable pattern (repeated random phrases) so the loss can fall in a few
 steps; the text pipeline has its own tests.
 """
@@ -32,6 +34,16 @@ def synthetic_batches(cfg, dp_rank, dp_size, seed=0):
 
 def main():
     out, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if overrides and overrides[0].startswith("--cases="):
+        with open(overrides[0][len("--cases="):]) as f:
+            cases = json.load(f)
+        for name, case_overrides in cases.items():
+            run(f"{out}.{name}", steps, case_overrides)
+    else:
+        run(out, steps, overrides)
+
+
+def run(out, steps, overrides):
     load = None
     if overrides and overrides[0].startswith("--load="):
         load, overrides = overrides[0][len("--load="):], overrides[1:]
