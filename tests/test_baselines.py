@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_pipe_worker
+from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.model.baselines import (NoSkipDecoder, NoSkipEncoder, SubspaceBlock, SubspaceDecoder, SubspaceEmbedding,
                                 SubspaceLinear, off_subspace)
 from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder
@@ -247,8 +247,18 @@ def per_step(bytes_per_token):
 
 
 @pytest.fixture(scope="module")
-def subspace_two_stage(tmp_path_factory):
-    return run_pipe_worker(tmp_path_factory.mktemp("subspace"), 2, STEPS, [*SMALL, "bottleneck.method=subspace"])
+def two_stage(tmp_path_factory):
+    """This file's 2-stage runs, one after another in one launch (a fresh engine each)."""
+    return run_pipe_worker_cases(tmp_path_factory.mktemp("baselines"), 2, STEPS, {
+        "subspace": [*SMALL, "bottleneck.method=subspace"],
+        "subspace_bf16": [*SMALL, "bottleneck.method=subspace", "deepspeed.bf16.enabled=true"],
+        "noskip": [*SMALL, "bottleneck.method=bottleneck-noskip"],
+    })
+
+
+@pytest.fixture(scope="module")
+def subspace_two_stage(two_stage):
+    return two_stage["subspace"]
 
 
 def test_subspace_trains_through_two_stages_sending_code_and_ids(subspace_two_stage):
@@ -275,16 +285,16 @@ def test_subspace_one_process_matches_two_stages(subspace_two_stage, tmp_path):
     assert worst < 1e-5, (worst, one["losses"], s0["losses"])
 
 
-def test_subspace_bf16_sends_bf16_code_and_int16_ids(tmp_path):
-    s0, s1 = run_pipe_worker(tmp_path, 2, STEPS, [*SMALL, "bottleneck.method=subspace", "deepspeed.bf16.enabled=true"])
+def test_subspace_bf16_sends_bf16_code_and_int16_ids(two_stage):
+    s0, s1 = two_stage["subspace_bf16"]
     assert s0["param_dtypes"] == ["torch.bfloat16"]
     assert falling(s1["losses"]), s1["losses"]
     assert s0["wire"][-1]["sent_fwd"] == per_step(2 * K + 2) and s1["wire"][-1]["sent_bwd"] == per_step(2 * K)
     assert s0["compression_ratio"] == 2 * H / (2 * K + 2)
 
 
-def test_noskip_trains_through_two_stages_sending_only_the_code(tmp_path):
-    s0, s1 = run_pipe_worker(tmp_path, 2, STEPS, [*SMALL, "bottleneck.method=bottleneck-noskip"])
+def test_noskip_trains_through_two_stages_sending_only_the_code(two_stage):
+    s0, s1 = two_stage["noskip"]
     assert s0["local_layers"][-1] == "NoSkipEncoder" and s1["local_layers"][0] == "NoSkipDecoder"
     assert falling(s1["losses"]), s1["losses"]
     assert s0["compression_ratio"] == H / K

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from conftest import run_pipe_worker
+from conftest import run_pipe_worker, run_pipe_worker_cases
 
 SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",
@@ -20,10 +20,33 @@ def per_step_bytes(width, elem_bytes, ids=0):
 
 
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory):
+def two_stage_cases(tmp_path_factory):
+    """The 2-stage runs of this file, one after another in one launch (a fresh engine each)."""
     tmp = tmp_path_factory.mktemp("two_stage")
-    reports = run_pipe_worker(tmp, 2, STEPS, ["--save=" + str(tmp / "ckpt"), *SMALL])
+    reports = run_pipe_worker_cases(tmp, 2, STEPS, {
+        "default": ["--save=" + str(tmp / "ckpt"), *SMALL],
+        "uncompressed": ["bottleneck.method=none", *SMALL],
+        "bf16": ["deepspeed.bf16.enabled=true", *SMALL],
+        "bf16_wire": ["bottleneck.wire_dtype=bf16", *SMALL],
+    })
     return tmp, reports
+
+
+@pytest.fixture(scope="module")
+def two_stage(two_stage_cases):
+    tmp, reports = two_stage_cases
+    return tmp, reports["default"]
+
+
+@pytest.fixture(scope="module")
+def one_process(two_stage, tmp_path_factory):
+    """The 1-process twin: trained as the 2-stage default, loaded from its checkpoint, and fresh."""
+    tmp, _ = two_stage
+    return run_pipe_worker_cases(tmp_path_factory.mktemp("one_process"), 1, STEPS, {
+        "trained": ["pipeline.stages=1", *SMALL],
+        "loaded": ["--load=" + str(tmp / "ckpt"), "--steps=0", "pipeline.stages=1", *SMALL],
+        "fresh": ["--steps=0", "pipeline.stages=1", *SMALL],
+    })
 
 
 def falling(losses):
@@ -43,9 +66,9 @@ def test_two_stages_train_and_send_only_the_code(two_stage):
         assert w0["sends"] == 2 * GAS and w1["sends"] == GAS   # (code, ids) per micro-batch; the code's gradient
 
 
-def test_one_process_matches_two_stages(two_stage, tmp_path):
+def test_one_process_matches_two_stages(two_stage, one_process):
     _, (s0, _) = two_stage
-    (one,) = run_pipe_worker(tmp_path, 1, STEPS, ["pipeline.stages=1", *SMALL])
+    (one,) = one_process["trained"]
     assert one["local_layers"].count("BottleneckEncoder") == 1   # the boundary is inside the stage
     assert all(w["sent_fwd"] == w["recv_bwd"] == 0 for w in one["wire"])
     # Same model, seed and data; only float summation order may differ (measured: 0 and 1e-7 relative).
@@ -53,11 +76,10 @@ def test_one_process_matches_two_stages(two_stage, tmp_path):
     assert worst < 1e-5, (worst, one["losses"], s0["losses"])
 
 
-def test_two_stage_checkpoint_loads_into_one_process(two_stage, tmp_path):
-    tmp, (s0, _) = two_stage
-    (one,) = run_pipe_worker(tmp_path, 1, 0, [f"--load={tmp / 'ckpt'}", "pipeline.stages=1", *SMALL])
+def test_two_stage_checkpoint_loads_into_one_process(two_stage, one_process):
+    _, (s0, _) = two_stage
+    (one,), (fresh,) = one_process["loaded"], one_process["fresh"]
     assert math.isclose(one["eval_loss"], s0["eval_loss"], rel_tol=1e-4)
-    fresh = run_pipe_worker(tmp_path, 1, 0, ["pipeline.stages=1", *SMALL], name="fresh")[0]
     assert abs(fresh["eval_loss"] - s0["eval_loss"]) > 1e-3   # the load did change the weights
 
 
@@ -72,8 +94,8 @@ def test_three_stages_train(tmp_path):
     assert w["recv_bwd"] == w["sent_bwd"] == per_step_bytes(H // 8, 4)
 
 
-def test_uncompressed_pipeline_sends_full_hidden_state(tmp_path):
-    s0, s1 = run_pipe_worker(tmp_path, 2, 2, ["bottleneck.method=none", *SMALL])
+def test_uncompressed_pipeline_sends_full_hidden_state(two_stage_cases):
+    s0, s1 = two_stage_cases[1]["uncompressed"]
     assert s0["compression_ratio"] == 1 and "BottleneckEncoder" not in s0["local_layers"]
     assert s0["wire"][-1]["sent_fwd"] == s1["wire"][-1]["sent_bwd"] == per_step_bytes(H, 4)
 
@@ -91,17 +113,17 @@ def test_pipeline_by_data_parallel_zero1_replicas_stay_identical(tmp_path):
     assert by_stage[0][0]["param_hash"] != by_stage[1][0]["param_hash"]
 
 
-def test_bf16_model_and_wire(tmp_path):
-    s0, s1 = run_pipe_worker(tmp_path, 2, STEPS, ["deepspeed.bf16.enabled=true", *SMALL])
+def test_bf16_model_and_wire(two_stage_cases):
+    s0, s1 = two_stage_cases[1]["bf16"]
     assert s0["param_dtypes"] == ["torch.bfloat16"]
     assert falling(s1["losses"]), s1["losses"]
     assert s0["wire"][-1]["sent_fwd"] == per_step_bytes(H // 8, 2, IDS)
     assert s1["wire"][-1]["sent_bwd"] == per_step_bytes(H // 8, 2)
 
 
-def test_fp32_model_with_bf16_wire_halves_the_bytes(tmp_path, two_stage):
-    _, (fp32_s0, _) = two_stage
-    s0, s1 = run_pipe_worker(tmp_path, 2, 3, ["bottleneck.wire_dtype=bf16", *SMALL])
+def test_fp32_model_with_bf16_wire_halves_the_bytes(two_stage_cases):
+    fp32_s0, _ = two_stage_cases[1]["default"]
+    s0, s1 = two_stage_cases[1]["bf16_wire"]
     assert s0["param_dtypes"] == ["torch.float32"]
     assert 2 * (s0["wire"][-1]["sent_fwd"] - per_step_bytes(0, 0, IDS)) == \
         fp32_s0["wire"][-1]["sent_fwd"] - per_step_bytes(0, 0, IDS)          # the code halves, the ids stay

@@ -1,8 +1,8 @@
 """Runs a few pipeline training steps on a fixed synthetic token stream and writes a JSON report.
 
 Used by the core tests under torchrun/deepspeed: `pipe_worker.py OUT STEPS [overrides...]`, or
-`pipe_worker.py OUT STEPS --cases=CASES.json` to run several configs ({name: [overrides...]}) one after
-another in the same process group, each on a fresh engine (one launch instead of one per config).
+`pipe_worker.py OUT STEPS --cases=CASES.json` to run several configs ({name: [flags and overrides...]})
+one after another in the same process group, each on a fresh engine (one launch instead of one per config).
 The token stream is a learnable pattern (repeated random phrases) so the loss can fall in a few
 steps; the text pipeline has its own tests.
 """
@@ -44,12 +44,12 @@ def main():
 
 
 def run(out, steps, overrides):
-    load = None
-    if overrides and overrides[0].startswith("--load="):
-        load, overrides = overrides[0][len("--load="):], overrides[1:]
-    save = None
-    if overrides and overrides[0].startswith("--save="):
-        save, overrides = overrides[0][len("--save="):], overrides[1:]
+    """One config; leading `--load=DIR`, `--save=DIR` and (in a case) `--steps=N` come before the overrides."""
+    flags = {}
+    while overrides and overrides[0].split("=")[0] in ("--load", "--save", "--steps"):
+        key, value = overrides[0][2:].split("=", 1)
+        flags[key], overrides = value, overrides[1:]
+    load, save, steps = flags.get("load"), flags.get("save"), int(flags.get("steps", steps))
     cfg = load_config(None, overrides)
     rt = build_engine(validate_before_launch(cfg))
     if load:
