@@ -146,9 +146,19 @@ def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("extra,phrase", [(["--jobs", "0"], "--jobs"), (["--only", "nothing-like-this"], "matches no run"),
                                           (["--link", "80m=1"], "--link"), (["--set", "bottleneck.width=0"], "bottleneck.width")])
-def test_convergence_suite_refuses_bad_arguments_before_training(tmp_path, extra, phrase):
+def test_convergence_suite_refuses_bad_arguments_before_training(tmp_path, capsys, extra, phrase):
+    """In this process, through the same cli-wrapped main the console script runs (one row below runs
+    the real command line too)."""
+    from resbm_ds.bench.__main__ import main
+    assert main(["--suite", "convergence", "--out", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_convergence_suite_bad_argument_on_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "resbm_ds.bench", "--suite", "convergence", "--out",
-                           str(tmp_path / "c"), *extra], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           str(tmp_path / "c"), "--jobs", "0"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and phrase in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--jobs" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "c" / "runs").exists()
