@@ -559,6 +559,9 @@ class Config:
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if key in ds and (not isinstance(ds[key], int) or ds[key] < 1):
                 raise ConfigError(f"deepspeed.{key}", ds[key], "must be an integer >= 1")
+        clip = ds.get("gradient_clipping", 0.0)
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+            raise ConfigError("deepspeed.gradient_clipping", clip, "must be a number >= 0 (0: no clipping)")
         for key in ("optimizer", "scheduler"):
             if key in ds:
                 raise ConfigError(f"deepspeed.{key}", ds[key],

@@ -47,6 +47,7 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     matches the model. `build_engine` accepts only a config that passed here."""
     world_size = world_size or world_size_from_env()
     cfg.validate(world_size=world_size)
+    check_deepspeed_schema(cfg)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
         check_hf_weights(cfg.model, cfg.model.init_from_hf)
@@ -74,6 +75,26 @@ def shm_allreduce_off(backend: str):
     finally:
         if saved is not None:
             os.environ["LOCAL_SIZE"] = saved
+
+
+def check_deepspeed_schema(cfg: Config) -> None:
+    """DeepSpeed's own schema (its pydantic section models and asserts), run now instead of inside
+    deepspeed.initialize: a wrong type or an unknown key in a section becomes a ConfigError naming it.
+    The batch size is left to DeepSpeed to derive (it assumes one process before the group exists)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    ds = {k: v for k, v in deepspeed_config(cfg, 1).items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(ds)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        section = next((s for s, v in ds.items() if isinstance(v, dict) and err["loc"] and err["loc"][0] in v), None)
+        key = "deepspeed." + (f"{section}." if section else "") + field
+        raise ConfigError(key, err.get("input"), f"{err['msg']} (DeepSpeed's {e.title})") from None
+    except AssertionError as e:
+        raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 
 
 def init_distributed(timeout_s: int | None = None):

@@ -140,7 +140,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
         # the data order and ZeRO's optimizer partitions follow the data-parallel size too
         refused = {**config_changes(saved, cfg.to_dict(), allowed=RESUMABLE), **_layout_change(out, cfg, world)}
         if refused:
-            raise RunDirError(f"--resume: the config differs from the run's {out / CONFIG_FILE} in keys that "
+            raise RunDirError(f"--resume: the config differs from the run's {out / CONFIG_FILE} (or {LAYOUT_FILE}) in keys that "
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
         plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
     return plan

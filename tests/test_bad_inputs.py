@@ -103,6 +103,11 @@ TRAIN_ROWS = [
      ["data.train_path", "short.txt", "model.vocab_size"]),
     ("hf-config-json-invalid", lambda d: train_argv(d, f"model.init_from_hf={d / 'hf_bad_json'}"), ["config.json", "hf_bad_json"]),
     ("deepspeed-json-malformed", lambda d: train_argv(d, f"deepspeed={d / 'bad_ds.json'}"), ["bad_ds.json", "line 2 column"]),
+    ("deepspeed-key-wrong-type", lambda d: train_argv(d, "deepspeed.zero_optimization.reduce_bucket_size=x"),
+     ["deepspeed.zero_optimization.reduce_bucket_size", "integer"]),
+    ("deepspeed-unknown-key", lambda d: train_argv(d, "deepspeed.zero_optimization.bogus=1"),
+     ["deepspeed.zero_optimization.bogus", "not permitted"]),
+    ("deepspeed-clipping-text", lambda d: train_argv(d, "deepspeed.gradient_clipping=abc"), ["deepspeed.gradient_clipping", ">= 0"]),
     *[(f"{k}-0", lambda d, k=k: train_argv(d, f"train.{k}=0"), [f"train.{k}", ">= 1"])
       for k in ("eval_every", "save_every", "log_every", "eval_batches")],
     ("betas-1.5", lambda d: train_argv(d, "train.betas=[1.5,0.9]"), ["train.betas", "[0, 1)"]),

@@ -197,7 +197,7 @@ def train_sentencepiece(train_files: list[str], vocab_size: int,
             except RuntimeError as e:   # e.g. "Vocabulary size too high (4096). Please set it to a value <= 58."
                 raise DataError("data.train_path", ", ".join(map(str, train_files)),
                                 f"sentencepiece cannot train a {vocab_size}-token vocabulary (model.vocab_size) "
-                                f"on it: {str(e).splitlines()[0].split('] ')[-1]}; give more text or a smaller "
+                                f"on it: {str(e).splitlines()[0].split('] ')[-1].rstrip('.')}; give more text or a smaller "
                                 "model.vocab_size") from None
             (tmp / "meta.json").write_text(json.dumps(
                 {"train_files": [str(f) for f in train_files], "vocab_size": vocab_size,
