@@ -73,6 +73,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum, self.reason = 0, ""
+        self.launcher = None     # watch.LauncherWatch, set by train()
         for s in self.SIGNALS:
             signal.signal(s, self._record)
 
@@ -239,7 +240,7 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan):
     out, t = plan.out, cfg.train
     stop = StopSignals()
-    LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
+    stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     tok = make_tokenizer(cfg, train_src)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
@@ -351,7 +352,8 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                 tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
-                raise Stopped(stop_signum, step, tag, stop.reason)
+                # a peer may have seen the launcher end first: the same launchers are above every rank
+                raise Stopped(stop_signum, step, tag, stop.reason or (not stop.signum and stop.launcher.ended()) or "")
     return loss
 
 
@@ -404,7 +406,7 @@ def main(argv=None) -> int:
             print(describe(cfg, plan, world_size_from_env()))
             print("[resbm] dry run: config, data and run directory are valid; nothing was started")
         return 0
-    finished = False
+    finished, stopped = False, None
     try:
         train(cfg, train_src, val_src, plan)
         finished = True
@@ -412,12 +414,19 @@ def main(argv=None) -> int:
         if dist.is_initialized() and dist.get_rank() == 0:
             print(f"[resbm] {e}", file=sys.stderr, flush=True)
         finished = True    # every rank saved and stops at the same step: leave together
-        return 128 + e.signum
+        stopped = 128 + e.signum
+        return stopped
     except (TrainingError, ConfigError, UnsafeCheckpoint) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         close_distributed(barrier=finished)   # no barrier on error paths: a peer may be gone
+        if stopped:
+            # Saved, trackers closed, process group left: leave now. Tearing down the interpreter
+            # (torch, DeepSpeed) takes seconds more on a busy node, out of a preemption's grace time.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped)
     return 0
 
 

@@ -64,13 +64,14 @@ class LauncherWatch:
         if self.chain:
             threading.Thread(target=self._run, name="resbm-launcher-watch", daemon=True).start()
 
+    def ended(self) -> str | None:
+        """Which launcher has ended, if one has (also asked when a peer, not this rank, saw it first)."""
+        return next((f"its launcher {name} (pid {p.pid}) ended" for p, name in self.chain if _gone(p)), None)
+
     def _run(self):
-        while True:
-            for p, name in self.chain:
-                if _gone(p):
-                    self.on_gone(f"its launcher {name} (pid {p.pid}) ended")
-                    return
+        while (why := self.ended()) is None:
             time.sleep(self.interval_s)
+        self.on_gone(why)
 
 
 class Peers:
