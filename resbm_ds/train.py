@@ -16,8 +16,8 @@ Outputs in `train.out_dir`:
 SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
 signal number; `--resume` continues at the next step. A launcher that ends (the `deepspeed` runner
-on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a phase
-of a step that makes no progress for RESBM_DIST_TIMEOUT seconds ends the rank with one line
+on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a
+training step that makes no progress for RESBM_DIST_TIMEOUT seconds ends the rank with one line
 (watch.py).
 """
 from __future__ import annotations
@@ -73,6 +73,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum, self.reason = 0, ""
+        self.launcher = None     # watch.LauncherWatch, set by train()
         for s in self.SIGNALS:
             signal.signal(s, self._record)
 
@@ -267,7 +268,7 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
     out, t = plan.out, cfg.train
     stop = StopSignals()
-    LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
+    stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
@@ -328,7 +329,9 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
 
 
 def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress) -> float:
-    """The loop; each phase (train step, eval, save) runs under `progress`'s RESBM_DIST_TIMEOUT deadline."""
+    """The loop. Each training step runs under `progress`'s RESBM_DIST_TIMEOUT deadline; evaluations
+    and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
+    the same timeout on each of their collectives."""
     t, dp = cfg.train, rt.dp_size
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (rt.num_stages - 1) * dp
@@ -336,9 +339,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
     net = NetCounters.from_env()   # a real link's kernel counters (netem.py), if the launcher named one
     if cfg.train.init_from and start == 0:
         t0 = time.perf_counter()
-        with progress.phase("the step-0 evaluation"):
-            val0 = evaluate(rt, cfg, val_src, tok)
-        metrics.log(dict(step=0, val_loss=val0, tokens=0,
+        metrics.log(dict(step=0, val_loss=evaluate(rt, cfg, val_src, tok), tokens=0,
                          eval_s=time.perf_counter() - t0, time=time.time()))
         rt.meter.take()
     loss = float("nan")
@@ -369,8 +370,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
             t0 = time.perf_counter()
-            with progress.phase(f"the evaluation after step {step}"):
-                val = evaluate(rt, cfg, val_src, tok)
+            val = evaluate(rt, cfg, val_src, tok)
             rt.meter.take()   # evaluation traffic is not part of the next step's figures
             metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step,
                              eval_s=time.perf_counter() - t0, time=time.time()))
@@ -378,11 +378,11 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                 bar.write(f"step {step}: val_loss {val:.4f}")
         if step % t.save_every == 0 or step == t.steps or stop_signum:
             t0 = time.perf_counter()
-            with progress.phase(f"the checkpoint save at step {step}"):
-                tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
-                raise Stopped(stop_signum, step, tag, stop.reason)
+                # a peer may have seen the launcher end first: the same launchers are above every rank
+                raise Stopped(stop_signum, step, tag, stop.reason or (not stop.signum and stop.launcher.ended()) or "")
     return loss
 
 
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
             print(describe(cfg, plan, world_size_from_env()))
             print("[resbm] dry run: config, data and run directory are valid; nothing was started")
         return 0
-    finished = False
+    finished, stopped = False, None
     try:
         train(cfg, train_src, val_src, plan, tok)
         finished = True
@@ -440,12 +440,19 @@ def main(argv=None) -> int:
         if dist.is_initialized() and dist.get_rank() == 0:
             print(f"[resbm] {e}", file=sys.stderr, flush=True)
         finished = True    # every rank saved and stops at the same step: leave together
-        return 128 + e.signum
+        stopped = 128 + e.signum
+        return stopped
     except (TrainingError, ConfigError, UnsafeCheckpoint) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         close_distributed(barrier=finished)   # no barrier on error paths: a peer may be gone
+        if stopped:
+            # Saved, trackers closed, process group left: leave now. Tearing down the interpreter
+            # (torch, DeepSpeed) takes seconds more on a busy node, out of a preemption's grace time.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped)
     return 0
 
 

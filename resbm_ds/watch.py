@@ -5,9 +5,9 @@
                    asked to stop as on SIGTERM (save, one line, exit 143). The `deepspeed` runner
                    forwards no signal to its children, so without this a SIGTERM or SIGINT sent to
                    it leaves every rank running, orphaned, to the last step.
-    ProgressWatch  a deadline around each phase of a step (train, eval, save): a phase that takes
-                   longer than RESBM_DIST_TIMEOUT (a peer stopped, hung or unreachable) ends this
-                   rank with one line naming the peer when it can, instead of a hang or a traceback.
+    ProgressWatch  a deadline around each training step: a step that takes longer than
+                   RESBM_DIST_TIMEOUT (a peer stopped, hung or unreachable) ends this rank with one
+                   line naming the peer when it can, instead of a hang or a traceback.
     Peers          every rank's host and pid, gathered once at start, so that a rank that lost a
                    peer can say which rank it was (a dead or stopped process on the same host).
 """
@@ -64,13 +64,14 @@ class LauncherWatch:
         if self.chain:
             threading.Thread(target=self._run, name="resbm-launcher-watch", daemon=True).start()
 
+    def ended(self) -> str | None:
+        """Which launcher has ended, if one has (also asked when a peer, not this rank, saw it first)."""
+        return next((f"its launcher {name} (pid {p.pid}) ended" for p, name in self.chain if _gone(p)), None)
+
     def _run(self):
-        while True:
-            for p, name in self.chain:
-                if _gone(p):
-                    self.on_gone(f"its launcher {name} (pid {p.pid}) ended")
-                    return
+        while (why := self.ended()) is None:
             time.sleep(self.interval_s)
+        self.on_gone(why)
 
 
 class Peers:
@@ -105,7 +106,7 @@ def dist_timeout_s() -> int:
 
 
 class ProgressWatch:
-    """`with watch.phase("step 7 (train)"):` -- if the block runs past the deadline, print one line
+    """`with watch.phase("step 7"):` -- if the block runs past the deadline, print one line
     and end this process (exit 1): its peers are gone or stopped, and a collective would only hang
     or fail later with a traceback. The launcher then ends the remaining ranks."""
 

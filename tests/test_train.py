@@ -1,6 +1,7 @@
 """The training entry point end to end: real corpus, real tokenizer, real DeepSpeed processes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_cli_run_writes_metrics_tensorboard_checkpoints(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
     assert "\r" not in proc.stdout + proc.stderr           # a captured log gets plain lines, no progress bar
     assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("[resbm] step ") and " loss " in ln]) == 6
+    # no DeepSpeed CPU all-reduce buffers left in /dev/shm (shm.cpp names them ..._<addr>_<port>_<rank>)
+    port = re.search(r"--master_port=(\d+)", proc.stdout + proc.stderr).group(1)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in f]
 
 
 def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path):

@@ -1,0 +1,266 @@
+"""Faults a run meets, each ending in one line and a non-zero exit with nothing lost (issue #16):
+damaged checkpoints (refused by their manifest, naming the file and the previous complete tag),
+code in a checkpoint (never run), a launcher that is signalled (no rank left alive), a stopped rank
+(reported within RESBM_DIST_TIMEOUT), and no /dev/shm buffers left behind.
+
+The checkpoint cases read a real run's checkpoints through the CLIs' own `main` in this process:
+they are refused before any process group starts, so nothing else is needed. The process cases
+launch real `deepspeed --num_gpus 2` runs."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, free_port
+from resbm_ds import export, train
+from resbm_ds.manifest import MANIFEST, verify
+from resbm_ds.watch import Peers, peer_failure
+from test_runs import ONE, ENV, RunsCode, train1
+from test_train import rows, train_args
+
+RUN_ARGS = ["train.steps=3", "train.save_every=1", "train.keep_last=3", "train.eval_every=100"]
+LAYER = "layer_01-model_00-model_states.pt"
+STATES = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished 1-process run with checkpoints step1..step3, each with its manifest."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    train1(out, *RUN_ARGS)
+    assert all((out / "checkpoints" / t / MANIFEST).is_file() for t in ("step1", "step2", "step3"))
+    return out
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF          # inside the tensor data: the file still unpickles
+    path.write_bytes(bytes(data))
+
+
+def craft(path):
+    torch.save({"module": None, "payload": RunsCode(path.parent / "code-ran")}, path)
+
+
+# name: (file in step3, what is done to it, what the line says)
+DAMAGE = {
+    "tampered tensor byte": (LAYER, flip_a_byte, f"{LAYER} differs from the manifest"),
+    "truncated layer file": (LAYER, lambda p: p.write_bytes(p.read_bytes()[:1000]),
+                             f"{LAYER} has 1,000 bytes, the manifest says"),
+    "empty layer file": (LAYER, lambda p: p.write_bytes(b""), f"{LAYER} has 0 bytes, the manifest says"),
+    "missing layer file": (LAYER, lambda p: p.unlink(), f"{LAYER} is missing"),
+    "missing mp_rank file": (STATES, lambda p: p.unlink(), f"{STATES} is missing"),
+    "crafted pickle": (STATES, craft, f"{STATES} has "),   # its size depends on the marker path
+    "save cut short (no manifest)": (MANIFEST, lambda p: p.unlink(), "did not finish"),
+}
+
+
+def damaged_copy(saved_run, tmp_path, file, damage):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    damage(run / "checkpoints" / "step3" / file)
+    return run
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def listing(run):
+    return sorted((str(p.relative_to(run)), p.stat().st_size) for p in run.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_one(saved_run, tmp_path, capsys, case):
+    file, damage, says = DAMAGE[case]
+    run = damaged_copy(saved_run, tmp_path, file, damage)
+    before = listing(run)
+    rc = train.main(train_args(run, *ONE, *RUN_ARGS, "train.steps=5", "--resume")[1:])
+    line = one_error_line(capsys)
+    assert rc == 2 and says in line and "continue from the previous complete checkpoint with --resume-from step2" in line, line
+    assert listing(run) == before and not (run / "checkpoints" / "step3" / "code-ran").exists()
+
+    rc = export.main([str(run), "--out", str(tmp_path / "export")])
+    line = one_error_line(capsys)
+    assert rc == 2 and says in line and "--tag step2" in line and not (tmp_path / "export").exists(), line
+
+
+@pytest.mark.parametrize("latest,says", [
+    ("step9", "names 'step9', which is missing, but"),
+    (None, "latest is missing, but"),
+])
+def test_latest_naming_no_checkpoint_lists_the_tags(saved_run, tmp_path, capsys, latest, says):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    if latest is None:
+        (run / "checkpoints" / "latest").unlink()
+    else:
+        (run / "checkpoints" / "latest").write_text(latest)
+    before = listing(run)
+    rc = train.main(train_args(run, *ONE, *RUN_ARGS, "--resume")[1:])
+    line = one_error_line(capsys)
+    assert rc == 2 and says in line and "['step1', 'step2', 'step3']" in line and "--resume-from TAG" in line, line
+    assert listing(run) == before
+    if latest:
+        rc = export.main([str(run)])
+        line = one_error_line(capsys)
+        assert rc == 2 and "names 'step9', which is missing" in line and "'step3'" in line, line
+
+
+def test_a_run_from_before_manifests_is_read_with_a_warning_and_its_load_errors_are_one_line(saved_run, tmp_path, capsys):
+    run = tmp_path / "old"
+    shutil.copytree(saved_run, run)
+    for m in (run / "checkpoints").glob(f"*/{MANIFEST}"):
+        m.unlink()
+    verify(run / "checkpoints" / "step3")
+    assert f"has no {MANIFEST}" in capsys.readouterr().err
+    # without a manifest the damage reaches DeepSpeed's loader (past the process group): still one line
+    (run / "checkpoints" / "step3" / STATES).unlink()
+    proc = train1(run, *RUN_ARGS, "train.steps=5", "--resume", check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not load checkpoint step3" in lines[0] and "--resume-from step2" in lines[0], lines[0]
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+def shm_buffers(port) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers of the run on `port` (shm.cpp names them
+    deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>)."""
+    return [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in f]
+
+
+def running(procs) -> list:
+    """Those still running code: an exited rank its launcher has not reaped yet (a zombie) is not."""
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in procs if alive(p)]
+
+
+class DeepSpeedRun:
+    """`deepspeed --num_gpus 2` training in the background, its output read as it comes."""
+
+    def __init__(self, out, env=None):
+        self.port = free_port()
+        cmd = ["deepspeed", "--num_gpus=2", f"--master_port={self.port}", "--module",
+               *train_args(out, "train.steps=2000", "train.eval_every=10000", "train.save_every=10000")]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[tuple[float, str]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(rows(out)) >= 2):
+            assert self.proc.poll() is None, self.output()
+            time.sleep(0.1)
+        self.ranks = sorted((p for p in psutil.Process(self.proc.pid).children(recursive=True)
+                             if "--local_rank=" in " ".join(p.cmdline())),
+                            key=lambda p: " ".join(p.cmdline()))   # --local_rank=0, 1
+        assert len(self.ranks) == 2, self.output()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line.rstrip("\n")))
+
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern, timeout) -> tuple[float, str]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [(t, ln) for t, ln in self.lines if re.search(pattern, ln)]
+            if found:
+                return found[0]
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
+
+    def end(self):
+        for p in self.ranks:
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_deepspeed_runner_ends_every_rank_saved_within_seconds(tmp_path, signum):
+    out = tmp_path / "run"
+    run = DeepSpeedRun(out)
+    try:
+        sent = time.time()
+        run.proc.send_signal(signum)          # to the runner alone, as `kill` does
+        deadline = sent + 10
+        while time.time() < deadline and running(run.ranks):
+            time.sleep(0.1)
+        assert not running(run.ranks), ([(round(t - sent, 2), ln) for t, ln in run.lines if t > sent - 1])
+        run.proc.wait(timeout=30)
+        t, line = run.wait_for(r"stopped after step \d+ \(its launcher deepspeed \(pid \d+\) ended\)", 5)
+        step = int(re.search(r"after step (\d+)", line).group(1))
+        assert run.proc.returncode != 0 and t - sent < 10
+        assert f"checkpoint step{step} saved; continue with --resume" in line
+        assert (out / "checkpoints" / "latest").read_text() == f"step{step}"
+        assert (out / "checkpoints" / f"step{step}" / MANIFEST).is_file()
+        assert len([ln for _, ln in run.lines if ln.startswith("[resbm] stopped")]) == 1
+        assert not shm_buffers(run.port)
+    finally:
+        run.end()
+
+
+def test_a_stopped_rank_is_reported_within_the_dist_timeout(tmp_path):
+    timeout = 8
+    run = DeepSpeedRun(tmp_path / "run", env={"RESBM_DIST_TIMEOUT": str(timeout)})
+    try:
+        victim = run.ranks[1]
+        victim.send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        t, line = run.wait_for(r"^error \(rank 0\)", timeout + 20)
+        assert t - stopped < timeout + 10, (t - stopped, line)
+        assert f"rank 1 (pid {victim.pid}) is stopped (SIGSTOP)" in line and "RESBM_DIST_TIMEOUT" in line, line
+        assert len([ln for _, ln in run.lines if ln.startswith("error")]) == 1, run.output()[-3000:]
+        assert "Traceback" not in run.output()
+        psutil.Process(run.ranks[0].pid).wait(timeout=30)
+        assert not shm_buffers(run.port)
+    finally:
+        run.end()
+    assert run.proc.returncode != 0
+
+
+def test_a_lost_peer_is_named_by_rank(tmp_path):
+    """The line a rank prints when a collective loses its peer names the dead or stopped rank on
+    this host: real processes in each state, the same table `Peers` gathers at start."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        sleeper.send_signal(signal.SIGSTOP)
+        peers = Peers.__new__(Peers)
+        host = __import__("socket").gethostname()
+        peers.rank, peers.table = 0, [(host, os.getpid()), (host, dead.pid), (host, sleeper.pid), ("elsewhere", 1)]
+        time.sleep(0.2)
+        line = peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1"),
+                            peers)
+        assert line.startswith("a collective lost its peer: ")
+        assert f"rank 1 (pid {dead.pid}) is gone" in line and f"rank 2 (pid {sleeper.pid}) is stopped" in line
+        assert "rank 3" not in line and "Connection closed by peer" in line and "pair.cc" not in line
+        assert peer_failure(RuntimeError("loss is nan"), peers) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
