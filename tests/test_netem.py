@@ -205,3 +205,14 @@ def test_bad_input_is_one_line_before_anything_is_created():
         with pytest.raises(netem.NetemError, match=words) as e:
             netem.Cluster(**kwargs)
         assert "\n" not in str(e.value)
+
+
+def test_paper_net_refuses_bad_links_in_one_line(tmp_path, capsys):
+    from resbm_ds.bench.__main__ import main as bench
+    for argv, words in ((["--link", "fast=3"], "paper-net takes --link slow=MBPS"),
+                        (["--link", "slow=-1"], "paper-net takes --link slow=MBPS"),
+                        (["--set", "wire.link_full_duplex=false"], "full duplex")):
+        assert bench(["--suite", "paper-net", "--out", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+    assert not (tmp_path / "results.json").exists()
