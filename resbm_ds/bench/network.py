@@ -91,7 +91,7 @@ def run_once(name, mode, link_key, mbps, overrides, out, cluster, steps, fresh, 
     cfg = load_config(BASE, o).validate(world_size=2)
     train = ["-m", "resbm_ds.train", "--config", BASE, f"train.out_dir={run_dir / 'run'}", *o]
     print(f"[bench] {name} ({mode}, {tc_rate}) ...", flush=True)
-    cpu0 = children_cpu_s()
+    cpu0, load0 = children_cpu_s(), os.getloadavg()[0]
     if mode == "real":
         cluster.set_rate(tc_rate)
         if run_dir.exists():
@@ -108,7 +108,7 @@ def run_once(name, mode, link_key, mbps, overrides, out, cluster, steps, fresh, 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", *train]
         rc, wall = run_logged(cmd, run_dir, timeout_s, run_env())
-    entry.update(wall_s=wall, cpu_s=children_cpu_s() - cpu0)
+    entry.update(wall_s=wall, cpu_s=children_cpu_s() - cpu0, load_average=[load0, os.getloadavg()[0]])
     if rc != 0 or not (run_dir / "run" / METRICS_FILE).exists():
         entry.update(status="failed", error=log_tail(run_dir)[-3000:])
         print(f"[bench] {name} ({mode}): failed\n{entry['error'][-1500:]}", flush=True)
@@ -207,6 +207,11 @@ def _f(x, spec=",.0f"):
     return "–" if x is None else format(x, spec)
 
 
+def _load(run) -> str:
+    load = (run or {}).get("load_average")
+    return "–" if not load else f"{load[0]:.1f}-{load[1]:.1f}"
+
+
 def markdown(results: dict) -> str:
     mach, runs = results["machine"], results["runs"]
     by = {(r["name"], r["mode"]): r for r in runs if r["status"] == "ok"}
@@ -229,8 +234,8 @@ def markdown(results: dict) -> str:
                 f"{results['paper_compute_over_link']:.1f} for the uncompressed model)." if rate else "not run."), "",
              "| configuration | link | bytes/token fwd / bwd | vs dense bf16 | real: tokens/s | real: vs fast "
              "uncompressed | link bound half / full duplex | real: vs half-duplex bound | kernel above TCP - meter "
-             "(B/step) | emulator: tokens/s | emulator: vs fast uncompressed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(B/step) | emulator: tokens/s | emulator: vs fast uncompressed | machine load (real; emulated) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, label, link_key, _ in CONFIGS:
         real, emu = by.get((name, "real")), by.get((name, "emulated"))
         if not (real or emu):
@@ -246,7 +251,8 @@ def markdown(results: dict) -> str:
             f"{_f(m['bound_half_duplex'])} / {_f(m['bound_full_duplex'])} | "
             f"{_f(rm and rm['tokens_per_s'] / rm['bound_half_duplex'], '.3f')} | "
             f"{_f(rm and rm.get('kernel_extra_per_step'))} | {_f(em and em['tokens_per_s'])} | "
-            f"{_f(em and ref['emulated'] and em['tokens_per_s'] / ref['emulated'], '.3f')} |")
+            f"{_f(em and ref['emulated'] and em['tokens_per_s'] / ref['emulated'], '.3f')} | "
+            f"{_load(real)}; {_load(emu)} |")
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
         lines += ["", "Failed: " + ", ".join(f"{r['name']} ({r['mode']})" for r in failed)]
@@ -256,5 +262,6 @@ def markdown(results: dict) -> str:
               f"{', '.join(f'{x:,.0f}' for x in refs['emulated'])} tokens/s); link bounds are tokens per step over "
               "(forward + backward bytes, or the busier direction's) x 8 / rate; 'kernel above TCP - meter' is the "
               "link interface's bytes less 66 B of Ethernet/IP/TCP header per packet, less the meter's bytes, per "
-              "step (gloo's framing, retransmissions)."]
+              "step (gloo's framing, retransmissions); machine load: the 1-minute load average at the start and "
+              "end of each run, on 2 cores shared with other jobs (compute slows under load, the link does not)."]
     return "\n".join(lines) + "\n"
