@@ -1,5 +1,6 @@
 """`python -m resbm_ds.bench --suite NAME --out DIR`: the throughput suites (smoke, paper-cpu;
-throughput.py) and the convergence suite (convergence.py). `--list` shows them."""
+throughput.py), the convergence suite (convergence.py) and paper-net, the throughput comparison on a
+real shaped network (network.py). `--list` shows the throughput suites."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +8,16 @@ import sys
 from pathlib import Path
 
 from ..config import cli
-from . import convergence
+from . import convergence, network
 from .throughput import SUITES, Link, check_available, replace_link, run_suite
 
 
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m resbm_ds.bench", description="resbm-ds benchmark suites")
-    p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence"]),
-                   help="convergence: what compression costs in loss (resbm_ds/bench/convergence.py)")
+    p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence", "paper-net"]),
+                   help="convergence: what compression costs in loss (resbm_ds/bench/convergence.py); "
+                        "paper-net: throughput on a real shaped link, needs root (resbm_ds/bench/network.py)")
     p.add_argument("--jobs", type=int, default=2, help="convergence: runs at a time (one process each)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--only", help="run only the runs whose name matches this regular expression")
@@ -41,6 +43,8 @@ def main(argv=None) -> int:
     command = "python -m resbm_ds.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.suite == "convergence":
         return convergence.main(args, command)
+    if args.suite == "paper-net":
+        return network.main(args, command)
     suite = SUITES[args.suite]
     for item in args.link:
         key, _, value = item.partition("=")
