@@ -132,8 +132,6 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
             raise RunDirError(f"train.out_dir={out} already holds a run ({', '.join(held)}"
                               f"{f': {len(have)} checkpoints' if have else ''}): continue it with --resume, "
                               "start over with --overwrite, or choose another train.out_dir")
-    if tag is not None:
-        verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
     if tag is not None and saved is not None:
@@ -143,6 +141,8 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
             raise RunDirError(f"--resume: the config differs from the run's {out / CONFIG_FILE} (or {LAYOUT_FILE}) in keys that "
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
         plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
+    if tag is not None:
+        verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     return plan
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from conftest import REPO, free_port
 from resbm_ds import train
+from resbm_ds.manifest import write_manifest
 from resbm_ds.config import load_config
 from resbm_ds.hf import __main__ as hf_cli
 
@@ -74,6 +75,7 @@ def resume_dir(root: Path) -> Path:
         cfg = load_config("cpu-demo", [*BASE, f"train.out_dir={out}", f"data.train_path={root / 'good.txt'}"])
         (out / "checkpoints" / "step1").mkdir(parents=True)
         (out / "checkpoints" / "latest").write_text("step1")
+        write_manifest(out / "checkpoints" / "step1")
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out / "layout.json").write_text(json.dumps({"pipeline.stages": 1, "data_parallel": 2}))
     return out
