@@ -64,7 +64,7 @@ class DataError(UserError):
 
     def __init__(self, key: str, path, problem: str):
         self.key, self.path = key, path
-        super().__init__(f"{key}={path}: {problem}")
+        super().__init__(f"{key}={str(path)!r}: {problem}")
 
 
 def _short(value, limit: int = 120) -> str:
