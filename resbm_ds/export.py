@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import checkpoint_dir, load_layers
-from .config import Config, ConfigError, cli, load_config
+from .config import Config, cli, load_config
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM

@@ -230,18 +230,6 @@ class Cluster:
                 pass
         self._old_handlers = {}
 
-    # reading the links
-    def counters(self, k: int, dev: str = IFACE) -> dict[str, int]:
-        """Kernel statistics of node k's interface (tx/rx bytes and packets)."""
-        names = ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")
-        cmd = self.exec_prefix(k) + ["cat"] + [f"/sys/class/net/{dev}/statistics/{n}" for n in names]
-        return dict(zip(names, map(int, _run(cmd).stdout.split())))
-
-    def qdisc_drops(self, k: int) -> int:
-        out = _run(["tc", "-s", "-n", self.ns(k), "qdisc", "show", "dev", IFACE]).stdout
-        m = re.search(r"dropped (\d+)", out)
-        return int(m.group(1)) if m else 0
-
 
 def payload_bytes(row: dict) -> tuple[int, int]:
     """(sent, received) bytes above TCP of one metrics.jsonl row's kernel counters: the interface's

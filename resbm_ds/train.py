@@ -47,7 +47,7 @@ from .engine import Runtime, build_engine, close_distributed, validate_before_la
 from .manifest import newest_complete, write_manifest
 from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunDirError, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
+from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
