@@ -18,9 +18,9 @@ import yaml
 
 from conftest import REPO, free_port
 from resbm_ds import train
-from resbm_ds.manifest import write_manifest
 from resbm_ds.config import load_config
 from resbm_ds.hf import __main__ as hf_cli
+from resbm_ds.manifest import write_manifest
 
 # One process, a tiny model and a tokenizer trained in a second on generated text.
 BASE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none", "model.vocab_size=320",
@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     (d / "latin1.txt").write_bytes(words(600).encode() + "caf\u00e9 na\u00efve\n".encode("latin-1"))
     (d / "short.txt").write_text("ka lo mi\n")                     # 4 tokens: not one sequence
     (d / "data.csv").write_text("text\nka lo\n")
+    (d / "body.jsonl").write_text("".join(json.dumps({"body": line}) + "\n" for line in words(600).splitlines()))
     (d / "a_directory").mkdir()
     (d / "bad.yaml").write_text("model:\n  hidden_size: [64\n")
     (d / "list.yaml").write_text("- model\n- train\n")
@@ -95,6 +96,8 @@ TRAIN_ROWS = [
     ("override-no-equals", lambda d: train_argv(d, "model.hidden_size"), ["override", "section.key=value"]),
     ("data-csv", lambda d: train_argv(d, f"data.train_path={d / 'data.csv'}"), ["data.train_path", "data.csv", ".txt"]),
     ("data-directory", lambda d: train_argv(d, f"data.train_path={d / 'a_directory'}"), ["data.train_path", "directory"]),
+    ("data-text-field-missing", lambda d: train_argv(d, f"data.train_path={d / 'body.jsonl'}"),
+     ["data.text_field='text'", "body.jsonl", "'body'"]),
     ("data-missing", lambda d: train_argv(d, f"data.val_path={d / 'nope.txt'}"), ["data.val_path", "nope.txt"]),
     ("tokenizer-model-missing", lambda d: train_argv(d, "data.tokenizer=sentencepiece",
                                                      f"data.tokenizer_path={d / 'no.model'}"), ["data.tokenizer_path", "no.model"]),

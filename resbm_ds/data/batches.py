@@ -189,8 +189,8 @@ def iter_documents(source: TextSource, shuffle_seed: int | None = None) -> Itera
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=source.shuffle_buffer)
     for row in ds:
         if source.text_field not in row:
-            raise KeyError(f"{source.describe()}: rows have no field {source.text_field!r}; "
-                           f"fields: {sorted(row)}")
+            raise DataError("data.text_field", source.text_field,
+                            f"the rows of {source.describe()} have no such field; their fields: {sorted(row)}")
         text = row[source.text_field]
         if text:
             yield text
