@@ -17,8 +17,8 @@ SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the 
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
 signal number; `--resume` continues at the next step. A launcher that ends (the `deepspeed` runner
 on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a
-training step that makes no progress for RESBM_DIST_TIMEOUT seconds ends the rank with one line
-(watch.py).
+training step in which nothing crosses between stages for RESBM_DIST_TIMEOUT seconds ends the rank
+with one line (watch.py).
 """
 from __future__ import annotations
 
@@ -276,7 +276,9 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     S, dp = rt.num_stages, rt.dp_size
     peers = Peers()
     rt.meter.take()    # the peer table's gather is not part of step 1's figures
-    progress = ProgressWatch(peers)
+    # with stages, p2p moves data every micro-batch; a single stage's step may compute for longer than
+    # the timeout without a message, and its collectives have the timeout themselves
+    progress = ProgressWatch(peers, activity=lambda: rt.meter.transfers, enabled=S > 1)
     if rank0 and plan.overwrite:
         clear_run(out)
     dist.barrier()

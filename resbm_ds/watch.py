@@ -5,14 +5,16 @@
                    asked to stop as on SIGTERM (save, one line, exit 143). The `deepspeed` runner
                    forwards no signal to its children, so without this a SIGTERM or SIGINT sent to
                    it leaves every rank running, orphaned, to the last step.
-    ProgressWatch  a deadline around each training step: a step that takes longer than
-                   RESBM_DIST_TIMEOUT (a peer stopped, hung or unreachable) ends this rank with one
-                   line naming the peer when it can, instead of a hang or a traceback.
+    ProgressWatch  a deadline inside each training step: a step in which nothing crosses between
+                   stages for RESBM_DIST_TIMEOUT (a peer stopped, hung or unreachable) ends this rank
+                   with one line naming the peer when it can, instead of a hang or a traceback. Each
+                   message moves the deadline on, so a long step that keeps moving data never trips it.
     Peers          every rank's host and pid, gathered once at start, so that a rank that lost a
                    peer can say which rank it was (a dead or stopped process on the same host).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -110,15 +112,20 @@ class ProgressWatch:
     and end this process (exit 1): its peers are gone or stopped, and a collective would only hang
     or fail later with a traceback. The launcher then ends the remaining ranks."""
 
-    def __init__(self, peers: Peers | None, timeout_s: int | None = None):
+    def __init__(self, peers: Peers | None, timeout_s: int | None = None, activity=lambda: 0, enabled: bool = True):
         # a little past the collectives' own timeout (the same RESBM_DIST_TIMEOUT), so a collective
-        # that times out reports first (`peer_failure`); this catches what has no timeout of its own
-        self.peers, self.timeout_s = peers, timeout_s or dist_timeout_s() + 5
-        self._what, self._deadline = None, None
+        # that times out reports first (`peer_failure`); this catches what has no timeout of its own.
+        # `activity()`: a count that grows whenever data crosses (WireMeter.transfers).
+        self.peers, self.timeout_s, self.activity = peers, timeout_s or dist_timeout_s() + 5, activity
+        self._what, self._deadline, self._seen = None, None, None
         self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="resbm-progress-watch", daemon=True).start()
+        self.enabled = enabled
+        if enabled:
+            threading.Thread(target=self._run, name="resbm-progress-watch", daemon=True).start()
 
     def phase(self, what: str):
+        if not self.enabled:
+            return contextlib.nullcontext()
         watch = self
 
         class _Phase:
@@ -135,6 +142,10 @@ class ProgressWatch:
         while True:
             time.sleep(min(1.0, self.timeout_s / 10))
             with self._lock:
+                seen = self.activity()
+                if self._deadline is not None and seen != self._seen:   # data moved: not stuck
+                    self._deadline = time.monotonic() + self.timeout_s
+                self._seen = seen
                 late = self._deadline is not None and time.monotonic() > self._deadline
                 what = self._what
             if late:

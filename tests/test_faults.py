@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -264,3 +265,30 @@ def test_a_lost_peer_is_named_by_rank(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+WATCHED_STEP = """
+import sys, time
+from resbm_ds.watch import ProgressWatch
+moving = sys.argv[1] == "moving"
+transfers = [0]
+watch = ProgressWatch(None, timeout_s=1, activity=lambda: transfers[0])
+with watch.phase("step 7"):
+    for _ in range(30):          # 3 s: three times the deadline
+        time.sleep(0.1)
+        transfers[0] += moving   # a message crossed, or none did
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("mode", ["moving", "stuck"])
+def test_the_step_deadline_counts_from_the_last_message_not_the_step_start(mode):
+    """A step that keeps moving data outlives the deadline; one where nothing crosses ends in one line."""
+    proc = subprocess.run([sys.executable, "-c", WATCHED_STEP, mode], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if mode == "moving":
+        assert proc.returncode == 0 and proc.stdout.strip() == "survived", proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 1 and "survived" not in proc.stdout
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error (rank 0): no progress in step 7 for 1 s"), line

@@ -38,12 +38,15 @@ class WireCounts:
 
 
 class WireMeter(Hook):
-    """`take()` returns and resets the counts since the last call."""
+    """`take()` returns and resets the counts since the last call. `transfers` only grows: every
+    message and collective between stages, handshakes included (a sign of progress, watch.py)."""
 
     def __init__(self):
         self.counts = WireCounts()
+        self.transfers = 0
 
     def on_send(self, tensor, t: Transfer):
+        self.transfers += 1
         if not t.handshake:
             c = self.counts
             c.sends += 1
@@ -54,6 +57,7 @@ class WireMeter(Hook):
         return tensor
 
     def on_recv(self, received, into, t: Transfer):
+        self.transfers += 1
         if not t.handshake:
             if t.forward:
                 self.counts.recv_fwd += nbytes(received)
@@ -61,6 +65,7 @@ class WireMeter(Hook):
                 self.counts.recv_bwd += nbytes(received)
 
     def on_collective(self, c: Collective):
+        self.transfers += 1
         if c.reporter:
             self.counts.other += c.nbytes
             self.counts.collectives += 1
