@@ -86,6 +86,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # N(0, embed_std) token embedding; None = init_std. At 0.02 the tokens' own directions (norm
+    # ~0.3 at H=256) are swamped within ~10 AdamW steps by the one direction every row moves in while
+    # the unigram is learned, and a boundary that reads the stream only through a norm (no identity
+    # path) then sends one constant code: resbm_ds/model/boundary.py, init.
+    embed_std: float | None = None
     attention_bias: bool = False           # biases on q/k/v_proj (Qwen2); o_proj never has one
     init_from_hf: str | None = None        # a transformers save_pretrained dir: load its weights
 
@@ -178,7 +183,7 @@ class TrainConfig:
     muon_weight_decay: float = 0.0
     muon_ns_method: str = "standard"   # standard (Keller Jordan's quintic) | gram (DeepSpeed's Gram NS)
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4          # micro-batches per evaluation; 0: the whole validation split (local text)
     save_every: int = 100
     log_every: int = 1
     out_dir: str = "runs/default"
@@ -414,6 +419,8 @@ class Config:
             raise ConfigError("model.norm_eps", m.norm_eps, "must be > 0 (RMSNorm divides by sqrt(mean + eps))")
         if not m.init_std >= 0:
             raise ConfigError("model.init_std", m.init_std, "must be >= 0")
+        if m.embed_std is not None and not m.embed_std >= 0:
+            raise ConfigError("model.embed_std", m.embed_std, "must be >= 0, or empty (= model.init_std)")
         if not m.rope_theta > 0:
             raise ConfigError("model.rope_theta", m.rope_theta, "must be > 0")
         if self.seed < 0:
@@ -438,9 +445,11 @@ class Config:
         t = self.train
         if not all(0 <= b < 1 for b in t.betas):
             raise ConfigError("train.betas", list(t.betas), "both must be in [0, 1)")
-        for key in ("eval_every", "save_every", "log_every", "eval_batches"):
+        for key in ("eval_every", "save_every", "log_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
+        if t.eval_batches < 0:
+            raise ConfigError("train.eval_batches", t.eval_batches, "must be >= 0 (0: the whole validation split)")
         if t.keep_last < 0:
             raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -475,8 +484,12 @@ class Config:
                               "has no effect with bottleneck.method=none (the hidden state crosses in the "
                               "model's dtype); leave it 'model'")
         if b.method != "resbm":
+            # bottleneck-noskip honours decoder_norm=none (the default keeps SWARM's LayerNorm)
+            noskip_switches = {"decoder_norm": ("none",)}
             for key, default in (("init", "identity"), ("decoder", "linear"), ("decoder_width", None),
                                  ("decoder_norm", "rms")):
+                if b.method == "bottleneck-noskip" and getattr(b, key) in noskip_switches.get(key, ()):
+                    continue
                 if getattr(b, key) != default:
                     raise ConfigError(f"bottleneck.{key}", getattr(b, key),
                                       f"a ResBM switch; not with bottleneck.method={b.method}")

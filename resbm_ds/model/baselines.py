@@ -87,7 +87,9 @@ class NoSkipDecoder(BottleneckDecoder):
     def __init__(self, cfg: Config, boundary: int):
         super().__init__(cfg, boundary)
         H, h = cfg.model.hidden_size, cfg.code_width
-        self.norm = nn.LayerNorm(h, eps=cfg.model.norm_eps)
+        # SWARM's LayerNorm over the h code values keeps h - 1 degrees of freedom (at h=2: one bit per
+        # token); decoder_norm=none reads the code itself
+        self.norm = nn.LayerNorm(h, eps=cfg.model.norm_eps) if cfg.bottleneck.decoder_norm == "rms" else nn.Identity()
         self.proj = nn.Linear(h, H, bias=True)
         init_linear(self.proj, cfg.model.init_std)
         self.identity = None

@@ -22,6 +22,16 @@ Switches (bottleneck.*), all on the same layer layout:
                            would stay zero: neither gets a gradient), so that ablation starts as
                            init=normal.
   init=normal              N(0, init_std) for W_e and D, the paper's/IOTA's initialisation.
+                           Without an identity path (identity=none here, and bottleneck-noskip) the
+                           sending segment is read only through a norm, which is blind to the
+                           stream's scale. With the token embedding at N(0, 0.02), AdamW moves every
+                           embedding row the same way while the unigram is learned, and within ~10
+                           steps 90-97% of the stream entering the encoder is one direction shared by
+                           every token: the code becomes a constant that carries the unigram, and
+                           the gradient into the first segment falls ~1000x (measured in plain
+                           torch at lr 3e-3, h=2); lr 1e-3 does not prevent it (no-skip h=2, 100 steps).
+                           model.embed_std=1 keeps the tokens' own directions ~50x larger than that
+                           drift; the convergence suite uses it for every method.
   decoder=linear (default) D = W_d (h -> H). The decoder is then linear up to the per-token norm.
   decoder=mlp              D = W_2 silu(W_1 .) with width decoder_width (default H), as IOTA's
                            nonlinear decoder: the next segment's stream is no longer confined to a

@@ -36,7 +36,7 @@ class TokenEmbedding(nn.Embedding):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.vocab_size, cfg.hidden_size)
-        nn.init.normal_(self.weight, mean=0.0, std=cfg.init_std)
+        nn.init.normal_(self.weight, mean=0.0, std=cfg.init_std if cfg.embed_std is None else cfg.embed_std)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
