@@ -5,6 +5,7 @@ import pytest
 
 from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.config import ConfigError, load_config
+from resbm_ds.model.accounting import parameter_counts
 
 H, V, T, MB, GAS = 64, 256, 32, 2, 2
 SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_layers=2", "model.num_heads=4",
@@ -50,6 +51,8 @@ def test_predicted_bytes_and_ratio_equal_the_meter(case, case_reports):
     assert cfg.compression_ratio("model") == cfg.dense_bytes_per_token("model") / busier == s0["compression_ratio"]
     assert cfg.compression_ratio() == 2 * H / busier        # against dense bf16 (REFERENCE 8)
     assert s1["losses"][-1] < s1["losses"][0], s1["losses"]
+    # the meta-device count of each stage is what that stage's DeepSpeed engine really trains
+    assert [s0["parameters"], s1["parameters"]] == list(parameter_counts(cfg).stages), case
 
 
 def test_ratios_in_bytes():

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from ..metrics import METRICS_FILE, read_metrics
-from .runner import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
+from ..model.accounting import parameter_counts
+from .runner import free_port, log_tail, machine_info, run_env, run_logged
 
 CONFIG = "bench-convergence"
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
@@ -161,7 +162,7 @@ def describe(run: Run, cfg, settings=()) -> dict:
                 overrides=[*run.overrides, *settings], method=cfg.bottleneck.method, code_width=cfg.code_width,
                 wire_bytes_per_token_fwd=fwd, wire_bytes_per_token_bwd=bwd,
                 ratio_vs_bf16=cfg.compression_ratio("bf16"), ratio_vs_model=cfg.compression_ratio("model"),
-                parameters=parameter_count(cfg))
+                parameters=parameter_counts(cfg, num_stages=1).total)
 
 
 def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = False,
