@@ -22,6 +22,9 @@ CASES = {
     "bf16-wire-on-fp32": ["bottleneck.wire_dtype=bf16"],
     "int8": ["wire.codec=int8"],                          # codec payload + scale, and the ids as they are
     "fp8-both-ways": ["wire.codec=fp8", "wire.codec_backward=true"],
+    "int4-both-ways": ["wire.codec=int4", "wire.codec_backward=true"],           # 4 values in 2 bytes
+    "int2-odd-width-both-ways": ["wire.codec=int2", "wire.codec_backward=true",   # 5 values in 2 bytes
+                                "bottleneck.width=5", "bottleneck.token_channel=none"],
     "subspace": ["bottleneck.method=subspace"],
     "noskip": ["bottleneck.method=bottleneck-noskip"],
     "token-channel": ["bottleneck.token_channel=learned"],
@@ -63,6 +66,9 @@ def test_ratios_in_bytes():
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio() == 16
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio("model") == 32
     assert cfg("wire.codec=int8").wire_bytes_per_token == (4 + 2, 16)                 # h + bf16 scale
+    assert cfg("wire.codec=int4").wire_bytes_per_token == (2 + 2, 16)                 # two values a byte
+    assert cfg("wire.codec=int2", "wire.codec_backward=true").wire_bytes_per_token == (1 + 2, 1 + 2)
+    assert cfg("wire.codec=int2", "bottleneck.width=5").wire_bytes_per_token == (2 + 2, 20)   # padded
     assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16 + 2, 16)   # int16 ids
     big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]).validate()
     assert big.token_channel == "learned" and big.wire_bytes_per_token == (16 + 4, 16)   # the default; int32 ids
