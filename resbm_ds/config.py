@@ -107,7 +107,7 @@ IDENTITY_PATHS = ("slice", "orthonormal", "none")
 BOUNDARY_INITS = ("identity", "normal")
 DECODERS = ("linear", "mlp")
 DECODER_NORMS = ("rms", "none")
-TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank")
+TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank", "hashed")
 OPTIMIZERS = ("adamw", "muon")
 DATA_SOURCES = ("local", "hub")
 TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
@@ -157,9 +157,10 @@ class BottleneckConfig:
     decoder: str = "linear"        # linear: W_d norm(b) | mlp: W_2 silu(W_1 norm(b))
     decoder_width: int | None = None   # mlp hidden width; None = model.hidden_size
     decoder_norm: str = "rms"      # rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))
-    token_channel: str = "auto"    # auto (resbm: learned, others: none) | none | learned | frozen | lowrank:
+    token_channel: str = "auto"    # auto (resbm: learned, others: none) | none | learned | frozen | lowrank | hashed:
     #                                the ids cross too and a table local to the receiving stage adds T[ids]
     token_rank: int = 32           # rank of the lowrank token table
+    token_buckets: int = 4096      # rows of the hashed token table (B x H, whatever the vocabulary)
 
 
 @dataclass
@@ -494,6 +495,8 @@ class Config:
                                   f"only with bottleneck.method=resbm (or none, as the control); not {b.method}")
         if b.decoder_width is not None and b.decoder_width < 1:
             raise ConfigError("bottleneck.decoder_width", b.decoder_width, "must be >= 1, or empty")
+        if self.token_channel == "hashed" and b.token_buckets < 1:
+            raise ConfigError("bottleneck.token_buckets", b.token_buckets, "must be >= 1")
         if self.token_channel == "lowrank" and not 1 <= b.token_rank < m.hidden_size:
             raise ConfigError("bottleneck.token_rank", b.token_rank,
                               f"must be >= 1 and < model.hidden_size ({m.hidden_size})")

@@ -70,3 +70,16 @@ def test_dry_run_prints_the_counts_in_seconds():
     assert "[resbm] wire: 68 bytes per token forward, 64 backward" in proc.stdout   # 32 bf16 + int32 id
     assert proc.returncode == 2 and "must divide the world size" in proc.stderr
     assert seconds < 60, seconds            # mostly importing torch and DeepSpeed on a busy 2-core box
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+def test_a_hashed_side_channel_costs_the_same_at_any_vocabulary(V):
+    """bottleneck.token_channel=hashed: 4,096 x H per decoder instead of V x H; at the paper shape
+    boundary + side channel stay under 5% of a stage at both vocabularies (issue #23's budget)."""
+    c = parameter_counts(load_config("paper-2b", [f"model.vocab_size={V}",
+                                                  "bottleneck.token_channel=hashed"]).validate())
+    table = 4096 * H
+    assert c.side_channel == (STAGES - 1) * table and c.boundary == expected(V)["boundary"]
+    assert c.stages[1] == DECODER + table + PER_STAGE_BLOCKS * BLOCK + ENCODER
+    assert c.overhead_share == pytest.approx((DECODER + table + ENCODER) / (PER_STAGE_BLOCKS * BLOCK))
+    assert c.overhead_share < 0.05

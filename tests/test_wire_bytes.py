@@ -28,6 +28,7 @@ CASES = {
     "subspace": ["bottleneck.method=subspace"],
     "noskip": ["bottleneck.method=bottleneck-noskip"],
     "token-channel": ["bottleneck.token_channel=learned"],
+    "token-channel-hashed": ["bottleneck.token_channel=hashed", "bottleneck.token_buckets=37"],
     "token-channel-mlp-bf16": ["bottleneck.token_channel=lowrank", "bottleneck.decoder=mlp",
                                "bottleneck.wire_dtype=bf16"],
     "uncompressed": ["bottleneck.method=none"],
@@ -80,6 +81,7 @@ def test_ratios_in_bytes():
     (["bottleneck.method=subspace", "bottleneck.decoder=mlp"], "bottleneck.decoder"),
     (["bottleneck.method=bottleneck-noskip", "bottleneck.token_channel=learned"], "bottleneck.token_channel"),
     (["bottleneck.token_channel=lowrank", "bottleneck.token_rank=0"], "bottleneck.token_rank"),
+    (["bottleneck.token_channel=hashed", "bottleneck.token_buckets=0"], "bottleneck.token_buckets"),
 ])
 def test_meaningless_or_uncounted_combinations_are_refused(overrides, key):
     with pytest.raises(ConfigError) as e:
