@@ -80,12 +80,15 @@ def cost_lines(cfg: Config) -> list[str]:
     c = parameter_counts(cfg)
     fwd, bwd = cfg.wire_bytes_per_token
     frozen = f"; {c.frozen:,} values in frozen buffers" if c.frozen else ""
+    S = cfg.pipeline.stages
+    where = (f"at each of the {S - 1} boundaries between stages" if S > 1 else
+             "at a boundary between stages (none with 1 stage)")
     return [f"parameters: {c.total:,} total (counted on the meta device); per stage "
             f"{', '.join(f'{n:,}' for n in c.stages)}; boundary encoders/decoders {c.boundary:,}; "
             f"side channel ({cfg.token_channel} token tables) {c.side_channel:,}; boundary + side channel "
             f"= +{100 * c.overhead_share:.1f}% of the stage that holds the most{frozen}",
-            f"wire: {fwd:,} bytes per token forward, {bwd:,} backward, at each of the "
-            f"{cfg.pipeline.stages - 1} boundaries between stages (dense bf16: {cfg.dense_bytes_per_token():,})"]
+            f"wire: {fwd:,} bytes per token forward, {bwd:,} backward, {where} "
+            f"(dense bf16: {cfg.dense_bytes_per_token():,})"]
 
 
 def cost_summary(cfg: Config) -> str:
