@@ -112,7 +112,7 @@ IDENTITY_PATHS = ("slice", "orthonormal", "none")
 BOUNDARY_INITS = ("identity", "normal")
 DECODERS = ("linear", "mlp")
 DECODER_NORMS = ("rms", "none")
-TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank")
+TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank", "hashed")
 OPTIMIZERS = ("adamw", "muon")
 DATA_SOURCES = ("local", "hub")
 TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
@@ -126,6 +126,14 @@ DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundar
 ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary always sends the token ids
 INT16_MAX_VOCAB = 2 ** 15             # ids below this cross as int16, larger vocabularies as int32
 CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; wire/codecs.py)
+CODEC_BITS = {"int8": 8, "fp8": 8, "int4": 4, "int2": 2}   # bits per code value of each wire codec
+
+
+def codec_row_bytes(width: int, codec: str) -> int:
+    """Bytes on the wire for one row (one token) of `width` values under a wire codec: the values
+    packed (two 4-bit / four 2-bit values a byte, the last byte padded), then the row's scale. The
+    one formula behind `Config.wire_bytes_per_token` and the codecs' payload shape (wire/codecs.py)."""
+    return -(-width * CODEC_BITS[codec] // 8) + CODEC_SCALE_BYTES
 
 
 def id_wire_bytes(vocab_size: int) -> int:
@@ -154,9 +162,10 @@ class BottleneckConfig:
     decoder: str = "linear"        # linear: W_d norm(b) | mlp: W_2 silu(W_1 norm(b))
     decoder_width: int | None = None   # mlp hidden width; None = model.hidden_size
     decoder_norm: str = "rms"      # rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))
-    token_channel: str = "auto"    # auto (resbm: learned, others: none) | none | learned | frozen | lowrank:
+    token_channel: str = "auto"    # auto (resbm: learned, others: none) | none | learned | frozen | lowrank | hashed:
     #                                the ids cross too and a table local to the receiving stage adds T[ids]
     token_rank: int = 32           # rank of the lowrank token table
+    token_buckets: int = 4096      # rows of the hashed token table (B x H, whatever the vocabulary)
 
 
 @dataclass
@@ -227,14 +236,15 @@ class DataConfig:
     tokenizer_revision: str | None = None    # tokenizer=hf from the hub: the revision to pin
 
 
-WIRE_CODECS = ("none", "int8", "fp8")
+WIRE_CODECS = ("none", *CODEC_BITS)
 
 
 @dataclass
 class WireConfig:
     """What happens on the wire between pipeline stages: a codec (resbm_ds/wire/codecs.py) and an emulated
     slow link (resbm_ds/wire/link.py). Both work at DeepSpeed's p2p layer, under any boundary method."""
-    codec: str = "none"            # none | int8 | fp8 (e4m3 bits in uint8): per-row (per token) scaled
+    codec: str = "none"            # none | int8 | fp8 (e4m3 bits in uint8) | int4 | int2 (packed):
+    #                                per-row (per token) scaled
     codec_backward: bool = False   # also encode the gradients sent back (default: forward only)
     link_bandwidth_mbps: float | None = None   # emulated link in Mbit/s (1e6 bit/s); None = unlimited
     link_latency_ms: float = 0.0   # one-way latency added to every transfer
@@ -326,12 +336,12 @@ class Config:
     @property
     def wire_bytes_per_token(self) -> tuple[int, int]:
         """(forward, backward) bytes per token at each boundary that crosses stages, as the meter
-        counts them: the code (h values in the wire dtype, or h + a 2-byte scale under a wire codec),
+        counts them: the code (h values in the wire dtype, or under a wire codec `codec_row_bytes`),
         plus the token ids forward where they cross (no gradient comes back for them). The one
         prediction that tests/test_wire_bytes.py checks against the meter."""
         h, w = self.code_width, self.wire
         dense_code = h * self.wire_elem_bytes
-        coded = h + CODEC_SCALE_BYTES if w.codec != "none" else dense_code
+        coded = codec_row_bytes(h, w.codec) if w.codec != "none" else dense_code
         ids = id_wire_bytes(self.model.vocab_size) if self.sends_token_ids else 0
         return coded + ids, (coded if w.codec_backward else dense_code)
 
@@ -498,6 +508,8 @@ class Config:
                                   f"only with bottleneck.method=resbm (or none, as the control); not {b.method}")
         if b.decoder_width is not None and b.decoder_width < 1:
             raise ConfigError("bottleneck.decoder_width", b.decoder_width, "must be >= 1, or empty")
+        if self.token_channel == "hashed" and b.token_buckets < 1:
+            raise ConfigError("bottleneck.token_buckets", b.token_buckets, "must be >= 1")
         if self.token_channel == "lowrank" and not 1 <= b.token_rank < m.hidden_size:
             raise ConfigError("bottleneck.token_rank", b.token_rank,
                               f"must be >= 1 and < model.hidden_size ({m.hidden_size})")

@@ -47,6 +47,7 @@ from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
 from .manifest import newest_complete, write_manifest
 from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
+from .model.accounting import cost_lines, cost_summary
 from .optim import newton_schulz_dtype
 from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
@@ -280,8 +281,8 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
     tokens = cfg.micro_batch_size * cfg.grad_accum_steps * (world // S) * cfg.data.seq_len
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
-            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cfg.train.steps} steps x {tokens:,} tokens; "
-            f"{start}; out_dir {plan.out}")
+            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
+            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}")
 
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
@@ -479,6 +480,11 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
 @cli
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        # What the model costs needs the config alone: printed in seconds, before the checks of the
+        # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
+        cfg = load_config(args.config, args.overrides).validate()
+        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg)), flush=True)
     cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (config.cli)
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

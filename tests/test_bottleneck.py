@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder, orthonormal_rows
+from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder, TokenTable, orthonormal_rows
 from resbm_ds.config import load_config
 
 
@@ -114,3 +114,38 @@ def test_identity_none_ablation_is_not_a_dead_boundary():
     x = torch.randn(2, 5, 64, requires_grad=True)
     dec(enc(x)).square().sum().backward()
     assert enc.proj.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def hashed_table(boundary_id, V, buckets, *extra):
+    cfg = load_config(None, [f"model.vocab_size={V}", "model.hidden_size=64", "bottleneck.token_channel=hashed",
+                             f"bottleneck.token_buckets={buckets}", *extra]).validate()
+    return TokenTable(cfg, boundary_id)
+
+
+def test_hashed_token_table_is_B_by_H_whatever_the_vocabulary():
+    """Its size is token_buckets x H at any V; every row is used; an id always reads the same row,
+    and two boundaries hash differently (ids that share a row at one rarely do at the other)."""
+    for V in (256, 128_256):
+        t = hashed_table(0, V, 97)
+        assert [tuple(p.shape) for p in t.parameters()] == [(97, 64)]
+    ids = torch.arange(128_256)
+    rows0, rows1 = hashed_table(0, 128_256, 97).rows(ids), hashed_table(1, 128_256, 97).rows(ids)
+    assert rows0.min() == 0 and rows0.max() == 96 and rows0.unique().numel() == 97
+    counts = torch.bincount(rows0, minlength=97).float()
+    assert counts.max() / counts.mean() < 1.1                     # a near-even spread over the rows
+    assert torch.equal(hashed_table(0, 128_256, 97).rows(ids), rows0)   # the seed fixes the hash
+    shared0 = rows0[:500, None] == rows0[None, :500]
+    shared1 = rows1[:500, None] == rows1[None, :500]
+    both = (shared0 & shared1).sum() - 500                         # pairs colliding at both boundaries
+    assert both < 0.1 * (shared0.sum() - 500), (both, shared0.sum())
+    assert not torch.equal(hashed_table(0, 128_256, 97, "seed=7").rows(ids), rows0)
+
+
+def test_hashed_token_table_learns_only_the_rows_it_reads():
+    t = hashed_table(0, 4096, 64, "bottleneck.init=normal")
+    ids = torch.tensor([[3, 3, 4000], [17, 3, 4000]], dtype=torch.int16)
+    out = t(ids)
+    assert torch.equal(out[0, 0], t.weight[t.rows(torch.tensor(3))])
+    out.sum().backward()
+    touched = t.weight.grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(set(t.rows(ids).flatten().tolist()))

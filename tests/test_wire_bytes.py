@@ -5,6 +5,7 @@ import pytest
 
 from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.config import ConfigError, load_config
+from resbm_ds.model.accounting import parameter_counts
 
 H, V, T, MB, GAS = 64, 256, 32, 2, 2
 SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_layers=2", "model.num_heads=4",
@@ -21,9 +22,13 @@ CASES = {
     "bf16-wire-on-fp32": ["bottleneck.wire_dtype=bf16"],
     "int8": ["wire.codec=int8"],                          # codec payload + scale, and the ids as they are
     "fp8-both-ways": ["wire.codec=fp8", "wire.codec_backward=true"],
+    "int4-both-ways": ["wire.codec=int4", "wire.codec_backward=true"],           # 4 values in 2 bytes
+    "int2-odd-width-both-ways": ["wire.codec=int2", "wire.codec_backward=true",   # 5 values in 2 bytes
+                                "bottleneck.width=5", "bottleneck.token_channel=none"],
     "subspace": ["bottleneck.method=subspace"],
     "noskip": ["bottleneck.method=bottleneck-noskip"],
     "token-channel": ["bottleneck.token_channel=learned"],
+    "token-channel-hashed": ["bottleneck.token_channel=hashed", "bottleneck.token_buckets=37"],
     "token-channel-mlp-bf16": ["bottleneck.token_channel=lowrank", "bottleneck.decoder=mlp",
                                "bottleneck.wire_dtype=bf16"],
     "uncompressed": ["bottleneck.method=none"],
@@ -50,6 +55,8 @@ def test_predicted_bytes_and_ratio_equal_the_meter(case, case_reports):
     assert cfg.compression_ratio("model") == cfg.dense_bytes_per_token("model") / busier == s0["compression_ratio"]
     assert cfg.compression_ratio() == 2 * H / busier        # against dense bf16 (REFERENCE 8)
     assert s1["losses"][-1] < s1["losses"][0], s1["losses"]
+    # the meta-device count of each stage is what that stage's DeepSpeed engine really trains
+    assert [s0["parameters"], s1["parameters"]] == list(parameter_counts(cfg).stages), case
 
 
 def test_ratios_in_bytes():
@@ -60,6 +67,9 @@ def test_ratios_in_bytes():
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio() == 16
     assert cfg("bottleneck.wire_dtype=bf16").compression_ratio("model") == 32
     assert cfg("wire.codec=int8").wire_bytes_per_token == (4 + 2, 16)                 # h + bf16 scale
+    assert cfg("wire.codec=int4").wire_bytes_per_token == (2 + 2, 16)                 # two values a byte
+    assert cfg("wire.codec=int2", "wire.codec_backward=true").wire_bytes_per_token == (1 + 2, 1 + 2)
+    assert cfg("wire.codec=int2", "bottleneck.width=5").wire_bytes_per_token == (2 + 2, 20)   # padded
     assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16 + 2, 16)   # int16 ids
     big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]).validate()
     assert big.token_channel == "learned" and big.wire_bytes_per_token == (16 + 4, 16)   # the default; int32 ids
@@ -71,6 +81,7 @@ def test_ratios_in_bytes():
     (["bottleneck.method=subspace", "bottleneck.decoder=mlp"], "bottleneck.decoder"),
     (["bottleneck.method=bottleneck-noskip", "bottleneck.token_channel=learned"], "bottleneck.token_channel"),
     (["bottleneck.token_channel=lowrank", "bottleneck.token_rank=0"], "bottleneck.token_rank"),
+    (["bottleneck.token_channel=hashed", "bottleneck.token_buckets=0"], "bottleneck.token_buckets"),
 ])
 def test_meaningless_or_uncounted_combinations_are_refused(overrides, key):
     with pytest.raises(ConfigError) as e:

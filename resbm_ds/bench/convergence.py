@@ -50,8 +50,9 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from ..metrics import METRICS_FILE, read_metrics
+from ..model.accounting import parameter_counts
 from .reference import eval_reference
-from .runner import free_port, log_tail, machine_info, parameter_count, run_env, run_logged
+from .runner import free_port, log_tail, machine_info, run_env, run_logged
 
 CONFIG = "bench-convergence"
 LRS = (1e-3, 2e-3, 4e-3)
@@ -206,7 +207,7 @@ def describe(run: Run, cfg, lr: float, settings=()) -> dict:
                 method=cfg.bottleneck.method, code_width=cfg.code_width,
                 wire_bytes_per_token_fwd=fwd, wire_bytes_per_token_bwd=bwd,
                 ratio_vs_bf16=cfg.compression_ratio("bf16"), ratio_vs_model=cfg.compression_ratio("model"),
-                parameters=parameter_count(cfg))
+                parameters=parameter_counts(cfg, num_stages=1).total)
 
 
 class Suite:

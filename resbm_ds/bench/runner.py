@@ -14,10 +14,8 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.pipe import TiedLayerSpec
 
-from ..config import REPO_ROOT, Config
-from ..model.pipeline import layer_specs
+from ..config import REPO_ROOT
 
 
 def free_port() -> int:
@@ -76,23 +74,6 @@ def children_cpu_s() -> float:
     """CPU seconds used by finished child processes (torchrun and, through it, the ranks)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
-
-
-def parameter_count(cfg: Config) -> int | None:
-    """Trainable parameters of the whole model (all stages), built layer by layer on this process."""
-    try:
-        specs, _ = layer_specs(cfg)
-        seen_tied, total = set(), 0
-        for spec in specs:
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key in seen_tied:
-                    continue
-                seen_tied.add(spec.key)
-            module = spec.build()
-            total += sum(p.numel() for p in module.parameters() if p.requires_grad)
-        return total
-    except Exception:   # noqa: BLE001 - a method mid-edit must not stop the report
-        return None
 
 
 def machine_info() -> dict:

@@ -34,7 +34,8 @@ from pathlib import Path
 from ..config import Config, ConfigError, load_config
 from ..wire.link import link_bound_tokens_per_s
 from ..metrics import METRICS_FILE, read_metrics
-from .runner import children_cpu_s, free_port, log_tail, machine_info, parameter_count, run_env, run_logged
+from ..model.accounting import parameter_counts
+from .runner import children_cpu_s, free_port, log_tail, machine_info, run_env, run_logged
 
 
 # ---- suite definitions -------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = Fa
             if rc == 0 and (run_dir / METRICS_FILE).exists():
                 entry["status"] = "ok"
                 entry["metrics"] = analyse(run_dir, cfg, link)
-                entry["parameters"] = parameter_count(cfg)
+                entry["parameters"] = parameter_counts(cfg, num_stages=1).total
                 entry["config_ratio"] = cfg.compression_ratio()
                 if not keep_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

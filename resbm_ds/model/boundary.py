@@ -45,7 +45,11 @@ Switches (bottleneck.*), all on the same layer layout:
                            T[ids] computed on the receiving stage, so the h code values need not
                            carry token identity: `learned` (a V x H table local to the stage, zero
                            under init=identity), `frozen` (a seeded N(0, init_std) buffer: no optimizer state),
-                           `lowrank` (A B with A [V, r] and B [r, H], B zero at init). Never tied to
+                           `lowrank` (A B with A [V, r] and B [r, H], B zero at init), `hashed` (a
+                           learned table of token_buckets x H rows, whatever V, read at a universal
+                           hash of the id, ((a id + c) mod p) mod B, with a and c drawn per boundary
+                           from the seed, so two ids that share a row at one boundary most likely do
+                           not at the next). Never tied to
                            the input embedding, which would all-reduce V x H across stages every step.
 
 The code can be cast to a narrower float dtype for the wire (`wire_dtype`, e.g. bf16 for an fp32
@@ -57,6 +61,8 @@ decoder returns the hidden state alone.
 """
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +71,7 @@ from ..config import DTYPES, Config, id_wire_bytes
 from .layers import TokenEmbedding, TransformerBlock
 
 TABLE_SEED_OFFSET = 611_953      # frozen token tables: randn from (seed + this + boundary)
+HASH_PRIME = 2_147_483_647       # 2^31 - 1, above any vocabulary: the hashed table's modulus
 
 
 def wire_torch_dtype(cfg: Config):
@@ -166,11 +173,24 @@ class TokenTable(nn.Module):
             self.coords = nn.Parameter(torch.randn(m.vocab_size, r) / r ** 0.5)
             self.basis = nn.Parameter(torch.empty(r, m.hidden_size))
             _init_weight(self.basis, cfg)
+        elif kind == "hashed":
+            self.buckets = cfg.bottleneck.token_buckets
+            draw = random.Random(cfg.seed + TABLE_SEED_OFFSET + boundary)
+            self.hash_a, self.hash_c = draw.randrange(1, HASH_PRIME), draw.randrange(HASH_PRIME)
+            self.weight = nn.Parameter(torch.empty(self.buckets, m.hidden_size))
+            _init_weight(self.weight, cfg)
         else:
             raise ValueError(f"bottleneck.token_channel={kind!r}")
 
-    def forward(self, ids):
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The table row of each id: the id itself, or its bucket for `hashed` (int64 holds a * id)."""
         ids = ids.long()
+        if self.kind == "hashed":
+            return (ids * self.hash_a + self.hash_c) % HASH_PRIME % self.buckets
+        return ids
+
+    def forward(self, ids):
+        ids = self.rows(ids)
         if self.kind == "lowrank":
             return F.embedding(ids, self.coords) @ self.basis
         return F.embedding(ids, self.weight)

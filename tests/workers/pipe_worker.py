@@ -70,6 +70,7 @@ def run(out, steps, overrides):
     rank = dist.get_rank()
     report = dict(rank=rank, stage=rt.stage, dp_rank=rt.dp_rank, losses=losses, wire=wire,
                   eval_loss=eval_loss, param_hash=h.hexdigest(),
+                  parameters=sum(p.numel() for p in rt.module.parameters() if p.requires_grad),
                   param_dtypes=sorted({str(p.dtype) for p in rt.module.parameters()}),
                   local_layers=[type(l).__name__ for l in rt.module.forward_funcs],
                   compression_ratio=cfg.compression_ratio("model"), code_width=cfg.code_width,

@@ -56,7 +56,7 @@ def main():
 
     # ---- codecs: forward always encoded, backward only with codec_backward ----------------------
     seed = 0
-    for codec in ("none", "int8", "fp8"):
+    for codec in ("none", "int8", "fp8", "int4", "int2"):
         for backward in (False, True):
             for dtype in (torch.float32, torch.bfloat16):
                 meter, _ = configure(codec=codec, codec_backward=backward)
