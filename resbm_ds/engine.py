@@ -49,8 +49,8 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     world_size = world_size or world_size_from_env()
     cfg.validate(world_size=world_size)
     check_deepspeed_schema(cfg)
-    if cfg.bottleneck.token_ids == "local" and local_ids.check_deepspeed():
-        raise ConfigError("bottleneck.token_ids", "local", local_ids.check_deepspeed())
+    if cfg.bottleneck.token_ids == "local" and (problem := local_ids.check_deepspeed()):
+        raise ConfigError("bottleneck.token_ids", "local", problem)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
         check_hf_weights(cfg.model, cfg.model.init_from_hf)

@@ -75,6 +75,19 @@ def test_local_ids_cost_no_bytes():
     assert cfg.wire_bytes_per_token == (4 + 2, 4) and cfg.compression_ratio() == 512 / 6
 
 
+def test_the_single_process_model_computes_the_same_function():
+    """ResBMForCausalLM (exports, generation) hands its input ids to the decoders itself."""
+    import torch
+    from resbm_ds.model.causal_lm import ResBMForCausalLM
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for mode in ("sent", "local"):
+        cfg = load_config(None, [*SMALL, "model.num_layers=3", "bottleneck.segments=3", "pipeline.stages=3",
+                                 "bottleneck.init=normal", f"bottleneck.token_ids={mode}"]).validate()
+        logits[mode] = ResBMForCausalLM(cfg)(ids)
+    assert torch.equal(logits["sent"], logits["local"])
+
+
 @pytest.mark.parametrize("overrides", [["bottleneck.token_channel=none"], ["bottleneck.method=subspace"],
                                        ["bottleneck.token_ids=wire"]])
 def test_local_ids_need_a_token_channel_of_their_own(overrides):
@@ -105,3 +118,13 @@ def test_resume_restores_the_data_on_every_stage(tmp_path):
 
 def losses(out):
     return {(r["step"], k): r[k] for r in rows(out) for k in ("loss", "val_loss") if k in r}
+
+
+def test_an_untested_deepspeed_is_refused_before_launch(monkeypatch):
+    """The patch reads the pipeline engine's internals: another DeepSpeed version fails in one line."""
+    import deepspeed
+    from resbm_ds.engine import validate_before_launch
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(ConfigError) as e:
+        validate_before_launch(load_config(None, [*SMALL, "model.num_layers=2", "bottleneck.token_ids=local"]), 2)
+    assert e.value.key == "bottleneck.token_ids" and "installed: 0.20.0" in str(e.value)
