@@ -113,6 +113,7 @@ BOUNDARY_INITS = ("identity", "normal")
 DECODERS = ("linear", "mlp")
 DECODER_NORMS = ("rms", "none")
 TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank", "hashed")
+TOKEN_ID_TRANSPORTS = ("sent", "local")
 OPTIMIZERS = ("adamw", "muon")
 DATA_SOURCES = ("local", "hub")
 TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
@@ -166,6 +167,9 @@ class BottleneckConfig:
     #                                the ids cross too and a table local to the receiving stage adds T[ids]
     token_rank: int = 32           # rank of the lowrank token table
     token_buckets: int = 4096      # rows of the hashed token table (B x H, whatever the vocabulary)
+    token_ids: str = "sent"        # how the token channel's decoders get the ids: sent (they cross every
+    #                                stage boundary with the code) | local (each stage reads them from its
+    #                                own copy of the data: 0 bytes on the wire; model/local_ids.py)
 
 
 @dataclass
@@ -322,8 +326,9 @@ class Config:
 
     @property
     def sends_token_ids(self) -> bool:
+        """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
         b = self.bottleneck
-        return b.method in ID_CHANNEL_METHODS or self.token_channel != "none"
+        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
 
     @property
     def token_channel(self) -> str:
@@ -337,7 +342,8 @@ class Config:
     def wire_bytes_per_token(self) -> tuple[int, int]:
         """(forward, backward) bytes per token at each boundary that crosses stages, as the meter
         counts them: the code (h values in the wire dtype, or under a wire codec `codec_row_bytes`),
-        plus the token ids forward where they cross (no gradient comes back for them). The one
+        plus the token ids forward where they cross (no gradient comes back for them; none cross with
+        bottleneck.token_ids=local). The one
         prediction that tests/test_wire_bytes.py checks against the meter."""
         h, w = self.code_width, self.wire
         dense_code = h * self.wire_elem_bytes
@@ -379,6 +385,7 @@ class Config:
         _choice("bottleneck.decoder", b.decoder, DECODERS)
         _choice("bottleneck.decoder_norm", b.decoder_norm, DECODER_NORMS)
         _choice("bottleneck.token_channel", b.token_channel, TOKEN_CHANNELS)
+        _choice("bottleneck.token_ids", b.token_ids, TOKEN_ID_TRANSPORTS)
         self._validate_boundary_switches()
         if b.method != "none":
             if b.width is not None and not 1 <= b.width < m.hidden_size:
@@ -513,6 +520,12 @@ class Config:
         if self.token_channel == "lowrank" and not 1 <= b.token_rank < m.hidden_size:
             raise ConfigError("bottleneck.token_rank", b.token_rank,
                               f"must be >= 1 and < model.hidden_size ({m.hidden_size})")
+        if b.token_ids == "local" and b.method in ID_CHANNEL_METHODS:
+            raise ConfigError("bottleneck.token_ids", b.token_ids,
+                              f"not with bottleneck.method={b.method}, whose layers carry the ids in the stream")
+        if b.token_ids == "local" and self.token_channel == "none":
+            raise ConfigError("bottleneck.token_ids", b.token_ids,
+                              "local has nothing to read the ids: set bottleneck.token_channel")
         if self.token_channel != "none":
             if b.segments < 2:
                 raise ConfigError("bottleneck.segments", b.segments,

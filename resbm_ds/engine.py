@@ -16,6 +16,7 @@ from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_dee
 from .config import Config, ConfigError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
+from .model import local_ids
 from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
 from .run_dir import check_init_from
@@ -48,6 +49,8 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     world_size = world_size or world_size_from_env()
     cfg.validate(world_size=world_size)
     check_deepspeed_schema(cfg)
+    if cfg.bottleneck.token_ids == "local" and (problem := local_ids.check_deepspeed()):
+        raise ConfigError("bottleneck.token_ids", "local", problem)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
         check_hf_weights(cfg.model, cfg.model.init_from_hf)
@@ -197,6 +200,8 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     ds.update(extra_ds or {})
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(cfg, module),
                                            lr_scheduler=lr_scheduler, config=ds)
+    if module.local_ids is not None:   # bottleneck.token_ids=local: every stage reads its own data
+        local_ids.install(engine, module.local_ids)
     meter.take()   # drop the engine's start-up ping
     keep_fp32_clip_norm(engine)
     load_deepspeed_checkpoints_safely(engine)

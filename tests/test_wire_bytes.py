@@ -29,6 +29,7 @@ CASES = {
     "noskip": ["bottleneck.method=bottleneck-noskip"],
     "token-channel": ["bottleneck.token_channel=learned"],
     "token-channel-hashed": ["bottleneck.token_channel=hashed", "bottleneck.token_buckets=37"],
+    "token-ids-local": ["bottleneck.token_ids=local"],     # the default's table, ids read on each stage
     "token-channel-mlp-bf16": ["bottleneck.token_channel=lowrank", "bottleneck.decoder=mlp",
                                "bottleneck.wire_dtype=bf16"],
     "uncompressed": ["bottleneck.method=none"],
@@ -71,6 +72,7 @@ def test_ratios_in_bytes():
     assert cfg("wire.codec=int2", "wire.codec_backward=true").wire_bytes_per_token == (1 + 2, 1 + 2)
     assert cfg("wire.codec=int2", "bottleneck.width=5").wire_bytes_per_token == (2 + 2, 20)   # padded
     assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16 + 2, 16)   # int16 ids
+    assert cfg("bottleneck.token_channel=learned", "bottleneck.token_ids=local").wire_bytes_per_token == (16, 16)
     big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]).validate()
     assert big.token_channel == "learned" and big.wire_bytes_per_token == (16 + 4, 16)   # the default; int32 ids
     assert load_config(None, ["bottleneck.method=none"]).validate().token_channel == "none"

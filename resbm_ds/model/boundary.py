@@ -51,11 +51,15 @@ Switches (bottleneck.*), all on the same layer layout:
                            from the seed, so two ids that share a row at one boundary most likely do
                            not at the next). Never tied to
                            the input embedding, which would all-reduce V x H across stages every step.
+  token_ids=sent|local     How the decoders get the ids: sent with the code (above), or local: nothing
+                           but the code crosses, and each decoder reads the ids of the micro-batch its
+                           stage is computing from its own copy of the data (model/local_ids.py), so
+                           the ids cost 0 bytes and the same function is computed.
 
 The code can be cast to a narrower float dtype for the wire (`wire_dtype`, e.g. bf16 for an fp32
 model); the decoder casts it back, and autograd returns the gradient in the wire dtype too.
 
-When ids travel, the layers of every segment but the last pass `(hidden, ids)` tuples (DeepSpeed's
+When ids are sent, the layers of every segment but the last pass `(hidden, ids)` tuples (DeepSpeed's
 pipeline sends a stage's whole output; integer tensors travel without gradient), and the last
 decoder returns the hidden state alone.
 """
@@ -140,7 +144,7 @@ class BottleneckEncoder(nn.Module):
         _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
         self.wire_dtype = wire_torch_dtype(cfg)
-        self.carries_ids = cfg.token_channel != "none"
+        self.carries_ids = cfg.sends_token_ids
 
     def encode(self, x):
         b = self.proj(self.norm(x))
@@ -196,12 +200,33 @@ class TokenTable(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-class BottleneckDecoder(nn.Module):
+class LocalIdsReader(nn.Module):
+    """A layer that adds T[ids] and, with bottleneck.token_ids=local, reads the ids from `local_ids`
+    (set by model/local_ids.attach_local_ids) instead of receiving them in its input."""
+
+    local_ids = None
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.reads_local_ids = cfg.token_channel != "none" and cfg.bottleneck.token_ids == "local"
+
+    def split_ids(self, inputs):
+        """(stream, ids): the ids from the input tuple, or those of the micro-batch being computed."""
+        if not self.reads_local_ids:
+            return inputs
+        if self.local_ids is None or self.local_ids.current is None:
+            raise RuntimeError("bottleneck.token_ids=local, but no token ids were set for this forward "
+                               "(model/local_ids.py)")
+        return inputs, self.local_ids.current
+
+
+class BottleneckDecoder(LocalIdsReader):
     """First layer of the next segment: code [B, T, h] -> hidden state [B, T, H]
-    (with a token channel: (code, ids) -> (x, ids), or x alone after the last boundary)."""
+    (with a token channel: (code, ids) -> (x, ids), or x alone after the last boundary; with local
+    ids: code -> x)."""
 
     def __init__(self, cfg: Config, boundary: int):
-        super().__init__()
+        super().__init__(cfg)
         b = cfg.bottleneck
         H, h = cfg.model.hidden_size, cfg.code_width
         self.boundary = boundary
@@ -219,7 +244,7 @@ class BottleneckDecoder(nn.Module):
         _init_weight(self.proj.weight, cfg)
         self.identity = _identity(cfg, boundary)
         self.tokens = TokenTable(cfg, boundary) if cfg.token_channel != "none" else None
-        self.last = boundary == b.segments - 2
+        self.last = boundary == b.segments - 2 or self.reads_local_ids   # local: no ids to pass on
 
     def decode(self, b):
         b = b.to(self.proj.weight.dtype)
@@ -232,7 +257,7 @@ class BottleneckDecoder(nn.Module):
     def forward(self, inputs):
         if self.tokens is None:
             return self.decode(inputs)
-        b, ids = inputs
+        b, ids = self.split_ids(inputs)
         x = self.decode(b) + self.tokens(ids).to(self.proj.weight.dtype)
         return x if self.last else (x, ids)
 
@@ -261,16 +286,17 @@ class BlockWithIds(TransformerBlock):
         return super().forward(x), ids
 
 
-class TokenTableLayer(nn.Module):
+class TokenTableLayer(LocalIdsReader):
     """The control for the token channel on an uncompressed model (method=none): at each boundary
     position the stream gets the same local table, x + T[ids], and nothing is compressed."""
 
     def __init__(self, cfg: Config, boundary: int):
-        super().__init__()
+        super().__init__(cfg)
+        self.boundary = boundary
         self.tokens = TokenTable(cfg, boundary)
-        self.last = boundary == cfg.bottleneck.segments - 2
+        self.last = boundary == cfg.bottleneck.segments - 2 or self.reads_local_ids
 
     def forward(self, inputs):
-        x, ids = inputs
+        x, ids = self.split_ids(inputs)
         x = x + self.tokens(ids).to(x.dtype)
         return x if self.last else (x, ids)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import Config
 from .layers import tied_lm_head
+from .local_ids import attach_local_ids
 from .pipeline import layer_specs
 
 
@@ -39,8 +40,11 @@ class ResBMForCausalLM(nn.Module):
                 else:
                     layers.append(spec.build())
         self.layers = nn.ModuleList(layers)
+        self.local_ids = attach_local_ids(self)   # bottleneck.token_ids=local: the decoders read `ids`
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.local_ids is not None:
+            self.local_ids.current = ids
         x = ids
         for i, layer in enumerate(self.layers):
             x = tied_lm_head(self.layers[0], x) if i == self.tied_head else layer(x)

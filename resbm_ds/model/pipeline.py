@@ -22,6 +22,7 @@ from .boundary import (BlockWithIds, BottleneckDecoder, BottleneckEncoder, Embed
                          TokenTableLayer)
 from ..config import Config
 from .layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock, lm_loss, tied_lm_head
+from .local_ids import attach_local_ids
 
 
 def segment_sizes(num_layers: int, segments: int) -> list[int]:
@@ -41,7 +42,8 @@ class Boundary:
 
 def boundary_layers(cfg: Config) -> Boundary:
     method, ids = cfg.bottleneck.method, cfg.token_channel != "none"
-    with_ids = dict(embedding=EmbeddingWithIds, block=BlockWithIds) if ids else {}
+    # the layers before the last boundary pass the ids on only when they cross (bottleneck.token_ids)
+    with_ids = dict(embedding=EmbeddingWithIds, block=BlockWithIds) if cfg.sends_token_ids else {}
     if method == "resbm":
         return Boundary(BottleneckEncoder, BottleneckDecoder, **with_ids)
     if method == "none":   # uncompressed; with a token channel, the control (same tables, no code)
@@ -98,6 +100,7 @@ class ResBMPipeline(PipelineModule):
         specs, _ = layer_specs(cfg)
         super().__init__(layers=specs, topology=topology, loss_fn=lm_loss,
                          partition_method="resbm", seed_layers=True, base_seed=cfg.seed, **kwargs)
+        self.local_ids = attach_local_ids(self)   # token_ids=local: fed by local_ids.install(engine)
 
     def _partition_layers(self, method="resbm"):
         # DeepSpeed's own methods (uniform/parameters/type:) cannot express "cut after the encoder";

@@ -15,6 +15,27 @@ import torch.distributed as dist
 
 from resbm_ds.config import load_config
 from resbm_ds.engine import build_engine, close_distributed, validate_before_launch
+from resbm_ds.model.boundary import LocalIdsReader
+
+
+def ids_hash(ids) -> str:
+    return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def record_ids(rt) -> dict:
+    """Hashes of the token ids, one per forward in order: the first stage's inputs ("inputs") and what
+    each token-channel layer of this stage read, sent or local ("b<boundary>")."""
+    seen = {}
+
+    def hook(name, ids_of):
+        seen[name] = []
+        return lambda module, args: seen[name].append(ids_hash(ids_of(module, args[0])))
+    if rt.stage == 0:
+        rt.module.forward_funcs[0].register_forward_pre_hook(hook("inputs", lambda m, x: x))
+    for layer in rt.module.forward_funcs:
+        if isinstance(layer, LocalIdsReader) and layer.tokens is not None:
+            layer.register_forward_pre_hook(hook(f"b{layer.boundary}", lambda m, x: m.split_ids(x)[1]))
+    return seen
 
 
 def synthetic_batches(cfg, dp_rank, dp_size, seed=0):
@@ -55,6 +76,7 @@ def run(out, steps, overrides):
     if load:
         rt.engine.load_checkpoint(load, load_module_only=True, load_optimizer_states=False,
                                   load_lr_scheduler_states=False)
+    ids_seen = record_ids(rt)
     data = synthetic_batches(cfg, rt.dp_rank, rt.dp_size)
     losses, wire = [], []
     for _ in range(steps):
@@ -75,7 +97,7 @@ def run(out, steps, overrides):
                   local_layers=[type(l).__name__ for l in rt.module.forward_funcs],
                   compression_ratio=cfg.compression_ratio("model"), code_width=cfg.code_width,
                   wire_bytes_per_token=list(cfg.wire_bytes_per_token),
-                  link_collectives=rt.link.stats.collectives)
+                  link_collectives=rt.link.stats.collectives, ids_seen=ids_seen)
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(report, f)
 
