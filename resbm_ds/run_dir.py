@@ -50,8 +50,11 @@ def tags(ckpt_dir: Path) -> list[str]:
 
 
 def config_changes(saved: dict, new: dict, only=None, allowed=()) -> dict[str, tuple]:
-    """Flattened keys whose values differ (within the `only` prefixes, outside `allowed`)."""
+    """Flattened keys whose values differ (within the `only` prefixes, outside `allowed`). A key the
+    saved config lacks (it was written before the key existed) counts as the key's default."""
+    defaults = flatten(Config().to_dict())
     a, b = flatten(saved), flatten(new)
+    a = {**{k: defaults[k] for k in b.keys() - a.keys() if k in defaults}, **a}
     keys = sorted(set(a) | set(b))
     if only:
         keys = [k for k in keys if k.startswith(only)]

@@ -51,6 +51,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
+from ..run_dir import config_changes
 from .reference import eval_reference
 from .runner import free_port, log_tail, machine_info, run_env, run_logged
 
@@ -270,13 +271,13 @@ class Suite:
         entry = describe(run, cfg, lr, self.settings)
         old = self.previous.get(run.name)
         run_dir = self.out / "runs" / run.name
-        if old and old.get("config") == entry["config"] and old.get("status") == "ok":
+        same = old is not None and "config" in old and not config_changes(old["config"], entry["config"])
+        if same and old.get("status") == "ok":
             with self.cond:
                 self.entries[run.name] = old
             print(f"[convergence] {run.name}: reused", flush=True)
             return
-        resume = (old is not None and old.get("config") == entry["config"]
-                  and (run_dir / "checkpoints" / "latest").exists())
+        resume = same and (run_dir / "checkpoints" / "latest").exists()
         print(f"[convergence] {time.strftime('%H:%M:%S')} {'resume' if resume else 'start'} {run.name}: "
               f"{run.label} ({run.optimizer}, lr {lr:g}, seed {run.seed})", flush=True)
         cmd = [sys.executable, "-m", "resbm_ds.train", "--config", CONFIG,
