@@ -21,7 +21,8 @@ import torch
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
 
 
 class UserError(ValueError):
@@ -639,11 +640,15 @@ def load_ds_json(path: str) -> dict:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """Relative paths are tried from the working directory, then from the repository root."""
+    """Relative paths are tried from the working directory, then from the package (its data:
+    ds_configs/*.json, so an installed package finds them), then from the repository root."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+    for root in (PACKAGE_DIR, REPO_ROOT):
+        if (root / p).exists():
+            return root / p
+    return p
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
