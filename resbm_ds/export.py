@@ -15,7 +15,7 @@ run's Config) and `tokenizer/` (the run's tokenizer, also in transformers format
 RUN_DIR is a training run (`config.yaml`, `checkpoints/`, `tokenizer/`); the default tag is the
 one in `checkpoints/latest`, the default output `RUN_DIR/export/<tag>`. `--hf` also writes a
 transformers `save_pretrained` directory with the run's tokenizer in transformers format: a plain
-Llama / Qwen2 / Mistral for an uncompressed model, else model_type `resbm` (`import resbm_ds`
+Llama / Qwen2 / Mistral for an uncompressed model, else model_type `resbm` (`import resbm_ds.hf`
 registers it; hf/modeling.py). RUN_DIR may also be an exported directory, to re-export it.
 """
 from __future__ import annotations

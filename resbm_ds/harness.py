@@ -5,7 +5,7 @@
         --include_path TASKS_DIR --device cpu --batch_size 8 --output_path OUT
 
 Everything but `make-task` is lm-eval's own command line (`lm_eval ...`), run after `import
-resbm_ds` has registered the `resbm` model type with transformers: a ResBM export loads through
+resbm_ds.hf` has registered the `resbm` model type with transformers: a ResBM export loads through
 lm-eval's standard `hf` model, without `trust_remote_code`. (Plain `lm_eval` also works on exports
 of uncompressed models, which are plain Llama / Qwen2 / Mistral directories.)
 

@@ -55,7 +55,7 @@ def test_readme_commands_work_verbatim(after_training):
 def test_lm_eval_scores_what_the_model_computes(after_training):
     """Each example's log-likelihood of the target word, as lm-eval logged it, equals the exported
     model's, with the split lm-eval makes (context tokens, then the rest of the whole string)."""
-    import resbm_ds  # noqa: F401  (registers model_type resbm)
+    import resbm_ds.hf  # noqa: F401  (registers model_type resbm)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cwd, _ = after_training

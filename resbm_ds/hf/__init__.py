@@ -6,7 +6,7 @@
     save_hf(model, out_dir)              a consolidated model -> a `save_pretrained` directory: plain
                                          Llama/Qwen2/Mistral when uncompressed, else model_type `resbm`
     ResBMHFConfig, ResBMHFForCausalLM    ResBM as a transformers model (modeling.py), registered with
-                                         AutoConfig / AutoModelForCausalLM by `import resbm_ds`
+                                         AutoConfig / AutoModelForCausalLM by `import resbm_ds.hf`
 
 Our layers use Hugging Face's Llama names, so a transformers tensor maps to a pipeline layer by
 name alone: `model.layers.{i}.X` is `X` of the block with layer_id i, `model.embed_tokens.weight`
@@ -25,3 +25,6 @@ modeling.py (the `resbm` transformers model), __main__.py (the CLI).
 CLI: `python -m resbm_ds.hf config DIR [--config BASE] [key=value ...]` prints a run config (YAML)
 for `python -m resbm_ds.train --config`, with the model section and `model.init_from_hf` filled in.
 """
+from .modeling import register
+
+register()

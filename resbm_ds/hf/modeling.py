@@ -1,7 +1,7 @@
 """ResBM as a transformers model: `AutoConfig` / `AutoModelForCausalLM` know `model_type: resbm`
-once `resbm_ds` is imported (no `trust_remote_code`, no code in the export directory).
+once `resbm_ds.hf` is imported (no `trust_remote_code`, no code in the export directory).
 
-    import resbm_ds                                   # registers the classes below
+    import resbm_ds.hf                                # registers the classes below
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("runs/x/hf")
     tok = AutoTokenizer.from_pretrained("runs/x/hf")

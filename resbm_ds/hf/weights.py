@@ -153,7 +153,7 @@ def is_plain_transformer(model: ResBMForCausalLM) -> bool:
 def save_hf(model: ResBMForCausalLM, out_dir, family: str | None = None, eos_token_id: int | None = None) -> Path:
     """Write a consolidated model as a transformers `save_pretrained` directory that
     `AutoModelForCausalLM.from_pretrained` loads: a plain Llama / Qwen2 / Mistral when the model
-    is uncompressed, else a `resbm` model (hf/modeling.py; `import resbm_ds` registers it)."""
+    is uncompressed, else a `resbm` model (hf/modeling.py; `import resbm_ds.hf` registers it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
