@@ -30,12 +30,12 @@ def args(out, *extra):
     return ["-m", "resbm_ds.train", "--config", "cpu-demo", f"train.out_dir={out}", *TINY, *extra]
 
 
-def run_sites(tmp_path, name, extra, sites=2, resume=False, timeout=400):
-    """Start `sites` one-process sites at once; wait for all; [(returncode, stdout, stderr)] by site."""
+def run_sites(tmp_path, name, extra, sites=2, resume=False, timeout=400, nprocs=1):
+    """Start `sites` sites of `nprocs` processes at once; wait for all; [(stdout, stderr)] by site."""
     sync_port = free_port()
     procs = []
     for s in range(sites):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
                *args(tmp_path / f"{name}{s}", *extra, "sync.sites=2", f"sync.site_rank={s}",
                      f"sync.master_port={sync_port}"), *(["--resume"] if resume else [])]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -143,6 +143,35 @@ def test_sites_stay_equal_count_their_bytes_and_resume_exactly(tmp_path, method,
         resumed = steps(tmp_path / f"cut{s}")
         assert sorted(resumed) == list(range(1, 9))
         assert [resumed[k]["loss"] for k in range(1, 9)] == [ref[s][k]["loss"] for k in range(1, 9)]
+
+
+@pytest.mark.parametrize("layout", [["pipeline.stages=2"], ["deepspeed.zero_optimization.stage=1"]],
+                         ids=["2-stage-pipelines", "zero1-2-replicas"])
+def test_sites_of_two_processes_stay_equal_and_the_outer_step_reaches_zero_masters(tmp_path, layout):
+    """Each site 2 processes: a 2-stage ResBM pipeline (each stage its own group between sites), or
+    2 ZeRO-1 replicas (each syncs half of the parameters, then they all-gather inside the site, and
+    the new weights reach ZeRO's fp32 master partitions, or the next inner step would undo them)."""
+    run_sites(tmp_path, "s", [*layout, "sync.method=diloco", "sync.inner_steps=2", "train.steps=3",
+                              "train.save_every=1"], nprocs=2)
+    for step in (1, 2, 3):
+        a, b = weights(tmp_path / "s0", f"step{step}"), weights(tmp_path / "s1", f"step{step}")
+        assert len(a) > 10 and all(torch.equal(a[k], b[k]) for k in a) == (step == 2), step
+    for s in range(2):
+        assert steps(tmp_path / f"s{s}")[2]["wire_bytes_sites"] == 4 * PARAMS   # both halves, once
+    if "pipeline.stages=2" in layout:
+        return
+    masters, w = 0, weights(tmp_path / "s0", "step2")
+    for rank in range(2):
+        state = torch.load(tmp_path / "s0" / "checkpoints" / "step2" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           weights_only=False)["optimizer_state_dict"]
+        for flat, where in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, frag in where.items():    # parameters held whole by this rank's partition
+                layer, key = name.split(".", 1)
+                full = w[f"layer_{int(layer):02d}.{key}"]
+                if frag.numel == full.numel():
+                    assert torch.equal(flat[frag.start:frag.start + frag.numel].detach(), full.reshape(-1)), name
+                    masters += 1
+    assert masters > 10
 
 
 def test_a_site_that_dies_ends_the_others_in_one_line_with_the_checkpoint_intact(tmp_path):
