@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, free_port, launch
 from resbm_ds.config import ConfigError, load_config
-from resbm_ds.manifest import verify
+from resbm_ds.manifest import verify, write_manifest
+from resbm_ds.run_dir import RunDirError, plan_run
 from resbm_ds.sync import decode_sparse, encode_sparse, sparse_payload_bytes
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
@@ -95,6 +97,23 @@ def test_bad_sync_settings_are_one_line_config_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config("cpu-demo", overrides).validate()
     assert message in str(e.value)
+
+
+def test_a_run_from_before_sync_resumes_as_one_site(tmp_path):
+    """Its config.yaml has no sync section: it was one site (allreduce), not a changed config."""
+    cfg = load_config("cpu-demo", [f"train.out_dir={tmp_path}"]).validate()
+    saved = cfg.to_dict()
+    del saved["sync"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    tag = tmp_path / "checkpoints" / "step1"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    write_manifest(tag)
+    (tmp_path / "checkpoints" / "latest").write_text("step1")
+    assert plan_run(cfg, True, None, False).resume_tag == "step1"
+    changed = load_config("cpu-demo", [f"train.out_dir={tmp_path}", "sync.method=diloco"]).validate()
+    with pytest.raises(RunDirError, match="sync.method 'allreduce' -> 'diloco'"):
+        plan_run(changed, True, None, False)
 
 
 # ---- two sites on real processes -------------------------------------------------------------------
