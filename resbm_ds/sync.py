@@ -25,6 +25,7 @@ its ranks (train.py's `wire_bytes_sites`).
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -262,4 +263,7 @@ class SiteSync:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    """The gist of a gloo / store error: its first line without gloo's source location and advice."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    return line.split(" This is typically caused", 1)[0][:200]

@@ -394,8 +394,9 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
         t0 = time.perf_counter()
         with progress.phase(f"step {step}"):
             loss = float(rt.engine.train_batch(data_iter=data))
-            if rt.sync:
-                rt.sync.after_step(step, loss)   # every sync.inner_steps steps, the outer step across sites
+        if rt.sync:   # every sync.inner_steps steps, the outer step across sites: bounded by sync.timeout_s
+            rt.sync.after_step(step, loss)
+        with progress.phase(f"step {step}"):
             dt = time.perf_counter() - t0
             net_step = NetCounters.delta(net_before, net.read()) if net else {}
             fwd, bwd, other, sites, stop_signum = step_totals(rt, stop)
