@@ -24,6 +24,7 @@ its ranks (train.py's `wire_bytes_sites`).
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -128,16 +129,16 @@ class SiteSync:
             return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), self.site, self.sites, self.timeout)
         except (RuntimeError, OSError) as e:
             raise SiteError(f"site {self.site}: the sites' rendezvous at {s.master_addr}:{s.master_port} failed "
-                            f"within {self.timeout.seconds} s ({_first_line(e)}); start every site with the same "
-                            "sync.master_addr / master_port, pipeline.stages and data-parallel size") from None
+                            f"within {self.timeout.total_seconds():g} s ({_first_line(e)}); start every site with "
+                            "the same sync.master_addr / master_port, pipeline.stages and data-parallel size") from None
 
     def _collective(self, what: str, step: int, fn):
         try:
             return fn()
         except (RuntimeError, OSError) as e:
-            raise SiteError(f"site {self.site} of {self.sites}: another site left the outer sync ({what} at step "
-                            f"{step}: {_first_line(e)}); this site stops, its last checkpoint is intact; "
-                            "restart every site with --resume") from None
+            raise SiteError(f"site {self.site} of {self.sites}: another site left the outer sync or stopped answering "
+                            f"({what} at step {step}: {_first_line(e)}); this site stops, its last checkpoint is "
+                            "intact; restart every site with --resume") from None
 
     def _all_gather(self, t: torch.Tensor, what: str, step: int) -> list[torch.Tensor]:
         out = [torch.empty_like(t) for _ in range(self.sites)]
@@ -151,7 +152,9 @@ class SiteSync:
 
     # ---- parameters <-> this rank's shard ----------------------------------------------------
     def _flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().float().reshape(-1) for p in self.params])
+        """The parameters as one fp32 vector on the CPU, where the outer state lives (off the GPU's
+        memory, and where gloo runs every collective)."""
+        return torch.cat([p.detach().float().reshape(-1).cpu() for p in self.params])
 
     def _shard(self, flat: torch.Tensor) -> torch.Tensor:
         flat = F.pad(flat, (0, self.shard_len * self.dp_size - flat.numel()))
@@ -160,9 +163,10 @@ class SiteSync:
     def _write(self, shard: torch.Tensor):
         """Put the new shard into every replica of the site (all-gather inside the site), into the
         model's parameters and, where DeepSpeed keeps fp32 master weights (ZeRO-1, bf16), into those."""
-        if self.dp_size > 1:
-            parts = [torch.empty_like(shard) for _ in range(self.dp_size)]
-            dist.all_gather(parts, shard, group=self.dp_group)
+        if self.dp_size > 1:   # on the site's own backend and device (nccl on GPUs)
+            mine = shard.to(self.params[0].device)
+            parts = [torch.empty_like(mine) for _ in range(self.dp_size)]
+            dist.all_gather(parts, mine, group=self.dp_group)
             flat = torch.cat(parts)
         else:
             flat = shard
@@ -180,7 +184,7 @@ class SiteSync:
     def after_step(self, step: int, loss: float):
         """Called after every optimizer step; every `inner_steps` steps, the outer step. A step with a
         non-finite loss is left to the trainer's own check, so a diverged site never sends."""
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             return
         if self.start_step is None:
             self._handshake(step - 1)

@@ -127,7 +127,7 @@ def test_diloco_at_h1_lr1_without_momentum_is_synchronous_data_parallelism(tmp_p
     dp, sites = steps(tmp_path / "dp"), [steps(tmp_path / f"site{s}") for s in range(2)]
     for step in range(1, 5):   # DeepSpeed reports the mean loss of the data-parallel ranks
         assert (sites[0][step]["loss"] + sites[1][step]["loss"]) / 2 == pytest.approx(dp[step]["loss"], rel=1e-5)
-    ref, a, b = weights(tmp_path / "dp", "step4"), weights(tmp_path / "site0", "step4"), weights(tmp_path / "site1", "step4")
+    ref, a, b = (weights(tmp_path / name, "step4") for name in ("dp", "site0", "site1"))
     assert len(ref) > 10 and ref.keys() == a.keys() == b.keys()
     for k in ref:
         assert torch.equal(a[k], b[k]), k
@@ -214,7 +214,8 @@ def test_a_site_that_dies_ends_the_others_in_one_line_with_the_checkpoint_intact
     out, err = procs[0].communicate(timeout=120)
     assert procs[0].returncode != 0 and time.time() - killed_at < 60
     lines = [ln for ln in err.splitlines() if "another site left the outer sync" in ln]
-    assert len(lines) == 1 and lines[0].startswith("error (rank 0): site 0 of 2: another site left"), err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error (rank 0): site 0 of 2: another site left the outer sync or stopped answering")
     ckpts = tmp_path / "site0" / "checkpoints"
     latest = (ckpts / "latest").read_text()
     verify(ckpts / latest)
