@@ -91,6 +91,17 @@ def decode_sparse(msg: torch.Tensor, n: int, chunk: int, topk: int, bits: int) -
     return torch.zeros(chunks, chunk).scatter_(1, idx.view(chunks, topk), vals).reshape(-1)[:n]
 
 
+def describe_sites(cfg: Config) -> str:
+    """The outer loop, for the trainer's plan line ('' for one site)."""
+    s = cfg.sync
+    if s.method == "allreduce":
+        return ""
+    lr, momentum = s.outer()
+    sparse = f", top-{s.topk} of {s.chunk} at {s.bits} bits" if s.method == "sparseloco" else ""
+    return (f"; {s.method} across {s.sites} sites (this is site {s.site_rank}), outer step every {s.inner_steps} "
+            f"steps, outer lr {lr:g}, momentum {momentum:g}{sparse}")
+
+
 class SiteSync:
     """The outer loop of one rank: its shard's theta_start, outer momentum and error feedback, the
     process group to the same rank of every other site, and the bytes it sent to them."""

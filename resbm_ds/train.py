@@ -51,7 +51,7 @@ from .model.accounting import cost_lines, cost_summary
 from .optim import newton_schulz_dtype
 from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
-from .sync import SiteError, SiteSync
+from .sync import SiteError, SiteSync, describe_sites
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
 
@@ -195,9 +195,9 @@ def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> 
 
 def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int]:
     """Bytes sent forward / backward at p2p and in collectives between stages (wire/meter.py), across
-    every stage boundary of every pipeline this step, bytes this site sent to other sites (sync.py),
-    and whether any rank was asked to stop. One
-    reduction through deepspeed.comm, which the meter counts too (in the next step's `other`)."""
+    every stage boundary of every pipeline this step, the bytes this site sent to other sites (sync.py),
+    and whether any rank was asked to stop. One reduction through deepspeed.comm, which the meter
+    counts too (in the next step's `other`)."""
     counts = rt.meter.take()
     sites = rt.sync.take_bytes() if rt.sync else 0
     t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, sites, stop.signum], dtype=torch.float64)
@@ -289,17 +289,7 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
             f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
-            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}{sites_plan(cfg)}")
-
-
-def sites_plan(cfg: Config) -> str:
-    s = cfg.sync
-    if s.method == "allreduce":
-        return ""
-    lr, momentum = s.outer()
-    sparse = f", top-{s.topk} of {s.chunk} at {s.bits} bits" if s.method == "sparseloco" else ""
-    return (f"; {s.method} across {s.sites} sites (this is site {s.site_rank}), outer step every {s.inner_steps} "
-            f"steps, outer lr {lr:g}, momentum {momentum:g}{sparse}")
+            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}{describe_sites(cfg)}")
 
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
