@@ -115,7 +115,7 @@ DECODERS = ("linear", "mlp")
 DECODER_NORMS = ("rms", "none")
 TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank", "hashed")
 TOKEN_ID_TRANSPORTS = ("sent", "local")
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "sgd")   # sgd: plain SGD, linear in the gradient (tests/test_sync.py)
 DATA_SOURCES = ("local", "hub")
 TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
 MUON_NS_METHODS = ("standard", "gram")
@@ -268,6 +268,71 @@ class WireConfig:
             raise ConfigError("wire.link_latency_ms", self.link_latency_ms, "must be >= 0 (milliseconds)")
 
 
+SYNC_METHODS = ("allreduce", "diloco", "sparseloco")
+SYNC_BITS = (2, 4, 8)
+# outer lr / momentum when sync.outer_lr / sync.outer_momentum are empty: DiLoCo's Nesterov SGD
+# (arXiv 2311.08105), SparseLoCo's plain step, error feedback in place of momentum (arXiv 2508.15706)
+SYNC_OUTER_DEFAULTS = {"diloco": (0.7, 0.9), "sparseloco": (1.0, 0.0)}
+
+
+@dataclass
+class SyncConfig:
+    """Data parallelism across sites (resbm_ds/sync.py). A site is one complete pipeline, launched as
+    its own DeepSpeed world; sync.sites > 1 joins the same (stage, data-parallel rank) of every site
+    in an outer loop that talks only every `inner_steps` steps. `allreduce` is one site, ZeRO inside.
+
+    diloco: the pseudo-gradient theta_start - theta averaged over sites, then an outer (Nesterov) SGD
+    step. sparseloco: the same with error feedback, each site sending only the top `topk` values of
+    every `chunk` of its pseudo-gradient, quantised to `bits` bits."""
+    method: str = "allreduce"          # allreduce | diloco | sparseloco
+    sites: int = 1
+    site_rank: int = 0                 # this site's index, 0 .. sites-1
+    master_addr: str = "127.0.0.1"     # where site 0's first rank listens for the sites' rendezvous
+    master_port: int = 29400
+    inner_steps: int = 30              # H: optimizer steps between outer syncs
+    outer_lr: float | None = None      # None: diloco 0.7, sparseloco 1.0
+    outer_momentum: float | None = None   # None: diloco 0.9, sparseloco 0.0
+    nesterov: bool = True
+    chunk: int = 4096                  # sparseloco: values per chunk (<= 65536: uint16 indices)
+    topk: int = 64                     # sparseloco: values kept per chunk (64 / 4096 = 1.6%)
+    bits: int = 2                      # sparseloco: bits per kept value (2 | 4 | 8)
+    error_decay: float = 0.95          # sparseloco: error feedback e <- error_decay * e + delta
+    timeout_s: int | None = None       # each outer collective; None: RESBM_DIST_TIMEOUT, else 300
+
+    def outer(self) -> tuple[float, float]:
+        """(outer lr, outer momentum), the method's defaults where empty."""
+        lr, mom = SYNC_OUTER_DEFAULTS.get(self.method, (1.0, 0.0))
+        return (lr if self.outer_lr is None else self.outer_lr,
+                mom if self.outer_momentum is None else self.outer_momentum)
+
+    def validate(self):
+        _choice("sync.method", self.method, SYNC_METHODS)
+        for key in ("sites", "inner_steps", "chunk", "topk"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sync.{key}", getattr(self, key), "must be >= 1")
+        if not 0 <= self.site_rank < self.sites:
+            raise ConfigError("sync.site_rank", self.site_rank, f"must be in [0, sync.sites={self.sites})")
+        if self.method == "allreduce" and self.sites > 1:
+            raise ConfigError("sync.method", self.method, f"allreduce is one site; with sync.sites={self.sites} "
+                              "use diloco or sparseloco")
+        if not 0 < self.master_port < 65536:
+            raise ConfigError("sync.master_port", self.master_port, "must be a TCP port, 1..65535")
+        lr, mom = self.outer()
+        if not lr > 0:
+            raise ConfigError("sync.outer_lr", self.outer_lr, "must be > 0")
+        if not 0 <= mom < 1:
+            raise ConfigError("sync.outer_momentum", self.outer_momentum, "must be in [0, 1)")
+        if self.chunk > 65536:
+            raise ConfigError("sync.chunk", self.chunk, "must be <= 65536 (indices cross as uint16)")
+        if self.topk > self.chunk:
+            raise ConfigError("sync.topk", self.topk, f"must be <= sync.chunk ({self.chunk})")
+        _choice("sync.bits", self.bits, SYNC_BITS)
+        if not 0 <= self.error_decay <= 1:
+            raise ConfigError("sync.error_decay", self.error_decay, "must be in [0, 1]")
+        if self.timeout_s is not None and self.timeout_s < 1:
+            raise ConfigError("sync.timeout_s", self.timeout_s, "must be >= 1 (seconds), or empty")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -277,6 +342,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     wire: WireConfig = field(default_factory=WireConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     seed: int = 1234
     # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
     # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
@@ -423,6 +489,7 @@ class Config:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len ({m.max_seq_len})")
         self.wire.validate()
+        self.sync.validate()
         self._validate_model_numbers()
         self._validate_data()
         self._validate_train()

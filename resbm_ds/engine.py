@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import typing
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -162,6 +163,7 @@ class Runtime:
     dp_size: int
     meter: WireMeter
     link: LinkEmulator
+    sync: typing.Any = None    # sync.SiteSync across sites, set by the trainer (None: one site)
 
 
 def keep_fp32_clip_norm(engine) -> None:

@@ -85,6 +85,8 @@ def build_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(decay_groups(module, t.weight_decay), lr=t.lr, betas=t.betas,
                                  eps=ADAM_EPS)
+    if t.optimizer == "sgd":   # no momentum: the update is linear in the gradient (DiLoCo at H=1 is DP)
+        return torch.optim.SGD(decay_groups(module, t.weight_decay), lr=t.lr)
     # Imported here: importing DeepSpeed's Muon pulls in its torch.compile'd kernels.
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 

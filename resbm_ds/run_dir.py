@@ -12,6 +12,7 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, UserError
+from .config import Config, SyncConfig, UserError
 from .manifest import verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
@@ -32,6 +33,7 @@ TAG = re.compile(r"step(\d+)$")
 # order, nor what the optimizer state means.
 RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
              "train.keep_last", "train.init_from", "train.out_dir", "tracking.", "wire.link_",
+             "sync.master_addr", "sync.master_port", "sync.timeout_s",
              "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown")
 # What must match for train.init_from (weights only): the network's shapes.
 WEIGHT_SHAPES = ("model.", "bottleneck.")
@@ -137,6 +139,8 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
                               "start over with --overwrite, or choose another train.out_dir")
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
+    if saved is not None and "sync" not in saved:   # a run from before sync.*: it was one site
+        saved["sync"] = dataclasses.asdict(SyncConfig())
     if tag is not None and saved is not None:
         # the data order and ZeRO's optimizer partitions follow the data-parallel size too
         refused = {**config_changes(saved, cfg.to_dict(), allowed=RESUMABLE), **_layout_change(out, cfg, world)}

@@ -51,6 +51,7 @@ from .model.accounting import cost_lines, cost_summary
 from .optim import newton_schulz_dtype
 from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
 from .slurm_layout import report_layout
+from .sync import SiteError, SiteSync, describe_sites
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
 
@@ -155,6 +156,8 @@ def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBa
     tag = f"step{step}"
     rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                               client_state={"step": step, "data": train_data.state_dict()})
+    if rt.sync:
+        rt.sync.save(ckpt_dir / tag)   # theta_start, outer momentum, error feedback (sync.py)
     dist.barrier()
     if dist.get_rank() == 0:
         write_manifest(ckpt_dir / tag)
@@ -185,17 +188,21 @@ def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> 
     if path is None or not client:
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
     train_data.load_state_dict(client["data"])
+    if rt.sync:
+        rt.sync.load(ckpt_dir / tag)
     return int(client["step"])
 
 
-def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int]:
+def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int]:
     """Bytes sent forward / backward at p2p and in collectives between stages (wire/meter.py), across
-    every stage boundary of every pipeline this step, and whether any rank was asked to stop. One
-    reduction through deepspeed.comm, which the meter counts too (in the next step's `other`)."""
+    every stage boundary of every pipeline this step, the bytes this site sent to other sites (sync.py),
+    and whether any rank was asked to stop. One reduction through deepspeed.comm, which the meter
+    counts too (in the next step's `other`)."""
     counts = rt.meter.take()
-    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, stop.signum], dtype=torch.float64)
+    sites = rt.sync.take_bytes() if rt.sync else 0
+    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, sites, stop.signum], dtype=torch.float64)
     ds_comm.all_reduce(t)
-    return int(t[0]), int(t[1]), int(t[2]), int(t[3] > 0) and (stop.signum or signal.SIGTERM)
+    return int(t[0]), int(t[1]), int(t[2]), int(t[3]), int(t[4] > 0) and (stop.signum or signal.SIGTERM)
 
 
 def peak_memory_mb() -> float:
@@ -240,7 +247,7 @@ def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_sr
     """Local text must fill a micro-batch on every data-parallel rank (training), and
     train.eval_batches of them (validation; at least one when it is 0, the whole split). Tokenising
     here fills the token cache the ranks read."""
-    dp, chunk = world // cfg.pipeline.stages, cfg.data.seq_len + 1
+    dp, chunk = world // cfg.pipeline.stages * cfg.sync.sites, cfg.data.seq_len + 1
     if cfg.train.eval_batches == 0 and (not val_src.is_local or val_src.is_streaming):
         raise ConfigError("train.eval_batches", 0, "the whole validation split (0) needs local, non-streaming "
                           "validation text; give a number of micro-batches")
@@ -282,7 +289,7 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
             f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
-            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}")
+            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}{describe_sites(cfg)}")
 
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
@@ -291,6 +298,8 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
+    rt.sync = SiteSync.create(cfg, rt.module, rt.stage, rt.num_stages, rt.dp_rank, rt.dp_size,
+                              rt.engine.grid.get_data_parallel_group())
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
@@ -302,7 +311,9 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     if rank0 and plan.overwrite:
         clear_run(out)
     dist.barrier()
-    data = PackedBatches(train_src, tok, cfg.data.seq_len, cfg.micro_batch_size, rt.dp_rank, dp, seed=cfg.seed)
+    # every replica of every site reads its own share: sites split the data as data-parallel ranks do
+    data = PackedBatches(train_src, tok, cfg.data.seq_len, cfg.micro_batch_size,
+                         cfg.sync.site_rank * dp + rt.dp_rank, cfg.sync.sites * dp, seed=cfg.seed)
     ckpt_dir = out / "checkpoints"
     start = resume(rt, ckpt_dir, plan.resume_tag, data) if plan.resume_tag else 0
     if rank0:
@@ -373,9 +384,12 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
         t0 = time.perf_counter()
         with progress.phase(f"step {step}"):
             loss = float(rt.engine.train_batch(data_iter=data))
+        if rt.sync:   # every sync.inner_steps steps, the outer step across sites: bounded by sync.timeout_s
+            rt.sync.after_step(step, loss)
+        with progress.phase(f"step {step}"):
             dt = time.perf_counter() - t0
             net_step = NetCounters.delta(net_before, net.read()) if net else {}
-            fwd, bwd, other, stop_signum = step_totals(rt, stop)
+            fwd, bwd, other, sites, stop_signum = step_totals(rt, stop)
         if not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
         grad_norm = rt.engine.get_global_grad_norm()
@@ -383,7 +397,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                    tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    model_flops_per_s=flops_per_token * tokens_per_step / dt,
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
-                   wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other,
+                   wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other, wire_bytes_sites=sites,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
                    peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step, **boundary_stats.values)
         if step % t.log_every == 0 or step == t.steps:
@@ -502,7 +516,7 @@ def main(argv=None) -> int:
         finished = True    # every rank saved and stops at the same step: leave together
         stopped = 128 + e.signum
         return stopped
-    except (TrainingError, ConfigError, UnsafeCheckpoint) as e:
+    except (TrainingError, ConfigError, UnsafeCheckpoint, SiteError) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -16,9 +16,10 @@ LAYERS = [
     {"config"},                                   # config: schema and validation, the dtype table
     {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
                                                   # metrics.jsonl, checkpoint manifests
-    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir", "watch"},   # optimizers, transformers
+    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir", "watch", "sync"},   # optimizers, transformers
                                                   # interop, layout report, checkpoint files, run
-                                                  # directories, launcher / progress / peer watches
+                                                  # directories, launcher / progress / peer watches,
+                                                  # the outer loop across sites
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"train", "export"},                          # loop: the training loop; consolidated models
     {"netem"},                                    # a real network: namespaces, shaped links, launches
