@@ -37,6 +37,22 @@ def test_fresh_boundary_with_token_channel_is_the_rank_h_identity():
     assert torch.equal(ids_out, ids) and torch.allclose(y, rank_h_identity(enc, x), atol=1e-7)
 
 
+def test_table_init_normal_starts_the_next_stream_full_rank():
+    """bottleneck.table_init=normal: the boundary's output is P^T P x plus an N(0, init_std) row per
+    token, so the next segment's stream starts full-rank (with `zero` it is rank h)."""
+    out = {}
+    for table_init in ("zero", "normal"):
+        enc, dec = boundary("slice", "model", 64, 2, "bottleneck.token_channel=learned", "bottleneck.segments=2",
+                            f"bottleneck.table_init={table_init}")
+        x, ids = 0.05 * torch.randn(3, 40, 64), torch.randint(0, 4096, (3, 40), dtype=torch.int16)
+        out[table_init] = dec(enc((x, ids))).reshape(-1, 64)
+        std = dec.tokens.weight.std().item()
+        assert (std == 0) if table_init == "zero" else std == pytest.approx(0.02, rel=0.05)
+    assert torch.linalg.matrix_rank(out["zero"]) == 2 and torch.linalg.matrix_rank(out["normal"]) == 64
+    with pytest.raises(Exception, match="bottleneck.table_init"):
+        load_config(None, ["bottleneck.table_init=big"]).validate()
+
+
 def identity_share_of_gradient(enc, dec, x):
     """The fraction of the gradient reaching the sender's stream that comes through P (vs W_e)."""
     x = x.clone().requires_grad_(True)

@@ -133,7 +133,19 @@ def _runs() -> list[Run]:
     sweep = [Run(f"{f}@lr{_lr_tag(lr)}", fam[f][0], "sweep", f, fam[f][1], lr=lr) for f in fam for lr in LRS]
     long = [Run(f"{f}-long", fam[f][0], "long", f, fam[f][1], steps=LONG_STEPS) for f in LONG]
     seeds = [Run(f"{f}-s{s}", fam[f][0], "seeds", f, fam[f][1], seed=s) for f in HEADLINE for s in SEEDS[1:]]
+    four_bytes = ("wire.codec_backward=true",)          # sub-8-bit codes: 4 bytes per token both ways
     rest = [
+        # side channels and codes at 128x (issue #23): what the default could be
+        Run("resbm-128x-table-normal", "ResBM 128x (h=1 + ids, learned table from N(0, init_std))", "rest",
+            "resbm-tok", resbm(1, *TOKENS, "bottleneck.table_init=normal")),
+        Run("resbm-128x-local", "ResBM 128x (h=2 + ids read locally, learned table)", "rest", "resbm-tok",
+            resbm(2, *TOKENS, "bottleneck.token_ids=local")),
+        Run("resbm-128x-hashed", "ResBM 128x (h=1 + ids, hashed 4096-row table)", "rest", "resbm-tok",
+            resbm(1, "bottleneck.token_channel=hashed")),
+        Run("resbm-128x-int4", "ResBM 128x (h=4 int4 + scale)", "rest", "resbm", resbm(4, "wire.codec=int4", *four_bytes)),
+        Run("resbm-128x-int2", "ResBM 128x (h=8 int2 + scale)", "rest", "resbm", resbm(8, "wire.codec=int2", *four_bytes)),
+        Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, learned table)", "rest",
+            "resbm-tok", resbm(4, *TOKENS, "bottleneck.token_ids=local", "wire.codec=int4", *four_bytes)),
         *[Run(f"resbm-{256 // w}x", f"ResBM {256 // w}x (h={w})", "rest", "resbm", resbm(w)) for w in (4, 8, 16, 32)],
         Run("resbm-128x-noid", "ResBM 128x (h=2), identity=none, decoder reads b", "rest", "resbm",
             resbm(2, "bottleneck.identity=none", "bottleneck.decoder_norm=none", *NO_IDENTITY)),

@@ -122,10 +122,12 @@ def _identity(cfg: Config, boundary: int) -> IdentityPath | None:
     return IdentityPath(kind, cfg.model.hidden_size, cfg.code_width, seed=cfg.seed + 7919 * (boundary + 1))
 
 
-def _init_weight(weight: torch.Tensor, cfg: Config):
+def _init_weight(weight: torch.Tensor, cfg: Config, table: bool = False):
     """The weight that writes into the code or the stream: zero under init=identity (if there is an
-    identity path to start from; see the module docstring)."""
-    if cfg.bottleneck.init == "identity" and cfg.bottleneck.identity != "none":
+    identity path to start from; see the module docstring), unless it is a token table and
+    bottleneck.table_init=normal."""
+    b = cfg.bottleneck
+    if b.init == "identity" and b.identity != "none" and not (table and b.table_init == "normal"):
         nn.init.zeros_(weight)
     else:
         nn.init.normal_(weight, std=cfg.model.init_std)
@@ -168,7 +170,7 @@ class TokenTable(nn.Module):
         self.kind = kind
         if kind == "learned":
             self.weight = nn.Parameter(torch.empty(m.vocab_size, m.hidden_size))
-            _init_weight(self.weight, cfg)
+            _init_weight(self.weight, cfg, table=True)
         elif kind == "frozen":
             g = torch.Generator().manual_seed(cfg.seed + TABLE_SEED_OFFSET + boundary)
             self.register_buffer("weight", torch.randn(m.vocab_size, m.hidden_size, generator=g) * m.init_std)
@@ -176,13 +178,13 @@ class TokenTable(nn.Module):
             r = cfg.bottleneck.token_rank
             self.coords = nn.Parameter(torch.randn(m.vocab_size, r) / r ** 0.5)
             self.basis = nn.Parameter(torch.empty(r, m.hidden_size))
-            _init_weight(self.basis, cfg)
+            _init_weight(self.basis, cfg, table=True)
         elif kind == "hashed":
             self.buckets = cfg.bottleneck.token_buckets
             draw = random.Random(cfg.seed + TABLE_SEED_OFFSET + boundary)
             self.hash_a, self.hash_c = draw.randrange(1, HASH_PRIME), draw.randrange(HASH_PRIME)
             self.weight = nn.Parameter(torch.empty(self.buckets, m.hidden_size))
-            _init_weight(self.weight, cfg)
+            _init_weight(self.weight, cfg, table=True)
         else:
             raise ValueError(f"bottleneck.token_channel={kind!r}")
 
