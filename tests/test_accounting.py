@@ -58,6 +58,7 @@ def test_frozen_tables_are_counted_apart_and_a_tied_embedding_once():
     assert sum(tied.stages) == tied.total + 256 * 64                # but both stages hold it
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_counts_in_seconds():
     """No launcher: the counts come first, then the launch check says 8 stages need 8 processes."""
     t0 = time.perf_counter()

@@ -17,6 +17,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 MARKER = "<!-- readme-test: after-training -->"
 
 

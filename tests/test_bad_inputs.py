@@ -22,6 +22,8 @@ from resbm_ds.config import load_config
 from resbm_ds.hf import __main__ as hf_cli
 from resbm_ds.manifest import write_manifest
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 # One process, a tiny model and a tokenizer trained in a second on generated text.
 BASE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none", "model.vocab_size=320",
         "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.max_seq_len=32",

@@ -15,6 +15,8 @@ from resbm_ds.model.layers import TransformerBlock, lm_loss
 from resbm_ds.optim import build_optimizer, muon_matrices
 from resbm_ds.model.pipeline import layer_specs, stage_parts
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",
          "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=4"]

@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO
 from resbm_ds.bench.throughput import SUITES, RunSpec, Suite, run_suite, val_at_time
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 PNGS = ("val_loss_vs_tokens.png", "loss_vs_wallclock.png", "tokens_per_s.png")
 
 

@@ -150,6 +150,7 @@ def test_both_directions_of_a_half_duplex_link_share_one_queue(tmp_path):
 SLACK_S = 0.008
 
 
+@pytest.mark.slow
 def test_p2p_layer_between_two_processes(tmp_path):
     """Codec, meter and link wrapped around DeepSpeed's p2p.send/recv, as build_engine installs them."""
     prefix = tmp_path / "wire"

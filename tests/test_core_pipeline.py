@@ -5,6 +5,8 @@ import pytest
 
 from conftest import run_pipe_worker, run_pipe_worker_cases
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",
          "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=4"]

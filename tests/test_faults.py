@@ -26,6 +26,8 @@ from resbm_ds.watch import Peers, peer_failure
 from test_runs import ONE, ENV, RunsCode, train1
 from test_train import rows, train_args
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 RUN_ARGS = ["train.steps=3", "train.save_every=1", "train.keep_last=3", "train.eval_every=100"]
 LAYER = "layer_01-model_00-model_states.pt"
 STATES = "mp_rank_00_model_states.pt"

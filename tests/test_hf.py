@@ -20,6 +20,8 @@ from resbm_ds.hf import configs as hf_configs, weights as hf_weights
 from resbm_ds.hf.__main__ import main as hf_main
 from resbm_ds.config import ConfigError, ModelConfig, load_config
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 V, H, L, T, MB = 128, 64, 4, 32, 2
 PIPE = ["bottleneck.method=none", f"data.seq_len={T}", f"deepspeed.train_micro_batch_size_per_gpu={MB}",
         "deepspeed.gradient_accumulation_steps=1", "train.lr=1e-3"]

@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 from conftest import REPO
+import pytest
+
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 
 
 def test_non_editable_install_runs_a_dry_run_from_an_empty_directory(tmp_path):

@@ -12,6 +12,8 @@ from conftest import launch, run_pipe_worker_cases
 from test_train import rows, train_args
 from resbm_ds.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 H, V, T, MB, h = 64, 256, 32, 2, 4
 SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_heads=4", f"model.max_seq_len={T}",
          f"data.seq_len={T}", f"bottleneck.width={h}", "bottleneck.token_channel=learned",

@@ -29,6 +29,8 @@ import pytest
 from conftest import REPO
 from resbm_ds import netem
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 RATE, RATE_BPS = "2mbit", 2e6
 STEPS = 8
 FRAMING_MAX = 2048              # bytes per step above the meter's, measured 1.0-1.5 KB

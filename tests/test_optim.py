@@ -131,6 +131,7 @@ def zero1_adamw(tmp):
     return run_worker(tmp, "z1_adamw", 4, 4, ZERO1, save=tmp / "ckpt_adamw")
 
 
+@pytest.mark.slow
 def test_one_process_fp32_muon(tmp):
     reports = run_worker(tmp, "one", 1, 2, ["pipeline.stages=1", *MUON, *GRAM])
     assert reports[0]["optimizer"] == "MuonWithAuxAdam"
@@ -141,6 +142,7 @@ def test_one_process_fp32_muon(tmp):
     check_matches_torch_muon(reports, 0.15, 0.25)
 
 
+@pytest.mark.slow
 def test_two_stages_fp32_muon_with_clipping(two_stage_muon):
     # Both steps match: the clip norm is global over the stages (optim.count_every_stage_in_clip_norm).
     check_routing(two_stage_muon)
@@ -150,6 +152,7 @@ def test_two_stages_fp32_muon_with_clipping(two_stage_muon):
     check_matches_torch_muon(two_stage_muon, 0.15, 0.25)
 
 
+@pytest.mark.slow
 def test_zero1_fp32_muon_trains(tmp):
     reports = run_worker(tmp, "z1", 4, 4, [*MUON, *GRAM, *ZERO1, *NO_CLIP])
     assert {r["optimizer"] for r in reports} == {"DeepSpeedZeroOptimizer"}   # flat shards
@@ -162,6 +165,7 @@ def test_zero1_fp32_muon_trains(tmp):
         assert falling(r["losses"]), r["losses"]
 
 
+@pytest.mark.slow
 def test_zero1_bf16_muon(tmp):
     reports = run_worker(tmp, "z1_bf16", 4, 2, [*MUON, *ZERO1, *NO_CLIP, *BF16])
     assert {r["optimizer"] for r in reports} == {"DeepSpeedZeroOptimizer"}   # not BF16_Optimizer
@@ -177,6 +181,7 @@ def test_zero1_bf16_muon(tmp):
     check_matches_torch_muon(reports, 0.3, 0.5)
 
 
+@pytest.mark.slow
 def test_zero1_fp32_adamw_trains(zero1_adamw):
     check_adam_style(zero1_adamw)
     check_matches_reference(zero1_adamw, TIGHT)
@@ -193,7 +198,7 @@ def test_zero1_fp32_adamw_trains(zero1_adamw):
     ([*MUON, *ZERO1, *BF16], "deepspeed.gradient_clipping", "must be 0"),
     ([*MUON, *ZERO1, *BF16, *NO_CLIP, "deepspeed.data_types={grad_accum_dtype: fp32}"],
      "deepspeed.data_types.grad_accum_dtype", "BF16_Optimizer"),
-    (["train.optimizer=sgd"], "train.optimizer", "adamw"),
+    (["train.optimizer=lion"], "train.optimizer", "adamw"),
     ([*MUON, "train.muon_momentum=1.0"], "train.muon_momentum", "[0, 1)"),
     ([*MUON, "train.muon_ns_method=cubic"], "train.muon_ns_method", "gram"),
     ([*MUON, "train.muon_lr=0"], "train.muon_lr", "> 0"),
@@ -287,6 +292,7 @@ def test_deepspeed_gram_newton_schulz_in_each_dtype(dtype, monkeypatch):
 
 # ---- spectrum tool ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_spectrum_tool(two_stage_muon, zero1_adamw, tmp, capsys):
     out = tmp / "spectrum"
     spectrum.main([str(tmp / "ckpt_muon"), str(tmp / "ckpt_adamw"), "--labels", "muon", "adamw",

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, free_port, launch
 from test_train import TINY, rows, train_args
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ONE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none"]   # 1 process, seconds
 

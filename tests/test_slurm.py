@@ -23,6 +23,8 @@ import pytest
 from conftest import REPO
 from slurm_cluster import cluster_available, job_info, job_output, local_cluster, wait_job
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 SLURM_DIR = REPO / "slurm"
 CPU_TEMPLATES = ["cpu_srun", "cpu_torchrun", "cpu_deepspeed"]
 GPU_TEMPLATES = ["gpu_srun", "gpu_torchrun", "gpu_deepspeed"]

@@ -21,6 +21,8 @@ from resbm_ds.manifest import verify, write_manifest
 from resbm_ds.run_dir import RunDirError, plan_run
 from resbm_ds.sync import decode_sparse, encode_sparse, sparse_payload_bytes
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
         "data.seq_len=64", "bottleneck.ratio=16", "deepspeed.train_micro_batch_size_per_gpu=2",
         "deepspeed.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.eval_batches=2",

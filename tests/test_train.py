@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, free_port, launch
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
         "data.seq_len=64", "bottleneck.ratio=16", "deepspeed.train_micro_batch_size_per_gpu=2",
         "deepspeed.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.eval_batches=2"]

@@ -7,6 +7,8 @@ from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.config import ConfigError, load_config
 from resbm_ds.model.accounting import parameter_counts
 
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+
 H, V, T, MB, GAS = 64, 256, 32, 2, 2
 SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_layers=2", "model.num_heads=4",
          f"model.max_seq_len={T}", f"data.seq_len={T}", "bottleneck.width=4",
