@@ -9,12 +9,17 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
                      the file and the previous complete tag
     a changed config on resume: only RESUMABLE keys may change (more steps, logging, trackers, the
                      emulated link); any other difference is refused, naming the keys
+    any start        refused while another run holds the directory's lock (`lock_run_dir`)
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
 LAYOUT_FILE = "layout.json"   # the process layout a run's checkpoints were written with
+LOCK_FILE = ".lock"           # flock'ed by the run that owns the directory; holds its "host pid"
 TAG = re.compile(r"step(\d+)$")
 # Keys that may differ between a run and its resumption: they change neither shapes, nor the data
 # order, nor what the optimizer state means.
@@ -92,6 +98,54 @@ def check_writable(out: Path) -> None:
                           "choose a writable train.out_dir") from None
 
 
+_lock_fd: int | None = None    # this process's hold on its run directory (lock_run_dir)
+
+
+def lock_run_dir(out: Path, hold: bool = True) -> None:
+    """One run per directory: an exclusive flock on OUT/.lock, taken by rank 0 before anything is
+    written and held for the process's life (the kernel releases it when the process ends, however it
+    ends). A second run is refused, naming the holder's host and pid (written into the file).
+
+    `hold=False` (a dry run) only checks an existing lock file and creates nothing. Works across the
+    nodes of a shared filesystem where flock reaches the server (NFSv4; Lustre mounted with -o flock,
+    GPFS); where it does not (Lustre with -o localflock or noflock, some FUSE filesystems) flock
+    fails or only locks this node: the run says so in a note and goes on unlocked."""
+    global _lock_fd
+    path = out / LOCK_FILE
+    if _lock_fd is not None or (not hold and not path.is_file()):
+        return
+    if hold:
+        out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if hold else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"host {holder[0]}, pid {holder[1]}" if len(holder) == 2 else "holder unknown"
+        raise RunDirError(f"train.out_dir={out} is in use by another run ({who}; {path} is locked): wait for it "
+                          "to end, or choose another train.out_dir; nothing was changed") from None
+    except OSError as e:
+        os.close(fd)
+        print(f"[resbm] note: cannot lock {path} ({e.strerror}; the filesystem does not support flock): "
+              "nothing stops a second run from writing into this directory", file=sys.stderr, flush=True)
+        return
+    if not hold:
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    _lock_fd = fd
+
+
+def unlock_run_dir() -> None:
+    """Let go of the run directory (a CLI called in-process; a process that ends lets go anyway)."""
+    global _lock_fd
+    if _lock_fd is not None:
+        os.close(_lock_fd)
+        _lock_fd = None
+
+
 def write_layout(out: Path, stages: int, dp: int) -> None:
     """Rank 0 at start: the layout, which the config does not hold (it follows the world size)."""
     (out / LAYOUT_FILE).write_text(json.dumps({"pipeline.stages": stages, "data_parallel": dp}) + "\n")
@@ -107,9 +161,13 @@ def _layout_change(out: Path, cfg: Config, world: int | None) -> dict:
 
 
 def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool,
-             world: int | None = None) -> RunPlan:
+             world: int | None = None, lock: str = "none") -> RunPlan:
+    """`lock`: "hold" (rank 0 of a real start owns the directory from here on), "check" (a dry run:
+    refused like a start, but takes nothing) or "none" (the other ranks of a run)."""
     out = Path(cfg.train.out_dir)
     check_writable(out)
+    if lock != "none":
+        lock_run_dir(out, hold=lock == "hold")
     ckpt = out / "checkpoints"
     have = tags(ckpt)
     if resume_from:

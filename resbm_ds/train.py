@@ -12,6 +12,8 @@ Outputs in `train.out_dir`:
   tensorboard/        the same scalars on the step axis (tracking.tensorboard); W&B / MLflow if on
   tokenizer/          the tokenizer the run used
   checkpoints/<tag>   DeepSpeed checkpoints; `latest` names the newest complete one
+  .lock               flock'ed by rank 0 while the run lives: a second run into the directory is
+                      refused (run_dir.lock_run_dir)
 
 SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
@@ -47,7 +49,8 @@ from .engine import Runtime, build_engine, close_distributed, validate_before_la
 from .manifest import newest_complete, write_manifest
 from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
+from .run_dir import (CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, unlock_run_dir,
+                      write_layout)
 from .slurm_layout import report_layout
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
@@ -228,7 +231,8 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
         return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)
     world = world_size_from_env()
-    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world)
+    lock = "none" if int(os.environ.get("RANK", "0")) else "check" if args.dry_run else "hold"
+    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world, lock)
     tok = make_tokenizer(cfg, train_src)
     check_enough_text(cfg, tok, train_src, val_src, world)
     return cfg, train_src, val_src, plan, tok
@@ -426,7 +430,13 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
 
 @cli
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run_main(parse_args(argv))
+    finally:
+        unlock_run_dir()   # main called in-process (tests); a process that ends lets go anyway
+
+
+def run_main(args) -> int:
     cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (config.cli)
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -22,6 +22,7 @@ import torch
 from conftest import REPO, free_port
 from resbm_ds import export, train
 from resbm_ds.manifest import MANIFEST, verify
+from resbm_ds.run_dir import LOCK_FILE
 from resbm_ds.watch import Peers, peer_failure
 from test_runs import ONE, ENV, RunsCode, train1
 from test_train import rows, train_args
@@ -78,7 +79,9 @@ def one_error_line(capsys) -> str:
 
 
 def listing(run):
-    return sorted((str(p.relative_to(run)), p.stat().st_size) for p in run.rglob("*") if p.is_file())
+    """The run's files and sizes; not its lock file, which each start that takes it rewrites."""
+    return sorted((str(p.relative_to(run)), p.stat().st_size) for p in run.rglob("*")
+                  if p.is_file() and p.name != LOCK_FILE)
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
@@ -292,3 +295,30 @@ def test_the_step_deadline_counts_from_the_last_message_not_the_step_start(mode)
         assert proc.returncode == 1 and "survived" not in proc.stdout
         (line,) = proc.stderr.strip().splitlines()
         assert line.startswith("error (rank 0): no progress in step 7 for 1 s"), line
+
+
+# ---- one run per directory ------------------------------------------------------------------------
+
+def test_two_runs_into_one_out_dir_one_runs_the_other_is_refused_naming_the_holder(tmp_path):
+    """Both started at once, with different seeds: the one that takes OUT/.lock runs to the end; the
+    other exits 2 with one line naming the holder's pid, and the directory holds one run."""
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", *train_args(out, *ONE, "train.steps=12", "train.save_every=4",
+                                                                 "train.eval_every=100", f"seed={seed}")],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**ENV, "MASTER_PORT": str(free_port())}) for seed in (1, 2)]
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    assert sorted(p.returncode for p, _, _ in results) == [0, 2], [(p.returncode, e[-2000:]) for p, _, e in results]
+    (winner, _, _), = [r for r in results if r[0].returncode == 0]
+    (loser, lost_out, lost_err), = [r for r in results if r[0].returncode == 2]
+    (line,) = lost_err.strip().splitlines()
+    assert line.startswith(f"error: train.out_dir={out} is in use by another run (host ") and \
+        f"pid {winner.pid};" in line and "nothing was changed" in line, line
+    assert "[resbm]" not in lost_out   # it never got to start
+    losses = [r["step"] for r in rows(out) if "loss" in r]
+    assert losses == list(range(1, 13)), losses
+    seed = 1 if winner is procs[0] else 2
+    assert f"\nseed: {seed}\n" in "\n" + (out / "config.yaml").read_text()
+    # the lock ends with its holder: the run can be continued
+    train1(out, f"seed={seed}", "train.steps=13", "train.save_every=4", "train.eval_every=100", "--resume")
+    assert [r["step"] for r in rows(out) if "loss" in r][-1] == 13
