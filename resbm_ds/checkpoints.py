@@ -21,7 +21,8 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from .manifest import sibling_tags, verify
+from .config import UserError
+from .manifest import previous_offer, sibling_tags, verify
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
 
@@ -64,6 +65,10 @@ def layer_files(tag_dir: Path) -> dict[int, Path]:
     return {i: fs[0] for i, fs in sorted(files.items())}
 
 
+class NonFiniteWeights(UserError):
+    """A checkpoint with NaN or infinite weights (saved before runs checked their steps)."""
+
+
 class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file that holds more than tensors and plain containers: it is not loaded."""
 
@@ -96,9 +101,11 @@ def read_layer(path: Path) -> dict[str, torch.Tensor]:
     return safe_load(path, map_location="cpu")
 
 
-def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int) -> torch.dtype | None:
+def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int,
+                use: str = "--tag {tag}") -> torch.dtype | None:
     """Load `layers` (global index -> module; modules without state are skipped) from a tag's files;
-    -> the checkpoint's dtype. Strict: every key and shape must match."""
+    -> the checkpoint's dtype. Strict: every key and shape must match, and every weight be finite
+    (else the line offers the previous complete tag, passed as `use` says)."""
     files = layer_files(tag_dir)
     extra = sorted(set(files) - set(range(expected_layers)))
     if extra:
@@ -111,6 +118,11 @@ def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: in
         if i not in files:
             raise FileNotFoundError(f"{tag_dir}: no file for layer {i} ({type(layer).__name__})")
         sd = read_layer(files[i])
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteWeights(f"{files[i]} holds non-finite weights ({', '.join(bad[:3])}"
+                                   f"{'...' if len(bad) > 3 else ''}); "
+                                   f"{previous_offer(tag_dir.parent, tag_dir.name, use)}")
         try:
             layer.load_state_dict(sd)
         except RuntimeError as e:
@@ -120,7 +132,7 @@ def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: in
     return dtype
 
 
-def init_pipeline_from_checkpoint(module, tag_dir: Path) -> None:
+def init_pipeline_from_checkpoint(module, tag_dir: Path, use: str = "--tag {tag}") -> None:
     """train.init_from: this stage's layers (and its copies of tied layers) from a checkpoint of any
     layout. Called before `deepspeed.initialize`, so optimizer master weights start from them."""
     specs = module._layer_specs
@@ -128,4 +140,4 @@ def init_pipeline_from_checkpoint(module, tag_dir: Path) -> None:
     for key, tied in module.tied_modules.items():
         owner = next(i for i, s in enumerate(specs) if isinstance(s, TiedLayerSpec) and s.key == key)
         local.setdefault(owner, tied)
-    load_layers(local, tag_dir, len(specs))
+    load_layers(local, tag_dir, len(specs), use)

@@ -183,6 +183,13 @@ class TrainConfig:
     log_every: int = 1
     out_dir: str = "runs/default"
     keep_last: int = 0             # checkpoints to keep (the newest N); 0 keeps all
+    # A step whose loss or gradient norm is not finite is never applied (no rank steps its optimizer)
+    # and never saved: `skip` goes on, up to max_skipped_steps such steps in a row, then stops; `stop`
+    # stops at the first. A loss >= ln(vocab_size) with a zero gradient norm for divergence_steps
+    # steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too.
+    nonfinite: str = "skip"
+    max_skipped_steps: int = 3
+    divergence_steps: int = 3
     # Weights only, from another run: RUN_DIR (its latest checkpoint) or RUN_DIR/checkpoints/TAG,
     # into any stage / data-parallel layout of the same model; the optimizer and step start fresh.
     init_from: str | None = None
@@ -438,11 +445,12 @@ class Config:
         t = self.train
         if not all(0 <= b < 1 for b in t.betas):
             raise ConfigError("train.betas", list(t.betas), "both must be in [0, 1)")
-        for key in ("eval_every", "save_every", "log_every", "eval_batches"):
+        for key in ("eval_every", "save_every", "log_every", "eval_batches", "max_skipped_steps", "divergence_steps"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
         if t.keep_last < 0:
             raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
+        _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         if t.warmup_steps < 0:

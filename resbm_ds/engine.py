@@ -173,6 +173,72 @@ def keep_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_keep
 
 
+def all_ranks_agree(bad: bool) -> bool:
+    """True on every rank when `bad` is true on any (one float all-reduce over the whole world)."""
+    if dist.get_world_size() == 1:
+        return bad
+    flag = torch.tensor([float(bad)], dtype=torch.float64)
+    deepspeed.comm.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def finite_weights(module) -> bool:
+    """Whether every rank's parameters are finite (each rank checks its own stage)."""
+    return not all_ranks_agree(not all(torch.isfinite(p).all() for p in module.parameters()))
+
+
+class StepGuard:
+    """Every step's gradients are checked on every rank before the optimizer steps. When any rank's
+    are not finite, no rank applies the step: the weights and the optimizer state stay as they were,
+    and DeepSpeed counts the step as skipped (`engine.skipped_steps`) and leaves the lr schedule
+    where it was, as it does for an fp16 overflow. Each stage must agree (a stage that stepped alone
+    would leave the pipeline's halves from different models), hence one float64 all-reduce over the
+    whole world of the gradients' sum of squares, in which NaN and inf propagate.
+
+    After each step: `skipped` and `norm`, the global pre-clip gradient norm (a tied embedding's
+    gradient, held by two stages, counts twice)."""
+
+    def __init__(self, engine):
+        self.engine, self.skipped, self.norm = engine, False, None
+        self.zero = bool(engine.zero_optimization())
+        self._step = engine.optimizer.step
+        engine.optimizer.step = self._checked_step
+
+    def _grads(self) -> list:
+        if self.zero:   # ZeRO-1: this rank's partition of the reduced gradients (disjoint across ranks)
+            parts = [v for v in self.engine.optimizer.averaged_gradients.values() if v is not None]
+            return [g for v in parts for g in (v if isinstance(v, (list, tuple)) else [v])]
+        return [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+
+    def _checked_step(self, *args, **kwargs):
+        sq = torch.zeros(1, dtype=torch.float64)
+        for g in self._grads():
+            sq += g.detach().double().pow(2).sum()
+        if dist.get_world_size() > 1:
+            deepspeed.comm.all_reduce(sq)
+            if not self.zero:   # ZeRO-0: data-parallel replicas hold the same reduced gradients
+                sq /= self.engine.dp_world_size
+        self.norm = float(sq.sqrt())
+        self.skipped = not torch.isfinite(sq).item()
+        opt = self.engine.optimizer
+        if not self.skipped:
+            if not self.zero:
+                opt.overflow = False
+            return self._step(*args, **kwargs)
+        if not self.zero:
+            opt.overflow = True      # read by the engine's _take_model_step: a skipped step
+            return None
+        # ZeRO-1 clears its gradient partitions on an overflow: take that path, found overflowed
+        checking = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.check_overflow = lambda *a, **k: setattr(opt, "overflow", True)
+        try:
+            return self._step(*args, **kwargs)
+        finally:
+            del opt.check_overflow
+            opt.check_grad_overflow = checking
+
+
 def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
     """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
@@ -189,7 +255,8 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
     if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
-        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE))
+        tag_dir = checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
+        init_pipeline_from_checkpoint(module, tag_dir, use=INIT_FROM_USE)
     # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
     meter, link = WireMeter(), LinkEmulator(cfg.wire)
     chain.install([WireCodec(cfg.wire), meter, link])

@@ -37,7 +37,8 @@ TAG = re.compile(r"step(\d+)$")
 # Keys that may differ between a run and its resumption: they change neither shapes, nor the data
 # order, nor what the optimizer state means.
 RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
-             "train.keep_last", "train.init_from", "train.out_dir", "tracking.", "wire.link_",
+             "train.keep_last", "train.init_from", "train.nonfinite", "train.max_skipped_steps",
+             "train.divergence_steps", "train.out_dir", "tracking.", "wire.link_",
              "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown")
 # What must match for train.init_from (weights only): the network's shapes.
 WEIGHT_SHAPES = ("model.", "bottleneck.")

@@ -45,8 +45,9 @@ from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli,
 from .data.batches import PackedBatches, TextSource, check_local_file, tokenize_to_array, validation_batches
 from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
-from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
-from .manifest import newest_complete, write_manifest
+from .engine import (Runtime, StepGuard, build_engine, close_distributed, finite_weights, validate_before_launch,
+                     world_size_from_env)
+from .manifest import previous_offer, write_manifest
 from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
 from .run_dir import (CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, unlock_run_dir,
@@ -89,6 +90,59 @@ class StopSignals:
         if signum == signal.SIGINT and self.signum:
             signal.default_int_handler(signum, frame)
         self.signum = self.signum or signum
+
+
+class Health:
+    """Whether the state after a step may be saved, from its loss and pre-clip gradient norm (checked
+    on every step, before any save; StepGuard has already kept a non-finite step from being applied):
+
+      non-finite      not saved; train.nonfinite=skip goes on, up to train.max_skipped_steps such
+                      steps in a row, then stops; =stop stops at once
+      diverged        a loss >= ln(vocab_size) (no better than uniform) with a zero gradient norm:
+                      not saved; train.divergence_steps of them without a good step between (non-finite
+                      steps may come between) stop the run
+    A stop is one line naming the step and the last good checkpoint; no step after that is saved."""
+
+    def __init__(self, t: TrainConfig, vocab_size: int, guard: StepGuard, last_good: str | None):
+        self.t, self.ln_v, self.guard, self.last_good = t, math.log(vocab_size), guard, last_good
+        self.skipped = self.stuck = 0      # non-finite steps in a row; diverged steps since the last good one
+        self.bad_since = None              # the first step since the last good one
+
+    def check(self, step: int, loss: float) -> bool:
+        """-> whether the state after `step` is good (may be saved); raises TrainingError to stop."""
+        t, norm = self.t, self.guard.norm
+        if self.guard.skipped or not math.isfinite(loss) or not math.isfinite(norm):
+            self.skipped += 1
+            self.bad_since = self.bad_since or step
+            values = f"loss is {loss:.4g}, gradient norm {norm:.4g}"
+            if t.nonfinite == "stop" or self.skipped > t.max_skipped_steps:
+                why = ("train.nonfinite=stop" if t.nonfinite == "stop" else
+                       f"{self.skipped} in a row, more than train.max_skipped_steps={t.max_skipped_steps}")
+                raise TrainingError(f"step {step} is not finite ({values}; {why}): not applied, nothing saved "
+                                    f"since step {self.bad_since}; {self.good()}; lower train.lr or check the data")
+            self.note(step, f"is not finite ({values}): not applied", self.skipped, "max_skipped_steps")
+            return False
+        self.skipped = 0
+        if loss >= self.ln_v - 1e-3 and norm < 1e-12:
+            self.stuck += 1
+            self.bad_since = self.bad_since or step
+            if self.stuck >= t.divergence_steps:
+                raise TrainingError(f"training diverged at step {step}: loss {loss:.4f} >= ln(model.vocab_size) = "
+                                    f"{self.ln_v:.4f} with a zero gradient norm at {self.stuck} steps since step "
+                                    f"{self.bad_since}, none saved; {self.good()}; lower train.lr")
+            self.note(step, f"has loss {loss:.4f} >= ln(model.vocab_size) with a zero gradient norm",
+                      self.stuck, "divergence_steps")
+            return False
+        self.stuck, self.bad_since = 0, None
+        return True
+
+    def note(self, step: int, what: str, count: int, limit: str):
+        print(f"[resbm] step {step} {what}; not saved ({count} so far, train.{limit}={getattr(self.t, limit)})",
+              file=sys.stderr, flush=True)
+
+    def good(self) -> str:
+        return (f"the last good checkpoint is {self.last_good} (--resume-from {self.last_good})" if self.last_good
+                else "no checkpoint was saved")
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -175,16 +229,14 @@ def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> 
     except UnsafeCheckpoint:
         raise
     except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
-        have = tags(ckpt_dir)
-        older = have[:have.index(tag)] if tag in have else []
-        prev = newest_complete(ckpt_dir, before=tag) or (older[-1] if older else None)
-        offer = (f"continue from the previous complete checkpoint with --resume-from {prev}" if prev
-                 else "no earlier checkpoint to continue from")
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
-                            f"{offer}") from None
+                            f"{previous_offer(ckpt_dir, tag)}") from None
     if path is None or not client:
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
+    if not finite_weights(rt.module):   # saved before runs checked their steps (Health)
+        raise TrainingError(f"checkpoint {tag} in {ckpt_dir} holds non-finite weights; "
+                            f"{previous_offer(ckpt_dir, tag)}")
     train_data.load_state_dict(client["data"])
     return int(client["step"])
 
@@ -275,6 +327,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
+    health = Health(t, cfg.model.vocab_size, StepGuard(rt.engine), plan.resume_tag)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
@@ -318,7 +371,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
     ok = False
     try:
-        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress)
+        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health)
         ok = True
     except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
         line = None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else peer_failure(e, peers)
@@ -334,7 +387,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     return loss
 
 
-def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress) -> float:
+def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health) -> float:
     """The loop. Each training step runs under `progress`'s RESBM_DIST_TIMEOUT deadline; evaluations
     and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
     the same timeout on each of their collectives."""
@@ -358,18 +411,19 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
             dt = time.perf_counter() - t0
             net_step = NetCounters.delta(net_before, net.read()) if net else {}
             fwd, bwd, other, stop_signum = step_totals(rt, stop)
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
-        grad_norm = rt.engine.get_global_grad_norm()
-        row = dict(step=step, loss=loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+        grad_norm = rt.engine.get_global_grad_norm()   # after clipping's own reduction, where there is one
+        row = dict(step=step, loss=loss, lr=lr, grad_norm=health.guard.norm if grad_norm is None else float(grad_norm),
                    tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    model_flops_per_s=flops_per_token * tokens_per_step / dt,
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
                    wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
                    peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step)
-        if step % t.log_every == 0 or step == t.steps:
+        if health.guard.skipped:
+            row["skipped"] = True
+        if step % t.log_every == 0 or step == t.steps or health.guard.skipped:
             metrics.log(row)
+        good = health.check(step, loss)     # a stop raises here: before any evaluation or save
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
@@ -382,9 +436,14 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                              eval_s=time.perf_counter() - t0, time=time.time()))
             if bar:
                 bar.write(f"step {step}: val_loss {val:.4f}")
-        if step % t.save_every == 0 or step == t.steps or stop_signum:
+        if (good and (step % t.save_every == 0 or step == t.steps)) or stop_signum:
             t0 = time.perf_counter()
+            if not finite_weights(rt.module):
+                raise TrainingError(f"the weights are not finite after step {step}: not saved; {health.good()}; "
+                                    "lower train.lr")
             tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            health.last_good = tag
+            rt.meter.take()   # the weight check's reduction is not part of the next step's figures
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
                 # a peer may have seen the launcher end first: the same launchers are above every rank

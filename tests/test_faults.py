@@ -21,10 +21,10 @@ import torch
 
 from conftest import REPO, free_port
 from resbm_ds import export, train
-from resbm_ds.manifest import MANIFEST, verify
+from resbm_ds.manifest import MANIFEST, verify, write_manifest
 from resbm_ds.run_dir import LOCK_FILE
 from resbm_ds.watch import Peers, peer_failure
-from test_runs import ONE, ENV, RunsCode, train1
+from test_runs import ONE, ENV, RunsCode, error_line, train1
 from test_train import rows, train_args
 
 RUN_ARGS = ["train.steps=3", "train.save_every=1", "train.keep_last=3", "train.eval_every=100"]
@@ -322,3 +322,71 @@ def test_two_runs_into_one_out_dir_one_runs_the_other_is_refused_naming_the_hold
     # the lock ends with its holder: the run can be continued
     train1(out, f"seed={seed}", "train.steps=13", "train.save_every=4", "train.eval_every=100", "--resume")
     assert [r["step"] for r in rows(out) if "loss" in r][-1] == 13
+
+
+# ---- non-finite and diverged steps ----------------------------------------------------------------
+
+def nonfinite_layers(run) -> list[str]:
+    """Every saved layer file holding a NaN or infinite weight."""
+    return [str(f.relative_to(run)) for f in sorted(run.glob("checkpoints/*/layer_*.pt"))
+            if not all(torch.isfinite(v).all() for v in torch.load(f, weights_only=True).values()
+                       if v.is_floating_point())]
+
+
+# name: (overrides, the error line says, the checkpoints left, steps logged as skipped)
+NONFINITE = {
+    "NaN from step 1 (init_std=1e30)": (["model.init_std=1e30"],
+                                        "step 4 is not finite (loss is 8.318, gradient norm nan; 4 in a row, more "
+                                        "than train.max_skipped_steps=3): not applied, nothing saved since step 1; "
+                                        "no checkpoint was saved", [], [1, 2, 3, 4]),
+    "NaN from step 2, train.nonfinite=stop": (["train.lr=1e30", "deepspeed.gradient_clipping=0.0", "train.nonfinite=stop"],
+                                              "step 2 is not finite (loss is nan, gradient norm nan; "
+                                              "train.nonfinite=stop)", ["step1"], [2]),
+    "diverged without a NaN (lr=1e4)": (["train.lr=1e4"],
+                                        "training diverged at step 7: loss 8.3178 >= ln(model.vocab_size) = 8.3178 "
+                                        "with a zero gradient norm at 3 steps since step 2, none saved; the last good "
+                                        "checkpoint is step1 (--resume-from step1)", ["step1"], [4, 5, 6]),
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_a_non_finite_or_diverged_step_is_never_applied_or_saved(tmp_path, case):
+    overrides, says, saved, skipped = NONFINITE[case]
+    run = tmp_path / "run"
+    proc = train1(run, "train.steps=10", "train.save_every=1", "train.eval_every=100", *overrides, check=False)
+    line = error_line(proc)
+    assert proc.returncode == 1 and says in line, line
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step*"))
+    assert ckpts == saved and not nonfinite_layers(run), (ckpts, nonfinite_layers(run))
+    if saved:
+        assert (run / "checkpoints" / "latest").read_text() == saved[-1]
+    assert [r["step"] for r in rows(run) if r.get("skipped")] == skipped
+    if saved:   # --resume continues from the last good checkpoint (and meets the same fate)
+        proc = train1(run, "train.steps=10", "train.save_every=1", "train.eval_every=100", *overrides,
+                      "--resume", check=False)
+        assert "resuming at step 2" in proc.stdout and proc.returncode == 1, proc.stderr[-2000:]
+        assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == saved and not nonfinite_layers(run)
+
+
+def test_non_finite_weights_in_a_checkpoint_are_refused_by_resume_and_export(saved_run, tmp_path, capsys):
+    """A checkpoint saved with NaN weights (by a run before these checks), its manifest rewritten to
+    match: --resume and export each refuse it in one line, offering the previous tag."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    layer = run / "checkpoints" / "step3" / LAYER
+    sd = torch.load(layer, weights_only=True)
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    torch.save(sd, layer)
+    write_manifest(layer.parent)
+
+    proc = train1(run, *RUN_ARGS, "train.steps=5", "--resume", check=False)
+    line = error_line(proc)
+    assert proc.returncode == 1 and "checkpoint step3" in line and "holds non-finite weights" in line \
+        and "--resume-from step2" in line, line
+    assert (run / "checkpoints" / "latest").read_text() == "step3" and not (run / "checkpoints" / "step4").exists()
+
+    rc = export.main([str(run), "--out", str(tmp_path / "export")])
+    line = one_error_line(capsys)
+    assert rc == 2 and f"{LAYER} holds non-finite weights ({key})" in line and "--tag step2" in line, line
+    assert not (tmp_path / "export").exists()
