@@ -481,7 +481,7 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
                      f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
                      f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
         lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
-                     "(loss broadcast, clip norm, metrics; wire/meter.py)")
+                     "(loss broadcast, clip norm, the non-finite check, metrics; wire/meter.py)")
     else:
         lines.append("wire: 1 stage, nothing crosses a link")
     print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
