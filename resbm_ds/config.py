@@ -626,7 +626,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
             raise ConfigError("--config", path, f"no such file; presets: {presets}")
-        raw = _read_yaml(p, "--config", str(p)) or {}
+        raw = read_yaml(p, "--config", str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError("--config", str(p), f"must hold a mapping of sections (model:, train:, ...), "
                                                   f"not a {type(raw).__name__}")
@@ -634,14 +634,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or not key or "" in key.split("."):
             raise ConfigError("override", item, "must look like section.key=value")
-        _set_nested(raw, key.split("."), _read_yaml(value, key, value), key)
+        _set_nested(raw, key.split("."), read_yaml(value, key, value), key)
     cfg = _build(Config, raw, "")
     if isinstance(cfg.deepspeed, str):   # freeze the DeepSpeed JSON into the config object
         cfg.deepspeed = load_ds_json(cfg.deepspeed)
     return cfg
 
 
-def _read_yaml(source, key: str, shown: str):
+def read_yaml(source, key: str, shown: str):
     """YAML from a file (Path) or an override's value (str); a syntax error names key and position."""
     try:
         return yaml.safe_load(source.read_text(encoding="utf-8") if isinstance(source, Path) else source)

@@ -18,9 +18,29 @@ NET_IFACE_ENV = "RESBM_NET_IFACE"   # an interface whose kernel counters the tra
 TRACKER_IDS = "trackers.json"      # the W&B / MLflow run ids, so a resumed run continues the same run
 
 
+def metric_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each readable row of a metrics.jsonl. A line that is not a JSON object (the
+    half-written last line a kill during an append leaves) is dropped, with a note saying which."""
+    rows, torn = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = "torn"
+        if isinstance(row, dict):
+            rows.append((line, row))
+        elif row is not None:
+            torn.append(n)
+    if torn:
+        last = " (the last one: a write cut short)" if torn == [len(lines)] else ""
+        print(f"[resbm] note: {path}: dropped {len(torn)} unreadable line(s) {torn}{last}", file=sys.stderr, flush=True)
+    return rows
+
+
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     """(training rows, which have `loss`; evaluation rows, which have `val_loss`) of a run."""
-    rows = [json.loads(r) for r in (Path(run_dir) / METRICS_FILE).read_text().splitlines() if r.strip()]
+    rows = [r for _, r in metric_rows(Path(run_dir) / METRICS_FILE)]
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
@@ -66,7 +86,12 @@ class Trackers:
     def __init__(self, cfg: Config, out: Path, resumed: bool):
         k, self.out = cfg.tracking, out
         ids_file = out / TRACKER_IDS
-        ids = json.loads(ids_file.read_text()) if resumed and ids_file.exists() else {}
+        ids = {}
+        if resumed and ids_file.exists():
+            try:
+                ids = json.loads(ids_file.read_text())
+            except ValueError:
+                print(f"[resbm] note: {ids_file} is damaged: the trackers start new runs", file=sys.stderr, flush=True)
         config, meta = cfg.to_dict(), run_metadata()
         name = k.run_name or out.resolve().name
         self.tb = self.wandb = self.mlflow = None
@@ -133,8 +158,7 @@ class Metrics:
         if not enabled:
             return
         if self.path.exists():   # drop rows past the checkpoint we resumed from
-            rows = [r for r in self.path.read_text().splitlines()
-                    if r and json.loads(r).get("step", 0) <= resumed_step]
+            rows = [line for line, r in metric_rows(self.path) if r.get("step", 0) <= resumed_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         self.trackers = Trackers(cfg, out, resumed=resumed_step > 0)
 

@@ -24,9 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .config import Config, UserError
+from .config import Config, ConfigError, UserError, read_yaml
 from .manifest import verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
@@ -70,9 +68,25 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def read_run_file(f: Path) -> dict | None:
+    """A mapping the run wrote (config.yaml, layout.json: JSON is YAML); None when absent. A damaged
+    file is one line naming it."""
+    if not f.is_file():
+        return None
+    try:
+        data = read_yaml(f, str(f), str(f))
+    except ConfigError as e:
+        problem = e.allowed
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"holds a {type(data).__name__}, not a mapping"
+    raise RunDirError(f"{f} is damaged ({problem}): restore it, or start the run over with --overwrite; "
+                      "nothing was changed")
+
+
 def _saved_config(run: Path) -> dict | None:
-    f = run / CONFIG_FILE
-    return yaml.safe_load(f.read_text()) if f.is_file() else None
+    return read_run_file(run / CONFIG_FILE)
 
 
 @dataclass
@@ -153,10 +167,10 @@ def write_layout(out: Path, stages: int, dp: int) -> None:
 
 
 def _layout_change(out: Path, cfg: Config, world: int | None) -> dict:
-    f = out / LAYOUT_FILE
-    if world is None or not f.is_file():
+    layout = read_run_file(out / LAYOUT_FILE)
+    if world is None or layout is None:
         return {}
-    saved = json.loads(f.read_text()).get("data_parallel")
+    saved = layout.get("data_parallel")
     dp = world // cfg.pipeline.stages
     return {} if saved in (None, dp) else {"data_parallel (world size / pipeline.stages)": (saved, dp)}
 
@@ -201,6 +215,10 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
         plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
     if tag is not None:
+        at = int(TAG.match(tag).group(1))
+        if cfg.train.steps <= at:
+            raise RunDirError(f"--resume: the run is at step {at} ({tag}) and train.steps={cfg.train.steps} leaves "
+                              f"nothing to train: pass train.steps={at + 1} or more to go on; nothing was changed")
         verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     return plan
 

@@ -240,7 +240,17 @@ def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> 
         raise TrainingError(f"checkpoint {tag} in {ckpt_dir} holds non-finite weights; "
                             f"{previous_offer(ckpt_dir, tag)}")
     train_data.load_state_dict(client["data"])
+    follow_schedule(rt.engine.lr_scheduler)
     return int(client["step"])
+
+
+def follow_schedule(sched: LambdaLR) -> None:
+    """The optimizer's lr as the (possibly stretched: a new train.steps) schedule gives it now. The
+    checkpoint restores each group's lr as the old schedule left it, and the scheduler would only
+    apply the new one after the first resumed step."""
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int]:
@@ -363,7 +373,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
             if key == "train.steps":
                 before = dataclasses.replace(t, steps=old)
                 note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
-                        f"{t.lr * lr_factor(start, t):.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
+                        f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
             print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)
         if cfg.tied_allreduce_bytes:
             code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len

@@ -390,3 +390,58 @@ def test_non_finite_weights_in_a_checkpoint_are_refused_by_resume_and_export(sav
     line = one_error_line(capsys)
     assert rc == 2 and f"{LAYER} holds non-finite weights ({key})" in line and "--tag step2" in line, line
     assert not (tmp_path / "export").exists()
+
+
+# ---- damaged run files and what a resume means ------------------------------------------------------
+
+def test_a_torn_metrics_line_is_dropped_and_the_resumed_lr_is_the_printed_one(saved_run, tmp_path):
+    """A kill during an append leaves half a row: the resume drops it with a note. The stretched
+    schedule's lr that the resume prints is the lr the next step logs, and the cosine goes on down."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 7.1, "lr": 0.00')
+    lines = len((run / "metrics.jsonl").read_text().splitlines())
+    proc = train1(run, *RUN_ARGS, "train.steps=6", "--resume")
+    assert f"dropped 1 unreadable line(s) [{lines}] (the last one: a write cut short)" in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    printed = float(re.search(r"the lr at step 4 is ([0-9.e+-]+) \(", proc.stdout).group(1))
+    lr = {r["step"]: r["lr"] for r in rows(run) if "loss" in r}
+    assert printed == pytest.approx(lr[4], rel=2e-3) and lr[4] > lr[5] > lr[6], (printed, lr)
+
+
+# name: (what is done to the run, the one line says)
+DAMAGED_RUN = {
+    "config.yaml not YAML": (lambda run: (run / "config.yaml").write_text("model: [64\n"),
+                             "config.yaml is damaged (not valid YAML"),
+    "config.yaml a list": (lambda run: (run / "config.yaml").write_text("- model\n"),
+                           "config.yaml is damaged (holds a list, not a mapping)"),
+    "layout.json cut short": (lambda run: (run / "layout.json").write_text('{"pipeline.stages": 1, "data_'),
+                              "layout.json is damaged ("),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_RUN))
+def test_a_damaged_run_file_is_one_line_naming_it(saved_run, tmp_path, capsys, case):
+    damage, says = DAMAGED_RUN[case]
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    damage(run)
+    before = listing(run)
+    rc = train.main(train_args(run, *ONE, *RUN_ARGS, "train.steps=5", "--resume")[1:])
+    line = one_error_line(capsys)
+    assert rc == 2 and str(run / says.split()[0]) in line and says in line and "--overwrite" in line, line
+    assert listing(run) == before
+
+
+@pytest.mark.parametrize("steps", [3, 2])
+def test_resume_with_train_steps_at_or_below_the_checkpoint_is_refused_naming_the_step(saved_run, tmp_path, capsys,
+                                                                                      steps):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    before = listing(run)
+    rc = train.main(train_args(run, *ONE, *RUN_ARGS, f"train.steps={steps}", "--resume")[1:])
+    line = one_error_line(capsys)
+    assert rc == 2 and f"the run is at step 3 (step3) and train.steps={steps} leaves nothing to train" in line \
+        and "train.steps=4 or more" in line, line
+    assert listing(run) == before
