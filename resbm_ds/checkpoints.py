@@ -22,7 +22,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from .config import UserError
-from .manifest import previous_offer, sibling_tags, verify
+from .manifest import previous_offer, sibling_tags, tag_dir, verify
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
 
@@ -37,15 +37,16 @@ def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Pa
         return p
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
+    given = use.format(tag="").strip()
     if tag is None:
         latest = p / "latest"
         if not latest.is_file():
             raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
-        tag = latest.read_text().strip()
-        if not (p / tag).is_dir():
+        tag, given = latest.read_text().strip(), f"{latest} names"
+        if not tag_dir(p, tag, given).is_dir():
             raise FileNotFoundError(f"{latest} names {tag!r}, which is missing; tags in {p}: "
                                     f"{sibling_tags(p) or 'none'} (pass one: {use.format(tag='TAG')})")
-    d = p / tag
+    d = tag_dir(p, tag, given)
     if not any(d.glob("layer_*-model_states.pt")):
         raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
     verify(d, use)

@@ -20,8 +20,14 @@ import re
 import sys
 from pathlib import Path
 
+from .config import UserError
+
 MANIFEST = "manifest.json"
 TAG_STEP = re.compile(r"(\d+)$")
+
+
+class TagError(UserError):
+    """A tag that names no checkpoint of the run."""
 
 
 class IncompleteCheckpoint(FileNotFoundError):
@@ -57,6 +63,18 @@ def sibling_tags(ckpt_dir: Path) -> list[str]:
         return []
     found = [(int(m.group(1)), d.name) for d in Path(ckpt_dir).iterdir() if d.is_dir() and (m := TAG_STEP.search(d.name))]
     return [name for _, name in sorted(found)]
+
+
+def tag_dir(ckpt_dir: Path, tag: str, given: str = "--tag") -> Path:
+    """The one rule for a checkpoint tag in every command (--resume-from, export/spectrum --tag, a
+    `latest` file): the name of a directory directly in the run's checkpoints directory. A path
+    (`../../other_run/checkpoints/step3`, an absolute one, a link out) would read another run's
+    weights under this run's config, and is refused."""
+    d = Path(ckpt_dir) / tag
+    if Path(tag).name != tag or tag in ("", ".", "..") or d.resolve().parent != Path(ckpt_dir).resolve():
+        raise TagError(f"{given} {tag!r}: a checkpoint tag is the name of a directory in {ckpt_dir}, "
+                       f"not a path (tags: {sibling_tags(ckpt_dir) or 'none'})")
+    return d
 
 
 def problem(tag_dir: Path) -> str | None:

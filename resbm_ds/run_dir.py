@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, ConfigError, UserError, read_yaml
-from .manifest import verify
+from .manifest import tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
@@ -186,6 +186,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
     ckpt = out / "checkpoints"
     have = tags(ckpt)
     if resume_from:
+        tag_dir(ckpt, resume_from, "--resume-from")
         if resume_from not in have:
             raise RunDirError(f"--resume-from {resume_from}: no such checkpoint in {ckpt} (tags: {have or 'none'})")
         tag = resume_from

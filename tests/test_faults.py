@@ -445,3 +445,41 @@ def test_resume_with_train_steps_at_or_below_the_checkpoint_is_refused_naming_th
     assert rc == 2 and f"the run is at step 3 (step3) and train.steps={steps} leaves nothing to train" in line \
         and "train.steps=4 or more" in line, line
     assert listing(run) == before
+
+
+# ---- one path rule for tags; exports whole or not at all ---------------------------------------------
+
+@pytest.mark.parametrize("kind", ["relative path", "absolute path", "dot-dot inside", "link out"])
+def test_a_tag_that_leaves_the_run_is_refused_by_every_command(saved_run, tmp_path, capsys, kind):
+    run, other = tmp_path / "run", tmp_path / "other_run"
+    shutil.copytree(saved_run, run)
+    shutil.copytree(saved_run, other)
+    tag = {"relative path": "../../other_run/checkpoints/step2", "absolute path": str(other / "checkpoints" / "step2"),
+           "dot-dot inside": "step2/../../../other_run/checkpoints/step2", "link out": "step9"}[kind]
+    if kind == "link out":
+        (run / "checkpoints" / "step9").symlink_to(other / "checkpoints" / "step2")
+    before = listing(run)
+    for main, argv in ((export.main, [str(run), "--tag", tag]),
+                       (train.main, train_args(run, *ONE, *RUN_ARGS, "train.steps=5", "--resume-from", tag)[1:])):
+        rc = main(argv)
+        line = one_error_line(capsys)
+        assert rc == 2 and f"{tag!r}: a checkpoint tag is the name of a directory in {run / 'checkpoints'}" in line, line
+        assert listing(run) == before and not (run / "export").exists()
+
+
+def test_an_export_replaces_the_previous_one_whole_or_not_at_all(saved_run, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    shutil.copytree(saved_run, run)
+    assert export.main([str(run), "--out", str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    # a re-export that fails half-way (the tokenizer copy meets a dangling link) leaves the first whole
+    (run / "tokenizer" / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(shutil.Error):
+        export.main([str(run), "--tag", "step2", "--out", str(out)])
+    assert (out / "model.safetensors").read_bytes() == first and sorted(os.listdir(tmp_path)) == ["exported", "run"]
+    (run / "tokenizer" / "dangling").unlink()
+    assert export.main([str(run), "--tag", "step2", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").read_bytes() != first and sorted(os.listdir(tmp_path)) == ["exported", "run"]
+    assert (out / "tokenizer").is_dir() and oct(out.stat().st_mode & 0o777) == "0o755"
+    # --out on a directory that is not an export is refused: it would be replaced
+    assert export.main([str(run), "--out", str(run)]) == 2 and (run / "checkpoints").is_dir()
