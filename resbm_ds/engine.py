@@ -13,7 +13,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
-from .config import Config, ConfigError
+from .config import Config, ConfigError, UserError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model.pipeline import ResBMPipeline
@@ -97,6 +97,10 @@ def check_deepspeed_schema(cfg: Config) -> None:
         raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 
 
+class PortInUse(UserError):
+    """The rendezvous port is taken: rank 0 cannot host the process group's store."""
+
+
 def init_distributed(timeout_s: int | None = None):
     """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher.
 
@@ -116,6 +120,10 @@ def init_distributed(timeout_s: int | None = None):
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError, ImportError) as e:
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise PortInUse(f"the rendezvous port MASTER_PORT={os.environ['MASTER_PORT']} on "
+                            f"{os.environ['MASTER_ADDR']} is in use (another run or program holds it): pass a free "
+                            "one (deepspeed/torchrun --master_port, or MASTER_PORT)") from None
         if "extension" not in str(e).lower() and "ninja" not in str(e).lower():
             raise
         raise RuntimeError(   # DeepSpeed JIT-builds its CPU comm op on first start

@@ -7,11 +7,13 @@ import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
-from .config import REPO_ROOT, Config
+from .config import REPO_ROOT, Config, ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 NET_IFACE_ENV = "RESBM_NET_IFACE"   # an interface whose kernel counters the trainer records (netem.py)
@@ -80,6 +82,27 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+TRACKER_DEADLINE_S = 10   # to reach a tracking server: at launch, and for each request during the run
+
+
+def check_trackers_reachable(cfg: Config) -> None:
+    """A tracking server named by URL (tracking.mlflow_uri=http[s]://...) must accept a connection
+    within TRACKER_DEADLINE_S, checked before launch: unreachable, MLflow's client would wait for
+    minutes at the first step, printing nothing."""
+    k = cfg.tracking
+    url = urllib.parse.urlparse(k.mlflow_uri or "") if k.mlflow else None
+    if url is None or url.scheme not in ("http", "https"):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=TRACKER_DEADLINE_S).close()
+    except OSError as e:
+        raise ConfigError("tracking.mlflow_uri", k.mlflow_uri,
+                          f"cannot reach {url.hostname}:{port} within {TRACKER_DEADLINE_S} s "
+                          f"({e.strerror or type(e).__name__}); start the tracking server, or leave "
+                          "tracking.mlflow_uri unset for a SQLite store in the run directory") from None
+
+
 class Trackers:
     """The configured trackers (rank 0 only). `log(row)` sends a metrics row at `row["step"]`."""
 
@@ -107,6 +130,10 @@ class Trackers:
                                     config={**config, "meta": meta})
             ids["wandb"] = self.wandb.id
         if k.mlflow:
+            # MLflow's client retries a server that stops answering for minutes (urllib3 backoff),
+            # silently and deaf to SIGTERM; bound it (the environment may still say otherwise)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(TRACKER_DEADLINE_S))
             import mlflow
             self.mlflow = mlflow.tracking.MlflowClient(k.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
             run_id = ids.get("mlflow")

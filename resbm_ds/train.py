@@ -48,7 +48,7 @@ from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import (Runtime, StepGuard, build_engine, close_distributed, finite_weights, validate_before_launch,
                      world_size_from_env)
 from .manifest import previous_offer, write_manifest
-from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
+from .metrics import Metrics, NetCounters, check_trackers_reachable, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
 from .run_dir import (CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, unlock_run_dir,
                       write_layout)
@@ -291,6 +291,7 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
     NetCounters.from_env()   # a RESBM_NET_IFACE that names no interface fails here, before any process group
+    check_trackers_reachable(cfg)
     if args.print_config:
         return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)
@@ -337,10 +338,21 @@ def describe(cfg: Config, plan: RunPlan, world: int, train_src: TextSource, val_
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
     out, t = plan.out, cfg.train
-    stop = StopSignals()
-    stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
+    stop = None
+
+    def launcher_gone(why: str):   # `deepspeed` forwards no signals: a launcher that ends stops the rank
+        if stop is None:           # still starting (a rendezvous may wait for minutes): nothing to save
+            print(f"error (rank {os.environ.get('RANK', '0')}): {why} during start-up; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGTERM)
+        stop.request(signal.SIGTERM, why)
+    watch = LauncherWatch(launcher_gone)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
+    # Signals are caught from here on, to save first. Until here they keep their default action: a
+    # rank blocked in the rendezvous (C++, where a Python handler never runs) must still die on SIGTERM.
+    stop = StopSignals()
+    stop.launcher = watch
     health = Health(t, cfg.model.vocab_size, StepGuard(rt.engine), plan.resume_tag)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0

@@ -136,6 +136,11 @@ TRAIN_ROWS = [
                                                                      "model.vocab_size=4096")
                                                if not a.startswith("data.train_path=")],
      ["data.val_path", "short.txt", "sequences"]),   # validated with the default corpus training
+    # an unreachable tracking server: one line within seconds (before: silence for minutes at step 1)
+    *[(f"mlflow_uri-{kind}", lambda d, uri=uri: train_argv(d, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"),
+       ["tracking.mlflow_uri", f"cannot reach {host} within 10 s"])
+      for kind, uri, host in (("refused", "http://127.0.0.1:9/", "127.0.0.1:9"),
+                              ("no-route", "http://192.0.2.1:5000", "192.0.2.1:5000"))],
     ("out_dir-under-a-file", lambda d: train_argv(d, out=d / "a_file" / "run"), ["train.out_dir", "a_file"]),
     ("out_dir-unwritable", lambda d: train_argv(d, out="/proc/resbm-run"), ["train.out_dir", "/proc"]),
     *[(f"init_from_hf-{kind}", lambda d, kind=kind: train_argv(d, f"model.init_from_hf={d / f'hf_{kind}'}"),

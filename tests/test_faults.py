@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -483,3 +484,36 @@ def test_an_export_replaces_the_previous_one_whole_or_not_at_all(saved_run, tmp_
     assert (out / "tokenizer").is_dir() and oct(out.stat().st_mode & 0o777) == "0o755"
     # --out on a directory that is not an export is refused: it would be replaced
     assert export.main([str(run), "--out", str(run)]) == 2 and (run / "checkpoints").is_dir()
+
+
+# ---- no hangs ---------------------------------------------------------------------------------------
+
+def ranks_of(out) -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if f"train.out_dir={out}" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_busy_master_port_ends_the_run_in_one_line_with_no_rank_left(tmp_path, launcher):
+    """Before: under `deepspeed`, rank 0 failed with a traceback and rank 1, its SIGTERM caught by the
+    trainer while it retried the store in C++, outlived the launcher for the 300 s rendezvous."""
+    out = tmp_path / "run"
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = (["deepspeed", "--num_gpus=2", f"--master_port={port}", "--module"] if launcher == "deepspeed" else
+               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m"])
+        t0 = time.time()
+        proc = subprocess.run([*cmd, *train_args(out, "train.steps=3")], cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=280)
+        took = time.time() - t0
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and took < 150, (proc.returncode, took, text[-3000:])
+    assert not running(ranks_of(out)), [p.info["cmdline"] for p in ranks_of(out)]
+    if launcher == "deepspeed":   # our rank 0 hosts the store (torchrun's agent does, and says so itself)
+        lines = [ln for ln in text.splitlines() if ln.startswith("error")]
+        assert len(lines) == 1 and f"MASTER_PORT={port} on 127.0.0.1 is in use" in lines[0], text[-3000:]
+        assert "Traceback" not in text
+    else:
+        assert "EADDRINUSE" in text or "address already in use" in text.lower(), text[-3000:]
+    assert not (out / "metrics.jsonl").exists()
