@@ -181,11 +181,16 @@ def keep_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_keep
 
 
+def comm_device() -> torch.device:
+    """Where a tensor for a collective lives: the rank's GPU under nccl, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def all_ranks_agree(bad: bool) -> bool:
     """True on every rank when `bad` is true on any (one float all-reduce over the whole world)."""
     if dist.get_world_size() == 1:
         return bad
-    flag = torch.tensor([float(bad)], dtype=torch.float64)
+    flag = torch.tensor([float(bad)], dtype=torch.float64, device=comm_device())
     deepspeed.comm.all_reduce(flag)
     return bool(flag.item() > 0)
 
@@ -219,9 +224,9 @@ class StepGuard:
         return [p.grad for p in self.engine.module.parameters() if p.grad is not None]
 
     def _checked_step(self, *args, **kwargs):
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=comm_device())
         for g in self._grads():
-            sq += g.detach().double().pow(2).sum()
+            sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square().to(sq.device)
         if dist.get_world_size() > 1:
             deepspeed.comm.all_reduce(sq)
             if not self.zero:   # ZeRO-0: data-parallel replicas hold the same reduced gradients

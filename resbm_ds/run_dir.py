@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, ConfigError, UserError, read_yaml
+from .data.tokenizer import Tokenizer, load_saved_tokenizer
 from .manifest import tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
@@ -222,6 +223,20 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
                               f"nothing to train: pass train.steps={at + 1} or more to go on; nothing was changed")
         verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     return plan
+
+
+def check_tokenizer(out: Path, tok: Tokenizer) -> None:
+    """--resume: the tokenizer built now must be the one the run saved (OUT/tokenizer): the same ids
+    must mean the same text, and the data position counts tokens of it. A retrained or replaced
+    cache entry is refused here, before launch."""
+    saved_dir = out / "tokenizer"
+    if not saved_dir.is_dir():
+        return
+    saved = load_saved_tokenizer(saved_dir)
+    if saved.fingerprint != tok.fingerprint:
+        raise RunDirError(f"--resume: the tokenizer is not the run's ({tok.name} is {tok.fingerprint}, {saved_dir} "
+                          f"is {saved.fingerprint}): token ids would change meaning mid-run; restore it from "
+                          f"{saved_dir}, or start over with --overwrite")
 
 
 def check_init_from(cfg: Config) -> None:

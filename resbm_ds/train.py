@@ -50,8 +50,8 @@ from .engine import (Runtime, StepGuard, build_engine, close_distributed, finite
 from .manifest import previous_offer, write_manifest
 from .metrics import Metrics, NetCounters, check_trackers_reachable, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import (CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, unlock_run_dir,
-                      write_layout)
+from .run_dir import (CONFIG_FILE, RunPlan, check_tokenizer, clear_run, plan_run, prune_checkpoints, tags,
+                      unlock_run_dir, write_layout)
 from .slurm_layout import report_layout
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
@@ -299,6 +299,8 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     lock = "none" if int(os.environ.get("RANK", "0")) else "check" if args.dry_run else "hold"
     plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world, lock)
     tok = make_tokenizer(cfg, train_src)
+    if plan.resume_tag:
+        check_tokenizer(plan.out, tok)
     check_enough_text(cfg, tok, train_src, val_src, world)
     return cfg, train_src, val_src, plan, tok
 

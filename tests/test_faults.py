@@ -517,3 +517,22 @@ def test_a_busy_master_port_ends_the_run_in_one_line_with_no_rank_left(tmp_path,
     else:
         assert "EADDRINUSE" in text or "address already in use" in text.lower(), text[-3000:]
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_tokenizer_that_changed_under_a_run_is_refused_before_launch(saved_run, tmp_path, capsys):
+    """The run's tokenizer/ differs from the one the cache gives now (as after a retrained or replaced
+    cache entry): refused in one line before any process starts (before: a ValueError traceback
+    after the process group)."""
+    from sentencepiece import sentencepiece_model_pb2
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    spm = run / "tokenizer" / "spm.model"
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm.read_bytes())
+    proto.pieces[-1].score -= 1.0          # still a valid model, another one
+    spm.write_bytes(proto.SerializeToString())
+    before = listing(run)
+    rc = train.main(train_args(run, *ONE, *RUN_ARGS, "train.steps=5", "--resume")[1:])
+    line = one_error_line(capsys)
+    assert rc == 2 and "--resume: the tokenizer is not the run's" in line and str(run / "tokenizer") in line, line
+    assert listing(run) == before
