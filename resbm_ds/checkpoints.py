@@ -10,8 +10,10 @@ file is read, the tag's files are checked against its manifest (manifest.py).
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,6 +53,22 @@ def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Pa
         raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
     verify(d, use)
     return d
+
+
+def out_of_space(path: Path, error: BaseException) -> str | None:
+    """When `error`, met writing under `path`, comes from a full filesystem: a phrase saying so (torch
+    reports ENOSPC in a zip writer as "unexpected pos" or an "iostream error", without errno)."""
+    text = str(error).lower()
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "no space left" in text
+            or "unexpected pos" in text or "iostream error" in text)
+    if not full:
+        return None
+    base = next((d for d in (Path(path), *Path(path).parents) if d.exists()), Path("/"))
+    return f"no space left on the filesystem of {base} ({shutil.disk_usage(base).free:,} bytes free)"
+
+
+def tag_bytes(tag_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(tag_dir).rglob("*") if f.is_file())
 
 
 def layer_files(tag_dir: Path) -> dict[int, Path]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoints import checkpoint_dir, load_layers
+from .checkpoints import checkpoint_dir, load_layers, out_of_space
 from .config import Config, UserError, cli, load_config
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
@@ -70,10 +70,10 @@ def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
     if out.exists() and not is_exported(out) and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an export (it would be replaced); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         tmp.chmod(0o755)
-        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt", "class": "ResBMForCausalLM"})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
         if tokenizer_from is not None and Path(tokenizer_from).is_dir():
@@ -83,8 +83,13 @@ def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
         if old:
             out.rename(old)
         tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = out_of_space(out.parent, e) if isinstance(e, Exception) else None   # safetensors: its own error
+        if full:
+            raise UserError(f"exporting to {out} failed ({full}; the model alone takes "
+                            f"{sum(t.numel() * t.element_size() for t in sd.values()):,} bytes); nothing was "
+                            "left behind") from None
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)

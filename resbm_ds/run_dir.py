@@ -17,8 +17,8 @@ import fcntl
 import json
 import os
 import re
-import socket
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field

@@ -29,6 +29,7 @@ import dataclasses
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -40,13 +41,13 @@ import torch.distributed as dist
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoints import UnsafeCheckpoint
+from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
 from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli, load_config
 from .data.batches import PackedBatches, TextSource, check_local_file, tokenize_to_array, validation_batches
 from .data.corpus import default_dir, ensure_corpus
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
-from .engine import (Runtime, StepGuard, build_engine, close_distributed, finite_weights, validate_before_launch,
-                     world_size_from_env)
+from .engine import (Runtime, StepGuard, all_ranks_agree, build_engine, close_distributed, finite_weights,
+                     validate_before_launch, world_size_from_env)
 from .manifest import previous_offer, write_manifest
 from .metrics import Metrics, NetCounters, check_trackers_reachable, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
@@ -205,22 +206,53 @@ def make_tokenizer(cfg: Config, train: TextSource):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
-def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int) -> str:
+def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int,
+                    health: Health) -> str:
     """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
     manifest (manifest.py) and point `latest` at it, each atomically (write + rename), and prune old
-    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag."""
+    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag. A save
+    that fails on any rank (a full disk) fails on every rank, in one line, and rank 0 removes what
+    it left, so that no cut-short tag is ever offered."""
     tag = f"step{step}"
-    rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                              client_state={"step": step, "data": train_data.state_dict()})
-    dist.barrier()
+    failed = None
+    try:
+        rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                                  client_state={"step": step, "data": train_data.state_dict()})
+    except (OSError, RuntimeError) as e:
+        failed = e
+    if all_ranks_agree(failed is not None):
+        raise save_failed(ckpt_dir, tag, failed, health)
     if dist.get_rank() == 0:
-        write_manifest(ckpt_dir / tag)
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-        prune_checkpoints(ckpt_dir, keep_last)
-    dist.barrier()
+        try:
+            write_manifest(ckpt_dir / tag)
+            tmp = ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, ckpt_dir / "latest")
+        except OSError as e:
+            failed = e
+        else:
+            prune_checkpoints(ckpt_dir, keep_last)
+    if all_ranks_agree(failed is not None):
+        raise save_failed(ckpt_dir, tag, failed, health)
     return tag
+
+
+def save_failed(ckpt_dir: Path, tag: str, error: BaseException | None, health: Health) -> TrainingError:
+    """The line for a save that failed (on this rank, or only on a peer: `error` None); rank 0
+    removes the cut-short tag."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        (ckpt_dir / "latest.tmp").unlink(missing_ok=True)
+    if error is None:
+        return TrainingError(f"saving checkpoint {tag} failed on another rank; {health.good()}")
+    full = out_of_space(ckpt_dir, error)
+    if full:
+        need = f"; a checkpoint of this run takes {tag_bytes(ckpt_dir / health.last_good):,} bytes" \
+            if health.last_good and (ckpt_dir / health.last_good).is_dir() else ""
+        why = f"{full}{need}: free space, then continue with --resume"
+    else:
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return TrainingError(f"saving checkpoint {tag} in {ckpt_dir} failed ({why}); it was removed; {health.good()}")
 
 
 def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
@@ -469,7 +501,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
             if not finite_weights(rt.module):
                 raise TrainingError(f"the weights are not finite after step {step}: not saved; {health.good()}; "
                                     "lower train.lr")
-            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last, health)
             health.last_good = tag
             rt.meter.take()   # the weight check's reduction is not part of the next step's figures
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))

@@ -536,3 +536,41 @@ def test_a_tokenizer_that_changed_under_a_run_is_refused_before_launch(saved_run
     line = one_error_line(capsys)
     assert rc == 2 and "--resume: the tokenizer is not the run's" in line and str(run / "tokenizer") in line, line
     assert listing(run) == before
+
+
+# ---- a full disk --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 10 MB filesystem, room for one checkpoint of the tiny model (tmpfs: needs the right to
+    mount, else the test is skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_cut_short_tag(small_disk, saved_run, capsys):
+    """Before: `iostream error` / `unexpected pos` tracebacks, a cut-short tag the next --resume
+    offered, and an export that left an empty directory behind."""
+    run = small_disk / "run"
+    proc = train1(run, "train.steps=4", "train.save_every=1", "train.eval_every=100", check=False)
+    line = error_line(proc)
+    assert proc.returncode == 1 and f"saving checkpoint step2 in {run / 'checkpoints'} failed (no space left on " \
+        f"the filesystem of {small_disk}" in line, line
+    assert re.search(r"a checkpoint of this run takes [\d,]+ bytes: free space, then continue with --resume\); it "
+                     r"was removed; the last good checkpoint is step1", line), line
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step1"]
+    assert (run / "checkpoints" / "latest").read_text() == "step1"
+    dry = train1(run, "train.steps=4", "train.save_every=1", "train.eval_every=100", "--resume", "--dry-run")
+    assert "; resume from step1;" in dry.stdout
+
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * max(0, free - 64 * 1024))
+    rc = export.main([str(saved_run), "--out", str(small_disk / "exported")])
+    line = one_error_line(capsys)
+    assert rc == 2 and f"exporting to {small_disk / 'exported'} failed (no space left on the filesystem of " \
+        f"{small_disk}" in line and "nothing was left behind" in line, line
+    assert sorted(os.listdir(small_disk)) == ["filler", "run"]
