@@ -301,28 +301,47 @@ def test_the_step_deadline_counts_from_the_last_message_not_the_step_start(mode)
 # ---- one run per directory ------------------------------------------------------------------------
 
 def test_two_runs_into_one_out_dir_one_runs_the_other_is_refused_naming_the_holder(tmp_path):
-    """Both started at once, with different seeds: the one that takes OUT/.lock runs to the end; the
-    other exits 2 with one line naming the holder's pid, and the directory holds one run."""
+    """Both started at once, with different seeds and steps enough to outlast the other's start: the
+    one that takes OUT/.lock runs; the other exits 2 with one line naming the holder's pid. Then the
+    holder is stopped (SIGTERM saves), and the directory holds its run alone."""
     out = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, "-m", *train_args(out, *ONE, "train.steps=12", "train.save_every=4",
-                                                                 "train.eval_every=100", f"seed={seed}")],
-                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**ENV, "MASTER_PORT": str(free_port())}) for seed in (1, 2)]
-    results = [(p, *p.communicate(timeout=300)) for p in procs]
-    assert sorted(p.returncode for p, _, _ in results) == [0, 2], [(p.returncode, e[-2000:]) for p, _, e in results]
-    (winner, _, _), = [r for r in results if r[0].returncode == 0]
-    (loser, lost_out, lost_err), = [r for r in results if r[0].returncode == 2]
-    (line,) = lost_err.strip().splitlines()
-    assert line.startswith(f"error: train.out_dir={out} is in use by another run (host ") and \
-        f"pid {winner.pid};" in line and "nothing was changed" in line, line
-    assert "[resbm]" not in lost_out   # it never got to start
-    losses = [r["step"] for r in rows(out) if "loss" in r]
-    assert losses == list(range(1, 13)), losses
-    seed = 1 if winner is procs[0] else 2
-    assert f"\nseed: {seed}\n" in "\n" + (out / "config.yaml").read_text()
+    procs = {seed: subprocess.Popen([sys.executable, "-m", *train_args(out, *ONE, "train.steps=100000",
+                                                                       "train.save_every=100000",
+                                                                       "train.eval_every=100000", f"seed={seed}")],
+                                    cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env={**ENV, "MASTER_PORT": str(free_port())}) for seed in (1, 2)}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs.values()):
+            time.sleep(0.2)
+        (seed, loser), = [(s, p) for s, p in procs.items() if p.poll() is not None]
+        (holder,) = [p for p in procs.values() if p is not loser]
+        lost_out, lost_err = loser.communicate(timeout=60)
+        assert loser.returncode == 2, lost_err[-3000:]
+        (line,) = lost_err.strip().splitlines()
+        assert line.startswith(f"error: train.out_dir={out} is in use by another run (host ") and \
+            f"pid {holder.pid};" in line and "nothing was changed" in line, line
+        assert "[resbm]" not in lost_out   # it never got to start
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(rows(out)) >= 2):
+            assert holder.poll() is None, holder.communicate()[1][-3000:]
+            time.sleep(0.2)
+        holder.send_signal(signal.SIGTERM)
+        _, err = holder.communicate(timeout=120)
+        assert holder.returncode == 128 + signal.SIGTERM, err[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    steps = [r["step"] for r in rows(out) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)), steps          # one row per step, one run
+    assert (out / "checkpoints" / "latest").read_text() == f"step{steps[-1]}"
+    holder_seed = 3 - seed
+    assert f"\nseed: {holder_seed}\n" in "\n" + (out / "config.yaml").read_text()
     # the lock ends with its holder: the run can be continued
-    train1(out, f"seed={seed}", "train.steps=13", "train.save_every=4", "train.eval_every=100", "--resume")
-    assert [r["step"] for r in rows(out) if "loss" in r][-1] == 13
+    train1(out, f"seed={holder_seed}", f"train.steps={steps[-1] + 1}", "train.save_every=100000",
+           "train.eval_every=100000", "--resume")
+    assert [r["step"] for r in rows(out) if "loss" in r] == list(range(1, steps[-1] + 2))
 
 
 # ---- non-finite and diverged steps ----------------------------------------------------------------
