@@ -10,8 +10,10 @@ file is read, the tag's files are checked against its manifest (manifest.py).
 """
 from __future__ import annotations
 
+import errno
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from .manifest import sibling_tags, verify
+from .config import UserError
+from .manifest import previous_offer, sibling_tags, tag_dir, verify
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
 
@@ -36,19 +39,36 @@ def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Pa
         return p
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
+    given = use.format(tag="").strip()
     if tag is None:
         latest = p / "latest"
         if not latest.is_file():
             raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
-        tag = latest.read_text().strip()
-        if not (p / tag).is_dir():
+        tag, given = latest.read_text().strip(), f"{latest} names"
+        if not tag_dir(p, tag, given).is_dir():
             raise FileNotFoundError(f"{latest} names {tag!r}, which is missing; tags in {p}: "
                                     f"{sibling_tags(p) or 'none'} (pass one: {use.format(tag='TAG')})")
-    d = p / tag
+    d = tag_dir(p, tag, given)
     if not any(d.glob("layer_*-model_states.pt")):
         raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
     verify(d, use)
     return d
+
+
+def out_of_space(path: Path, error: BaseException) -> str | None:
+    """When `error`, met writing under `path`, comes from a full filesystem: a phrase saying so (torch
+    reports ENOSPC in a zip writer as "unexpected pos" or an "iostream error", without errno)."""
+    text = str(error).lower()
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "no space left" in text
+            or "unexpected pos" in text or "iostream error" in text)
+    if not full:
+        return None
+    base = next((d for d in (Path(path), *Path(path).parents) if d.exists()), Path("/"))
+    return f"no space left on the filesystem of {base} ({shutil.disk_usage(base).free:,} bytes free)"
+
+
+def tag_bytes(tag_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(tag_dir).rglob("*") if f.is_file())
 
 
 def layer_files(tag_dir: Path) -> dict[int, Path]:
@@ -62,6 +82,10 @@ def layer_files(tag_dir: Path) -> dict[int, Path]:
     if several:
         raise ValueError(f"{tag_dir}: several files for one layer (model parallelism is not supported): {several}")
     return {i: fs[0] for i, fs in sorted(files.items())}
+
+
+class NonFiniteWeights(UserError):
+    """A checkpoint with NaN or infinite weights (saved before runs checked their steps)."""
 
 
 class UnsafeCheckpoint(RuntimeError):
@@ -96,9 +120,11 @@ def read_layer(path: Path) -> dict[str, torch.Tensor]:
     return safe_load(path, map_location="cpu")
 
 
-def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int) -> torch.dtype | None:
+def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: int,
+                use: str = "--tag {tag}") -> torch.dtype | None:
     """Load `layers` (global index -> module; modules without state are skipped) from a tag's files;
-    -> the checkpoint's dtype. Strict: every key and shape must match."""
+    -> the checkpoint's dtype. Strict: every key and shape must match, and every weight be finite
+    (else the line offers the previous complete tag, passed as `use` says)."""
     files = layer_files(tag_dir)
     extra = sorted(set(files) - set(range(expected_layers)))
     if extra:
@@ -111,6 +137,11 @@ def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: in
         if i not in files:
             raise FileNotFoundError(f"{tag_dir}: no file for layer {i} ({type(layer).__name__})")
         sd = read_layer(files[i])
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteWeights(f"{files[i]} holds non-finite weights ({', '.join(bad[:3])}"
+                                   f"{'...' if len(bad) > 3 else ''}); "
+                                   f"{previous_offer(tag_dir.parent, tag_dir.name, use)}")
         try:
             layer.load_state_dict(sd)
         except RuntimeError as e:
@@ -120,7 +151,7 @@ def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: in
     return dtype
 
 
-def init_pipeline_from_checkpoint(module, tag_dir: Path) -> None:
+def init_pipeline_from_checkpoint(module, tag_dir: Path, use: str = "--tag {tag}") -> None:
     """train.init_from: this stage's layers (and its copies of tied layers) from a checkpoint of any
     layout. Called before `deepspeed.initialize`, so optimizer master weights start from them."""
     specs = module._layer_specs
@@ -128,4 +159,4 @@ def init_pipeline_from_checkpoint(module, tag_dir: Path) -> None:
     for key, tied in module.tied_modules.items():
         owner = next(i for i, s in enumerate(specs) if isinstance(s, TiedLayerSpec) and s.key == key)
         local.setdefault(owner, tied)
-    load_layers(local, tag_dir, len(specs))
+    load_layers(local, tag_dir, len(specs), use)

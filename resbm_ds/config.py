@@ -206,6 +206,13 @@ class TrainConfig:
     log_every: int = 1
     out_dir: str = "runs/default"
     keep_last: int = 0             # checkpoints to keep (the newest N); 0 keeps all
+    # A step whose loss or gradient norm is not finite is never applied (no rank steps its optimizer)
+    # and never saved: `skip` goes on, up to max_skipped_steps such steps in a row, then stops; `stop`
+    # stops at the first. A loss >= ln(vocab_size) with a zero gradient norm for divergence_steps
+    # steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too.
+    nonfinite: str = "skip"
+    max_skipped_steps: int = 3
+    divergence_steps: int = 3
     # Weights only, from another run: RUN_DIR (its latest checkpoint) or RUN_DIR/checkpoints/TAG,
     # into any stage / data-parallel layout of the same model; the optimizer and step start fresh.
     init_from: str | None = None
@@ -535,13 +542,14 @@ class Config:
         t = self.train
         if not all(0 <= b < 1 for b in t.betas):
             raise ConfigError("train.betas", list(t.betas), "both must be in [0, 1)")
-        for key in ("eval_every", "save_every", "log_every"):
+        for key in ("eval_every", "save_every", "log_every", "max_skipped_steps", "divergence_steps"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
         if t.eval_batches < 0:
             raise ConfigError("train.eval_batches", t.eval_batches, "must be >= 0 (0: the whole validation split)")
         if t.keep_last < 0:
             raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
+        _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         if t.warmup_steps < 0:
@@ -733,7 +741,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
             raise ConfigError("--config", path, f"no such file; presets: {presets}")
-        raw = _read_yaml(p, "--config", str(p)) or {}
+        raw = read_yaml(p, "--config", str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError("--config", str(p), f"must hold a mapping of sections (model:, train:, ...), "
                                                   f"not a {type(raw).__name__}")
@@ -741,14 +749,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or not key or "" in key.split("."):
             raise ConfigError("override", item, "must look like section.key=value")
-        _set_nested(raw, key.split("."), _read_yaml(value, key, value), key)
+        _set_nested(raw, key.split("."), read_yaml(value, key, value), key)
     cfg = _build(Config, raw, "")
     if isinstance(cfg.deepspeed, str):   # freeze the DeepSpeed JSON into the config object
         cfg.deepspeed = load_ds_json(cfg.deepspeed)
     return cfg
 
 
-def _read_yaml(source, key: str, shown: str):
+def read_yaml(source, key: str, shown: str):
     """YAML from a file (Path) or an override's value (str); a syntax error names key and position."""
     try:
         return yaml.safe_load(source.read_text(encoding="utf-8") if isinstance(source, Path) else source)

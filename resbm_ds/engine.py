@@ -14,7 +14,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
-from .config import Config, ConfigError
+from .config import Config, ConfigError, UserError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model import local_ids
@@ -101,6 +101,10 @@ def check_deepspeed_schema(cfg: Config) -> None:
         raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 
 
+class PortInUse(UserError):
+    """The rendezvous port is taken: rank 0 cannot host the process group's store."""
+
+
 def init_distributed(timeout_s: int | None = None):
     """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher.
 
@@ -120,6 +124,10 @@ def init_distributed(timeout_s: int | None = None):
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError, ImportError) as e:
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise PortInUse(f"the rendezvous port MASTER_PORT={os.environ['MASTER_PORT']} on "
+                            f"{os.environ['MASTER_ADDR']} is in use (another run or program holds it): pass a free "
+                            "one (deepspeed/torchrun --master_port, or MASTER_PORT)") from None
         if "extension" not in str(e).lower() and "ninja" not in str(e).lower():
             raise
         raise RuntimeError(   # DeepSpeed JIT-builds its CPU comm op on first start
@@ -178,6 +186,77 @@ def keep_fp32_clip_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_keep
 
 
+def comm_device() -> torch.device:
+    """Where a tensor for a collective lives: the rank's GPU under nccl, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_ranks_agree(bad: bool) -> bool:
+    """True on every rank when `bad` is true on any (one float all-reduce over the whole world)."""
+    if dist.get_world_size() == 1:
+        return bad
+    flag = torch.tensor([float(bad)], dtype=torch.float64, device=comm_device())
+    deepspeed.comm.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def finite_weights(module) -> bool:
+    """Whether every rank's parameters are finite (each rank checks its own stage)."""
+    return not all_ranks_agree(not all(torch.isfinite(p).all() for p in module.parameters()))
+
+
+class StepGuard:
+    """Every step's gradients are checked on every rank before the optimizer steps. When any rank's
+    are not finite, no rank applies the step: the weights and the optimizer state stay as they were,
+    and DeepSpeed counts the step as skipped (`engine.skipped_steps`) and leaves the lr schedule
+    where it was, as it does for an fp16 overflow. Each stage must agree (a stage that stepped alone
+    would leave the pipeline's halves from different models), hence one float64 all-reduce over the
+    whole world of the gradients' sum of squares, in which NaN and inf propagate.
+
+    After each step: `skipped` and `norm`, the global pre-clip gradient norm (a tied embedding's
+    gradient, held by two stages, counts twice)."""
+
+    def __init__(self, engine):
+        self.engine, self.skipped, self.norm = engine, False, None
+        self.zero = bool(engine.zero_optimization())
+        self._step = engine.optimizer.step
+        engine.optimizer.step = self._checked_step
+
+    def _grads(self) -> list:
+        if self.zero:   # ZeRO-1: this rank's partition of the reduced gradients (disjoint across ranks)
+            parts = [v for v in self.engine.optimizer.averaged_gradients.values() if v is not None]
+            return [g for v in parts for g in (v if isinstance(v, (list, tuple)) else [v])]
+        return [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+
+    def _checked_step(self, *args, **kwargs):
+        sq = torch.zeros(1, dtype=torch.float64, device=comm_device())
+        for g in self._grads():
+            sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float64).square().to(sq.device)
+        if dist.get_world_size() > 1:
+            deepspeed.comm.all_reduce(sq)
+            if not self.zero:   # ZeRO-0: data-parallel replicas hold the same reduced gradients
+                sq /= self.engine.dp_world_size
+        self.norm = float(sq.sqrt())
+        self.skipped = not torch.isfinite(sq).item()
+        opt = self.engine.optimizer
+        if not self.skipped:
+            if not self.zero:
+                opt.overflow = False
+            return self._step(*args, **kwargs)
+        if not self.zero:
+            opt.overflow = True      # read by the engine's _take_model_step: a skipped step
+            return None
+        # ZeRO-1 clears its gradient partitions on an overflow: take that path, found overflowed
+        checking = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        opt.check_overflow = lambda *a, **k: setattr(opt, "overflow", True)
+        try:
+            return self._step(*args, **kwargs)
+        finally:
+            del opt.check_overflow
+            opt.check_grad_overflow = checking
+
+
 def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
     """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
@@ -194,7 +273,8 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     module = ResBMPipeline(cfg, topology)
     init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
     if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
-        init_pipeline_from_checkpoint(module, checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE))
+        tag_dir = checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
+        init_pipeline_from_checkpoint(module, tag_dir, use=INIT_FROM_USE)
     # codec first, so the meter counts and the link times the encoded bytes (wire/chain.py)
     meter, link = WireMeter(), LinkEmulator(cfg.wire)
     chain.install([WireCodec(cfg.wire), meter, link])

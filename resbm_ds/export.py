@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from .checkpoints import checkpoint_dir, load_layers
-from .config import Config, cli, load_config
+from .checkpoints import checkpoint_dir, load_layers, out_of_space
+from .config import Config, UserError, cli, load_config
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM
@@ -60,17 +61,38 @@ def consolidate(path, tag: str | None = None, cfg: Config | None = None) -> ResB
 
 def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
     """Write model.safetensors + config.yaml (+ the tokenizer directory `tokenizer_from`, with its
-    transformers form beside it)."""
+    transformers form beside it). All of it goes into a temporary directory beside `out_dir`, renamed
+    into place when complete (replacing an earlier export there): a failed export leaves no partial
+    directory and an earlier one intact."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not is_exported(out) and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an export (it would be replaced); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / MODEL_FILE), metadata={"format": "pt", "class": "ResBMForCausalLM"})
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
-    if tokenizer_from is not None and Path(tokenizer_from).is_dir():
-        shutil.copytree(tokenizer_from, out / TOKENIZER_DIR, dirs_exist_ok=True)
-        save_transformers_tokenizer(load_saved_tokenizer(out / TOKENIZER_DIR), out / TOKENIZER_DIR)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt", "class": "ResBMForCausalLM"})
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
+        if tokenizer_from is not None and Path(tokenizer_from).is_dir():
+            shutil.copytree(tokenizer_from, tmp / TOKENIZER_DIR)
+            save_transformers_tokenizer(load_saved_tokenizer(tmp / TOKENIZER_DIR), tmp / TOKENIZER_DIR)
+        old = out.with_name(f"{tmp.name}.old") if out.exists() else None
+        if old:
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = out_of_space(out.parent, e) if isinstance(e, Exception) else None   # safetensors: its own error
+        if full:
+            raise UserError(f"exporting to {out} failed ({full}; the model alone takes "
+                            f"{sum(t.numel() * t.element_size() for t in sd.values()):,} bytes); nothing was "
+                            "left behind") from None
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

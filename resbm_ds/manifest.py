@@ -20,8 +20,14 @@ import re
 import sys
 from pathlib import Path
 
+from .config import UserError
+
 MANIFEST = "manifest.json"
 TAG_STEP = re.compile(r"(\d+)$")
+
+
+class TagError(UserError):
+    """A tag that names no checkpoint of the run."""
 
 
 class IncompleteCheckpoint(FileNotFoundError):
@@ -57,6 +63,18 @@ def sibling_tags(ckpt_dir: Path) -> list[str]:
         return []
     found = [(int(m.group(1)), d.name) for d in Path(ckpt_dir).iterdir() if d.is_dir() and (m := TAG_STEP.search(d.name))]
     return [name for _, name in sorted(found)]
+
+
+def tag_dir(ckpt_dir: Path, tag: str, given: str = "--tag") -> Path:
+    """The one rule for a checkpoint tag in every command (--resume-from, export/spectrum --tag, a
+    `latest` file): the name of a directory directly in the run's checkpoints directory. A path
+    (`../../other_run/checkpoints/step3`, an absolute one, a link out) would read another run's
+    weights under this run's config, and is refused."""
+    d = Path(ckpt_dir) / tag
+    if Path(tag).name != tag or tag in ("", ".", "..") or d.resolve().parent != Path(ckpt_dir).resolve():
+        raise TagError(f"{given} {tag!r}: a checkpoint tag is the name of a directory in {ckpt_dir}, "
+                       f"not a path (tags: {sibling_tags(ckpt_dir) or 'none'})")
+    return d
 
 
 def problem(tag_dir: Path) -> str | None:
@@ -95,6 +113,18 @@ def newest_complete(ckpt_dir: Path, before: str | None = None) -> str | None:
                  if (Path(ckpt_dir) / t / MANIFEST).is_file() and problem(Path(ckpt_dir) / t) is None), None)
 
 
+def previous_offer(ckpt_dir: Path, tag: str, use: str = "--resume-from {tag}") -> str:
+    """What to use instead of a bad `tag`: the newest earlier complete one (in a run from before
+    manifests, the newest earlier tag)."""
+    prev = newest_complete(ckpt_dir, before=tag)
+    have = sibling_tags(ckpt_dir)
+    if prev is None and not any((Path(ckpt_dir) / t / MANIFEST).is_file() for t in have):
+        older = have[:have.index(tag)] if tag in have else []
+        prev = older[-1] if older else None
+    return (f"continue from the previous complete checkpoint with {use.format(tag=prev)}" if prev else
+            f"no earlier checkpoint in {ckpt_dir} verifies")
+
+
 _verified: set[tuple[str, float]] = set()
 
 
@@ -108,10 +138,8 @@ def verify(tag_dir: Path, use: str = "--resume-from {tag}") -> None:
         return
     wrong = problem(tag_dir)
     if wrong is not None:
-        prev = newest_complete(tag_dir.parent, before=tag_dir.name)
-        offer = (f"continue from the previous complete checkpoint with {use.format(tag=prev)}" if prev else
-                 f"no earlier checkpoint in {tag_dir.parent} verifies")
-        raise IncompleteCheckpoint(f"checkpoint {tag_dir.name} is incomplete or modified: {wrong}; {offer}")
+        raise IncompleteCheckpoint(f"checkpoint {tag_dir.name} is incomplete or modified: {wrong}; "
+                                   f"{previous_offer(tag_dir.parent, tag_dir.name, use)}")
     if not (tag_dir / MANIFEST).is_file():
         print(f"[resbm] warning: {tag_dir} has no {MANIFEST} (saved before manifests existed): its files "
               "cannot be checked for truncation or modification", file=sys.stderr, flush=True)

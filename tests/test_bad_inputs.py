@@ -135,6 +135,15 @@ TRAIN_ROWS = [
                                                          "data.tokenizer=sentencepiece",
                                                          f"data.tokenizer_path={d / 'good.model'}"),
      ["data.train_path", "short.txt", "sequences"]),
+    ("val_path-without-train_path", lambda d: [a for a in train_argv(d, f"data.val_path={d / 'short.txt'}",
+                                                                     "model.vocab_size=4096")
+                                               if not a.startswith("data.train_path=")],
+     ["data.val_path", "short.txt", "sequences"]),   # validated with the default corpus training
+    # an unreachable tracking server: one line within seconds (before: silence for minutes at step 1)
+    *[(f"mlflow_uri-{kind}", lambda d, uri=uri: train_argv(d, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"),
+       ["tracking.mlflow_uri", f"cannot reach {host} within 10 s"])
+      for kind, uri, host in (("refused", "http://127.0.0.1:9/", "127.0.0.1:9"),
+                              ("no-route", "http://192.0.2.1:5000", "192.0.2.1:5000"))],
     ("out_dir-under-a-file", lambda d: train_argv(d, out=d / "a_file" / "run"), ["train.out_dir", "a_file"]),
     ("out_dir-unwritable", lambda d: train_argv(d, out="/proc/resbm-run"), ["train.out_dir", "/proc"]),
     *[(f"init_from_hf-{kind}", lambda d, kind=kind: train_argv(d, f"model.init_from_hf={d / f'hf_{kind}'}"),
@@ -190,6 +199,25 @@ def test_good_input_passes_the_same_checks(files, spm_model, capsys):
     """The control: the base arguments pass (so each row fails for its own reason)."""
     assert call(train.main, train_argv(files)) == 0, capsys.readouterr().err[-3000:]
     assert "dry run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given", ["neither", "train_path", "val_path", "both"])
+def test_every_combination_of_train_and_val_path_is_honoured(files, spm_model, capsys, given):
+    """The plan line names the text each side reads: the default corpus for what is not given, and
+    the training text for validation when only data.train_path is."""
+    from resbm_ds.data.corpus import default_dir
+    paths = {"train_path": files / "good.txt", "val_path": files / "body.jsonl"}
+    chosen = {k: v for k, v in paths.items() if given in (k, "both")}
+    vocab = [] if "train_path" in chosen else ["model.vocab_size=4096"]   # the corpus' tokenizer
+    argv = [a for a in train_argv(files, *(f"data.{k}={v}" for k, v in chosen.items()), "data.text_field=body", *vocab)
+            if not a.startswith("data.train_path=") or "train_path" in chosen]
+    assert call(train.main, argv) == 0, capsys.readouterr().err[-3000:]
+    (plan,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[resbm] plan:")]
+    corpus = default_dir()
+    train_text = chosen.get("train_path", corpus / "train.txt")
+    val_text = chosen.get("val_path", "on the training text (no data.val_path)" if "train_path" in chosen
+                          else corpus / "val.txt")
+    assert f"; data {train_text}, validation {val_text}; out_dir" in plan, plan
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "garbage"])

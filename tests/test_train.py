@@ -98,11 +98,22 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path, extra, nprocs, mess
 
 
 def test_nan_loss_stops_every_rank_with_a_message(tmp_path):
-    proc = launch(["-m", *train_args(tmp_path / "nan", "train.lr=1e30", "train.warmup_steps=1",
-                                         "train.steps=20", "deepspeed.gradient_clipping=0.0")],
+    """Two stages: a non-finite step is skipped by both (they agree through one all-reduce), never
+    saved, and the run stops after train.max_skipped_steps of them with the last good checkpoint."""
+    import torch
+    out = tmp_path / "nan"
+    proc = launch(["-m", *train_args(out, "train.lr=1e30", "train.warmup_steps=1", "train.save_every=1",
+                                     "train.steps=20", "deepspeed.gradient_clipping=0.0")],
                   2, check=False, timeout=300)
     assert proc.returncode != 0
     assert "loss is nan" in proc.stderr.lower() or "loss is inf" in proc.stderr.lower(), proc.stderr[-3000:]
+    assert "more than train.max_skipped_steps=3" in proc.stderr and "the last good checkpoint is step" in proc.stderr
+    skipped = [r["step"] for r in rows(out) if r.get("skipped")]
+    assert len(skipped) == 4 and skipped == list(range(skipped[0], skipped[0] + 4)), skipped
+    saved = sorted(int(p.name[4:]) for p in (out / "checkpoints").glob("step*"))
+    assert saved and max(saved) < skipped[0], (saved, skipped)
+    for f in (out / "checkpoints").glob("step*/layer_*.pt"):
+        assert all(torch.isfinite(v).all() for v in torch.load(f, weights_only=True).values() if v.is_floating_point()), f
 
 
 def test_a_dead_rank_ends_the_run_quickly(tmp_path):

@@ -8,10 +8,10 @@ is installed) is dropped by `build_engine`.
 
 Traffic between stages outside p2p is counted too, as `other`: every `deepspeed.comm.all_reduce` /
 `broadcast` whose group holds ranks of more than one stage (the loss broadcast from the last stage,
-the global gradient-norm reduction for clipping, a tied embedding's gradient all-reduce, the
-trainer's own metric reduction). Each such collective is counted once, with its payload size, on
-the rank that reports it (chain.Collective: the lowest rank of an all-reduce's group, a broadcast's
-source); a 2-rank all-reduce of n bytes moves n bytes each way.
+the global gradient-norm reduction for clipping, the trainer's non-finite check (engine.StepGuard),
+a tied embedding's gradient all-reduce, the trainer's own metric reduction). Each such collective
+is counted once, with its payload size, on the rank that reports it (chain.Collective: the lowest
+rank of an all-reduce's group, a broadcast's source); a 2-rank all-reduce of n bytes moves n bytes each way.
 Not counted: barriers (no payload), collectives before the engine's stage layout exists (its own
 set-up: weight broadcast within data-parallel groups, the link emulator's host check), and
 checkpoint files (written to storage, not sent between stages).
