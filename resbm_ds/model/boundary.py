@@ -26,10 +26,10 @@ Switches (bottleneck.*), all on the same layer layout:
                            sending segment is read only through a norm, which is blind to the
                            stream's scale. With the token embedding at N(0, 0.02), AdamW moves every
                            embedding row the same way while the unigram is learned, and within ~10
-                           steps 90-97% of the stream entering the encoder is one direction shared by
+                           steps 78-91% of the stream entering the encoder is one direction shared by
                            every token: the code becomes a constant that carries the unigram, and
                            the gradient into the first segment falls ~1000x (measured in plain
-                           torch at lr 3e-3, h=2); lr 1e-3 does not prevent it (no-skip h=2, 100 steps).
+                           torch at lr 3e-3, h=2: results/diagnostics); lr 1e-3 does not prevent it (no-skip, 100 steps).
                            With model.embed_std=1 the shared direction stays at 1-3% of the stream
                            over the first 50 steps and the gradient reaches the first segment; the
                            convergence suite uses it for these boundaries. They then learn, slowly.
