@@ -23,7 +23,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from .config import UserError
+from .cli import UserError
 from .manifest import previous_offer, sibling_tags, tag_dir, verify
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")

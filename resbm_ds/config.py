@@ -8,11 +8,9 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,36 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .cli import UserError, is_, path_kind
+
 PRESET_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
-
-
-class UserError(ValueError):
-    """Bad input from the user (a config value, a data file, a run directory): the message alone says
-    what is wrong and what is allowed, so `cli` prints it as one line, without a traceback."""
-
-
-def cli(main):
-    """Wrap a CLI's `main(argv) -> int`: a UserError (or a missing file the user named) becomes one
-    line `error: ...` on stderr and exit status 2; anything else is a bug and keeps its traceback.
-
-    Under a launcher every rank checks the same input, so only the first rank of each node prints
-    (one line per node, where a node-local file may differ); the others exit 2 quietly and the
-    launcher ends the job."""
-    @functools.wraps(main)
-    def wrapped(argv=None) -> int:
-        try:
-            return main(argv)
-        except (UserError, FileNotFoundError) as e:
-            if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
-                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-            return 2
-    return wrapped
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 class ConfigError(UserError):
@@ -308,7 +281,7 @@ class SyncConfig:
     topk: int = 64                     # sparseloco: values kept per chunk (64 / 4096 = 1.6%)
     bits: int = 2                      # sparseloco: bits per kept value (2 | 4 | 8)
     error_decay: float = 0.95          # sparseloco: error feedback e <- error_decay * e + delta
-    timeout_s: int | None = None       # each outer collective; None: RESBM_DIST_TIMEOUT, else 300
+    timeout_s: int | None = None       # each outer collective; None: runtime.dist_timeout_s
 
     def outer(self) -> tuple[float, float]:
         """(outer lr, outer momentum), the method's defaults where empty."""
@@ -344,6 +317,49 @@ class SyncConfig:
             raise ConfigError("sync.timeout_s", self.timeout_s, "must be >= 1 (seconds), or empty")
 
 
+# The runtime keys an environment variable may set (Slurm templates and netem set them for every rank).
+RUNTIME_ENV = {"dist_timeout_s": "RESBM_DIST_TIMEOUT", "strict_layout": "RESBM_STRICT_LAYOUT",
+               "net_iface": "RESBM_NET_IFACE"}
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run meets its machines; nothing here changes what it trains, so --resume may change it.
+    Each key may also come from its environment variable (RUNTIME_ENV), which wins over the config
+    file; a command-line override wins over both. The resolved values are written to config.yaml."""
+    dist_timeout_s: int = 300      # how long a rank waits for its peers: rendezvous, each collective, each step
+    strict_layout: bool = False    # Slurm: a node holding several stages, or a stage spanning nodes, is an error
+    net_iface: str = ""            # record this interface's kernel byte counters per step (netem.py)
+
+    def validate(self):
+        if self.dist_timeout_s < 1:
+            raise ConfigError(_runtime_key("dist_timeout_s"), self.dist_timeout_s, "must be >= 1 (seconds)")
+        if self.net_iface and not (Path("/sys/class/net") / self.net_iface).is_dir():
+            have = sorted(p.name for p in Path("/sys/class/net").iterdir()) if Path("/sys/class/net").is_dir() else []
+            raise ConfigError(_runtime_key("net_iface"), self.net_iface, f"no such network interface here (have: {have})")
+
+
+def _runtime_key(name: str) -> str:
+    env = RUNTIME_ENV[name]
+    return f"runtime.{name} ({env})" if env in os.environ else f"runtime.{name}"
+
+
+def _runtime_from_env(raw: dict):
+    """Put the runtime keys set in the environment into `raw`, parsed as their override would be."""
+    for name, env in RUNTIME_ENV.items():
+        text = os.environ.get(env)
+        if text is None or text.strip() == "":
+            continue
+        value = read_yaml(text.strip(), env, text) if name != "net_iface" else text.strip()
+        if name == "strict_layout" and value in (0, 1):
+            value = bool(value)
+        value = _coerce(value, typing.get_type_hints(RuntimeConfig)[name], f"{env} (runtime.{name})")
+        section = raw.setdefault("runtime", {})
+        if not isinstance(section, dict):
+            raise ConfigError("runtime", section, "must be a mapping")
+        section[name] = value
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -354,6 +370,7 @@ class Config:
     wire: WireConfig = field(default_factory=WireConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     seed: int = 1234
     # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
     # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
@@ -502,6 +519,7 @@ class Config:
                               f"at most model.max_seq_len ({m.max_seq_len})")
         self.wire.validate()
         self.sync.validate()
+        self.runtime.validate()
         self._validate_model_numbers()
         self._validate_data()
         self._validate_train()
@@ -740,11 +758,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             p = PRESET_DIR / f"{path}.yaml"
         if not p.is_file():
             presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError("--config", path, f"no such file; presets: {presets}")
+            raise ConfigError("--config", path, f"{is_(path_kind(p))}, not a file or a preset; presets: {presets}")
         raw = read_yaml(p, "--config", str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError("--config", str(p), f"must hold a mapping of sections (model:, train:, ...), "
                                                   f"not a {type(raw).__name__}")
+    _runtime_from_env(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or "" in key.split("."):

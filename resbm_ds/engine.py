@@ -14,7 +14,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
-from .config import Config, ConfigError, UserError
+from .cli import UserError
+from .config import Config, ConfigError
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model import local_ids
@@ -37,7 +38,10 @@ def map_slurm_env():
 
 def world_size_from_env() -> int:
     map_slurm_env()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"WORLD_SIZE={text!r} (set by the launcher, or SLURM_NTASKS): must be a whole number >= 1")
+    return int(text)
 
 
 INIT_FROM_USE = "train.init_from=<checkpoints>/{tag}"
@@ -105,13 +109,12 @@ class PortInUse(UserError):
     """The rendezvous port is taken: rank 0 cannot host the process group's store."""
 
 
-def init_distributed(timeout_s: int | None = None):
+def init_distributed(timeout_s: int):
     """Join the process group (gloo on CPU, nccl on GPUs). A single process needs no launcher.
 
-    `timeout_s` (default: env RESBM_DIST_TIMEOUT, else 300) bounds the rendezvous and every
+    `timeout_s` (runtime.dist_timeout_s) bounds the rendezvous and every
     collective, so a rank that never arrives ends the job instead of hanging it.
     """
-    timeout_s = timeout_s or int(os.environ.get("RESBM_DIST_TIMEOUT", "300"))
     map_slurm_env()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -266,7 +269,7 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     world = world_size_from_env()
     if getattr(cfg, "_checked_world_size", None) != world:
         raise ValueError(f"build_engine needs a config from validate_before_launch(cfg, {world})")
-    init_distributed()
+    init_distributed(cfg.runtime.dist_timeout_s)
     S = cfg.pipeline.stages
     dp = world // S
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)

@@ -20,7 +20,6 @@ registers it; hf/modeling.py). RUN_DIR may also be an exported directory, to re-
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from .checkpoints import checkpoint_dir, load_layers, out_of_space
-from .config import Config, UserError, cli, load_config
+from .cli import ArgumentParser, UserError, cli, existing_file, output_dir
+from .config import Config, load_config
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM
@@ -123,13 +123,13 @@ def tokenizer_dir(path) -> Path | None:
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m resbm_ds.export",
+    ap = ArgumentParser(prog="python -m resbm_ds.export",
                                  description="consolidate a pipeline checkpoint into one model file")
     ap.add_argument("run_dir", help="run directory, checkpoints directory, tag directory or an export")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
-    ap.add_argument("--config", default=None, help="run config (default: config.yaml of the run)")
-    ap.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/<tag>)")
-    ap.add_argument("--hf", default=None, help="also write a transformers save_pretrained directory here")
+    ap.add_argument("--config", type=existing_file, default=None, help="run config (default: config.yaml of the run)")
+    ap.add_argument("--out", type=output_dir, default=None, help="output directory (default: RUN_DIR/export/<tag>)")
+    ap.add_argument("--hf", type=output_dir, default=None, help="also write a transformers save_pretrained directory here")
     ap.add_argument("--family", default=None, choices=["llama", "qwen2", "mistral"],
                     help="transformers family for --hf (default: the one the run started from, else llama)")
     return export(ap.parse_args(argv))

@@ -16,7 +16,6 @@ covers, so the number is comparable with the run's validation loss.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .config import DTYPES, Config, ConfigError, cli
+from .cli import ArgumentParser, cli, existing_file, float_in, int_at_least
+from .config import DTYPES, Config, ConfigError
 from .data.batches import TextSource, validation_batches
 from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir
@@ -132,7 +132,7 @@ def default_text(cfg: Config | None) -> TextSource:
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m resbm_ds.generate", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m resbm_ds.generate", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("evaluate", "sample"):
         p = sub.add_parser(name)
@@ -141,16 +141,16 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                        help="compute dtype (default: the dtype the model was trained in)")
     ev = sub.choices["evaluate"]
-    ev.add_argument("--text", default=None, help="text file (default: the run's validation text)")
-    ev.add_argument("--max-chunks", type=int, default=None, help="evaluate the first N chunks only")
-    ev.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
-    ev.add_argument("--micro-batch", type=int, default=4)
+    ev.add_argument("--text", type=existing_file, default=None, help="text file (default: the run's validation text)")
+    ev.add_argument("--max-chunks", type=int_at_least(1), default=None, help="evaluate the first N chunks only")
+    ev.add_argument("--seq-len", type=int_at_least(1), default=None, help="default: the run's data.seq_len")
+    ev.add_argument("--micro-batch", type=int_at_least(1), default=4)
     sa = sub.choices["sample"]
     sa.add_argument("--prompt", default="")
-    sa.add_argument("--max-new-tokens", type=int, default=64)
-    sa.add_argument("--temperature", type=float, default=0.8)
-    sa.add_argument("--top-k", type=int, default=50)
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    sa.add_argument("--temperature", type=float_in(0, 100), default=0.8, help="0: greedy")
+    sa.add_argument("--top-k", type=int_at_least(0), default=50, help="0: no top-k cut")
+    sa.add_argument("--seed", type=int_at_least(0), default=0)
     return run(ap.parse_args(argv))
 
 

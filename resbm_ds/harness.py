@@ -16,7 +16,6 @@ reports `acc` (the word is the greedy continuation) and `perplexity` of the word
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, cli
+from .cli import ArgumentParser, cli, existing_file, int_at_least, output_dir
+from .config import Config, ConfigError
 from .data.batches import TextSource, iter_documents
 from .export import run_config
 from .generate import default_text, is_transformers_dir
@@ -95,13 +95,13 @@ def trained_config(path) -> Config | None:
 
 
 def make_task_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m resbm_ds.harness make-task",
+    ap = ArgumentParser(prog="python -m resbm_ds.harness make-task",
                                  description="write a local lm-eval task from a run's validation text")
     ap.add_argument("model", nargs="?", help="run, export or transformers directory (its validation text)")
-    ap.add_argument("--text", default=None, help="a text file instead of the run's validation text")
-    ap.add_argument("--out", required=True, help="directory for the task (pass it to --include_path)")
-    ap.add_argument("--examples", type=int, default=500)
-    ap.add_argument("--context-words", type=int, default=48)
+    ap.add_argument("--text", type=existing_file, default=None, help="a text file instead of the run's validation text")
+    ap.add_argument("--out", type=output_dir, required=True, help="directory for the task (pass it to --include_path)")
+    ap.add_argument("--examples", type=int_at_least(1), default=500)
+    ap.add_argument("--context-words", type=int_at_least(1), default=48)
     args = ap.parse_args(argv)
     if args.text:
         source = TextSource.local(args.text)

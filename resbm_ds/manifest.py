@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import UserError
+from .cli import UserError
 
 MANIFEST = "manifest.json"
 TAG_STEP = re.compile(r"(\d+)$")

@@ -16,7 +16,6 @@ from pathlib import Path
 from .config import REPO_ROOT, Config, ConfigError
 
 METRICS_FILE = "metrics.jsonl"
-NET_IFACE_ENV = "RESBM_NET_IFACE"   # an interface whose kernel counters the trainer records (netem.py)
 TRACKER_IDS = "trackers.json"      # the W&B / MLflow run ids, so a resumed run continues the same run
 
 
@@ -227,14 +226,6 @@ class NetCounters:
 
     def __init__(self, iface: str):
         self.iface, self.dir = iface, Path("/sys/class/net") / iface / "statistics"
-        if not self.dir.is_dir():
-            raise ValueError(f"{NET_IFACE_ENV}={iface}: no such network interface here "
-                             f"(have: {', '.join(sorted(p.name for p in self.dir.parent.parent.iterdir()))})")
-
-    @classmethod
-    def from_env(cls) -> "NetCounters | None":
-        iface = os.environ.get(NET_IFACE_ENV, "").strip()
-        return cls(iface) if iface else None
 
     def read(self) -> dict[str, int]:
         return {f: int((self.dir / f).read_text()) for f in self.FIELDS}

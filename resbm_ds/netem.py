@@ -22,7 +22,6 @@ interpreter exit and on SIGTERM/SIGINT (unless `keep=True`, which the `up` comma
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import re
@@ -322,10 +321,11 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
 # ---- CLI ------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resbm_ds.netem", description=__doc__.split("\n")[0])
+    from .cli import ArgumentParser, int_at_least   # here: the module itself loads standalone (tests)
+    p = ArgumentParser(prog="python -m resbm_ds.netem", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     up_p = sub.add_parser("up", help="create the namespaces and shaped links, and leave them up")
-    up_p.add_argument("--nodes", type=int, default=2)
+    up_p.add_argument("--nodes", type=int_at_least(2), default=2)
     up_p.add_argument("--rate", default="80mbit", help="every link's rate (tc units: 80mbit, 1.1mbit, 10gbit)")
     up_p.add_argument("--rates", help="one rate per link, comma-separated (2 nodes: 1 link; N > 2: N links)")
     for s in (up_p, sub.add_parser("down", help="delete every namespace of the cluster id")):

@@ -25,7 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ConfigError, SyncConfig, UserError, read_yaml
+from .cli import UserError
+from .config import Config, ConfigError, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
 from .manifest import tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
@@ -40,7 +41,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_e
              "train.keep_last", "train.init_from", "train.nonfinite", "train.max_skipped_steps",
              "train.divergence_steps", "train.out_dir", "tracking.", "wire.link_",
              "sync.master_addr", "sync.master_port", "sync.timeout_s",
-             "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown")
+             "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown", "runtime.")
 # What must match for train.init_from (weights only): the network's shapes.
 WEIGHT_SHAPES = ("model.", "bottleneck.")
 

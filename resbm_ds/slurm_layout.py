@@ -12,7 +12,7 @@ built; it prints
 
 and warns when several nodes are used and a node holds more than one stage, or a stage spans
 several nodes (its full-size gradient all-reduce then crosses nodes). With
-RESBM_STRICT_LAYOUT=1 that is an error on every rank instead. The node is Slurm's node name
+runtime.strict_layout (env RESBM_STRICT_LAYOUT=1) that is an error on every rank instead. The node is Slurm's node name
 (SLURMD_NODENAME, also inside torchrun/deepspeed launched by srun), else the host name.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def layout_problems(placement) -> tuple[str, list[str]]:
     return summary, problems
 
 
-def report_layout(rt) -> None:
+def report_layout(rt, strict: bool) -> None:
     """Every rank: print its placement; rank 0: the per-node summary. `rt`: engine.Runtime."""
     rank = dist.get_rank()
     node = node_name()
@@ -83,7 +83,7 @@ def report_layout(rt) -> None:
             verdict = "single node"
         sys.stdout.write(f"[resbm] layout: {summary} -> {verdict}\n")
         sys.stdout.flush()
-    if problems and os.environ.get("RESBM_STRICT_LAYOUT", "0") not in ("", "0"):
+    if problems and strict:
         raise ConfigError("pipeline.stages", rt.num_stages,
-                          "RESBM_STRICT_LAYOUT=1: " + "; ".join(problems) +
+                          "runtime.strict_layout (RESBM_STRICT_LAYOUT=1): " + "; ".join(problems) +
                           " (use --ntasks-per-node = data-parallel size and --nodes = pipeline.stages)")

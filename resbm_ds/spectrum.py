@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import checkpoint_dir, layer_files, read_layer
-from .config import cli
+from .cli import ArgumentParser, cli, existing_dir, output_dir
 
 # A checkpoint file has no module types, only state-dict keys, so here (unlike the optimizer
 # routing) the kind of a matrix comes from its key; bottleneck projections are told apart by shape.
@@ -110,12 +110,12 @@ def plot(runs: list[dict], path: Path):
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m resbm_ds.spectrum", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m resbm_ds.spectrum", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint (or tag) directories")
+    p.add_argument("checkpoints", nargs="+", type=existing_dir, help="checkpoint (or tag) directories")
     p.add_argument("--labels", nargs="+", help="one label per checkpoint (default: each run's name)")
     p.add_argument("--tag", help="checkpoint tag (default: each directory's `latest`)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=output_dir, required=True, help="output directory")
     args = p.parse_args(argv)
     labels = args.labels or [run_label(c) for c in args.checkpoints]
     if len(labels) != len(args.checkpoints):

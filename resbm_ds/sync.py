@@ -25,7 +25,6 @@ its ranks (train.py's `wire_bytes_sites`).
 from __future__ import annotations
 
 import math
-import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -126,7 +125,7 @@ class SiteSync:
         self.start_step: int | None = None          # set by the handshake at the first step
         self.sent = 0                                # bytes to other sites since the last take_bytes()
         self.syncs = 0
-        self.timeout = timedelta(seconds=s.timeout_s or int(os.environ.get("RESBM_DIST_TIMEOUT", "300")))
+        self.timeout = timedelta(seconds=s.timeout_s or cfg.runtime.dist_timeout_s)
         self.group = self._join() if self.sites > 1 else None
 
     # ---- the process group between sites ----------------------------------------------------

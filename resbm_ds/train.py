@@ -19,7 +19,7 @@ SIGTERM, SIGUSR1 (Slurm's `--signal` before the time limit) and SIGINT stop the 
 current step on every rank: it saves a checkpoint, says so in one line, and exits with 128 + the
 signal number; `--resume` continues at the next step. A launcher that ends (the `deepspeed` runner
 on SIGTERM or SIGINT, which forwards neither) stops the ranks the same way, with exit 143; a
-training step in which nothing crosses between stages for RESBM_DIST_TIMEOUT seconds ends the rank
+training step in which nothing crosses between stages for runtime.dist_timeout_s seconds ends the rank
 with one line (watch.py).
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
-from .config import Config, ConfigError, DataError, TrainConfig, UserError, cli, load_config
+from .cli import ArgumentParser, UserError, cli
+from .config import Config, ConfigError, DataError, TrainConfig, load_config
 from .data.batches import (EvalPart, PackedBatches, TextSource, check_local_file, eval_parts, tokenize_to_array,
                            validation_batches)
 from .data.corpus import default_dir, ensure_corpus, val_sources
@@ -314,7 +315,7 @@ def peak_memory_mb() -> float:
 # ---- main ------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m resbm_ds.train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m resbm_ds.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML/JSON file or preset name (resbm_ds/configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--resume-from", metavar="TAG", help="continue from OUT/checkpoints/TAG (e.g. step200)")
@@ -331,7 +332,6 @@ def parse_args(argv=None):
 def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
-    NetCounters.from_env()   # a RESBM_NET_IFACE that names no interface fails here, before any process group
     check_trackers_reachable(cfg)
     if args.print_config:
         return cfg, None, None, None, None
@@ -418,14 +418,16 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
     stop = StopSignals()
     stop.launcher = watch
     health = Health(t, cfg.model.vocab_size, StepGuard(rt.engine), plan.resume_tag)
-    report_layout(rt)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
+    report_layout(rt, cfg.runtime.strict_layout)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
     rank0 = dist.get_rank() == 0
     S, dp = rt.num_stages, rt.dp_size
     peers = Peers()
     rt.meter.take()    # the peer table's gather is not part of step 1's figures
     # with stages, p2p moves data every micro-batch; a single stage's step may compute for longer than
     # the timeout without a message, and its collectives have the timeout themselves
-    progress = ProgressWatch(peers, activity=lambda: rt.meter.transfers, enabled=S > 1)
+    # a little past the collectives' own timeout, so a collective that times out reports first
+    # (`peer_failure`); the watch catches what has no timeout of its own
+    progress = ProgressWatch(peers, cfg.runtime.dist_timeout_s + 5, activity=lambda: rt.meter.transfers, enabled=S > 1)
     if rank0 and plan.overwrite:
         clear_run(out)
     dist.barrier()
@@ -466,7 +468,8 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
         loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health)
         ok = True
     except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
-        line = None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else peer_failure(e, peers)
+        line = (None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else
+                peer_failure(e, peers, cfg.runtime.dist_timeout_s))
         if line is None:
             raise
         raise TrainingError(line) from None
@@ -480,14 +483,14 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
 
 
 def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health) -> float:
-    """The loop. Each training step runs under `progress`'s RESBM_DIST_TIMEOUT deadline; evaluations
+    """The loop. Each training step runs under `progress`'s runtime.dist_timeout_s deadline; evaluations
     and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
     the same timeout on each of their collectives."""
     t, dp = cfg.train, rt.dp_size
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
     boundaries = (rt.num_stages - 1) * dp
     flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
-    net = NetCounters.from_env()   # a real link's kernel counters (netem.py), if the launcher named one
+    net = NetCounters(cfg.runtime.net_iface) if cfg.runtime.net_iface else None   # a real link's counters (netem.py)
     eval_at = evaluation_parts(cfg, val_src, tok, dp)
     boundary_stats = BoundaryStats(rt.engine.module)
     if cfg.train.init_from and start == 0:
@@ -629,7 +632,7 @@ def run_main(args) -> int:
         # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
         cfg = load_config(args.config, args.overrides).validate()
         print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg)), flush=True)
-    cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (config.cli)
+    cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (cli.cli)
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if args.dry_run:

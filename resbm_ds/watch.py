@@ -6,7 +6,7 @@
                    forwards no signal to its children, so without this a SIGTERM or SIGINT sent to
                    it leaves every rank running, orphaned, to the last step.
     ProgressWatch  a deadline inside each training step: a step in which nothing crosses between
-                   stages for RESBM_DIST_TIMEOUT (a peer stopped, hung or unreachable) ends this rank
+                   stages for runtime.dist_timeout_s (a peer stopped, hung or unreachable) ends this rank
                    with one line naming the peer when it can, instead of a hang or a traceback. Each
                    message moves the deadline on, so a long step that keeps moving data never trips it.
     Peers          every rank's host and pid, gathered once at start, so that a rank that lost a
@@ -102,21 +102,14 @@ class Peers:
         return ", ".join(found) or None
 
 
-def dist_timeout_s() -> int:
-    """RESBM_DIST_TIMEOUT: how long a rank waits for its peers (rendezvous, each collective, each phase)."""
-    return int(os.environ.get("RESBM_DIST_TIMEOUT", "300"))
-
-
 class ProgressWatch:
     """`with watch.phase("step 7"):` -- if the block runs past the deadline, print one line
     and end this process (exit 1): its peers are gone or stopped, and a collective would only hang
     or fail later with a traceback. The launcher then ends the remaining ranks."""
 
-    def __init__(self, peers: Peers | None, timeout_s: int | None = None, activity=lambda: 0, enabled: bool = True):
-        # a little past the collectives' own timeout (the same RESBM_DIST_TIMEOUT), so a collective
-        # that times out reports first (`peer_failure`); this catches what has no timeout of its own.
+    def __init__(self, peers: Peers | None, timeout_s: int, activity=lambda: 0, enabled: bool = True):
         # `activity()`: a count that grows whenever data crosses (WireMeter.transfers).
-        self.peers, self.timeout_s, self.activity = peers, timeout_s or dist_timeout_s() + 5, activity
+        self.peers, self.timeout_s, self.activity = peers, timeout_s, activity
         self._what, self._deadline, self._seen = None, None, None
         self._lock = threading.Lock()
         self.enabled = enabled
@@ -151,13 +144,14 @@ class ProgressWatch:
             if late:
                 who = (self.peers.describe() if self.peers else None) or "a peer rank is stopped, hung or unreachable"
                 print(f"error (rank {os.environ.get('RANK', '0')}): no progress in {what} for {self.timeout_s} s "
-                      f"(RESBM_DIST_TIMEOUT={dist_timeout_s()}): {who}; ending this rank", file=sys.stderr, flush=True)
+                      f"(runtime.dist_timeout_s + 5; env RESBM_DIST_TIMEOUT): {who}; ending this rank",
+                      file=sys.stderr, flush=True)
                 os._exit(1)
 
 
-def peer_failure(e: BaseException, peers: Peers | None) -> str | None:
+def peer_failure(e: BaseException, peers: Peers | None, dist_timeout_s: int) -> str | None:
     """One line for a collective that failed because a peer went away or stopped answering (gloo /
-    NCCL errors, timeouts after RESBM_DIST_TIMEOUT), else None."""
+    NCCL errors, timeouts after runtime.dist_timeout_s), else None."""
     if not isinstance(e, (dist.DistError, RuntimeError)):
         return None
     text = str(e)
@@ -168,6 +162,7 @@ def peer_failure(e: BaseException, peers: Peers | None) -> str | None:
     who = (peers.describe() if peers else None) or "a peer rank died, hung or is unreachable"
     first = (text.strip().splitlines() or [""])[0]
     first = first.split("] ", 1)[-1][:160]          # without gloo's source-file prefix
-    what = (f"a collective got no answer for {dist_timeout_s()} s (RESBM_DIST_TIMEOUT)" if timed_out else
+    what = (f"a collective got no answer for {dist_timeout_s} s (runtime.dist_timeout_s; env RESBM_DIST_TIMEOUT)"
+            if timed_out else
             "a collective lost its peer")
     return f"{what}: {who} ({first})"

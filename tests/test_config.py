@@ -65,7 +65,7 @@ def test_unknown_keys_and_bad_types_and_missing_files(tmp_path):
         load_config(None, ["model.num_layers=four"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["justakey"])
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="no such DeepSpeed JSON"):
         load_config(None, [f"deepspeed={tmp_path / 'missing.json'}"])
@@ -91,3 +91,33 @@ def test_stage_cuts_fall_right_after_encoders():
             assert names[cut - 1] == "BottleneckEncoder" and names[cut] == "BottleneckDecoder"
     # Same global layer indices whatever the stage count: blocks keep their positions.
     assert stage_parts(cfg, 2)[1] in stage_parts(cfg, 6)
+
+
+@pytest.mark.parametrize("env, value, phrases", [
+    ("RESBM_DIST_TIMEOUT", "abc", ["RESBM_DIST_TIMEOUT (runtime.dist_timeout_s)", "'abc'", "int"]),
+    ("RESBM_DIST_TIMEOUT", "0", ["runtime.dist_timeout_s (RESBM_DIST_TIMEOUT)", ">= 1"]),
+    ("RESBM_DIST_TIMEOUT", "2.5", ["RESBM_DIST_TIMEOUT (runtime.dist_timeout_s)", "int"]),
+    ("RESBM_STRICT_LAYOUT", "maybe", ["RESBM_STRICT_LAYOUT (runtime.strict_layout)", "bool"]),
+    ("RESBM_NET_IFACE", "no-such-if0", ["runtime.net_iface (RESBM_NET_IFACE)", "no such network interface", "'lo'"]),
+])
+def test_environment_settings_are_checked_like_config_keys(monkeypatch, env, value, phrases):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, []).validate()
+    for phrase in phrases:
+        assert phrase in str(e.value), (phrase, str(e.value))
+
+
+def test_runtime_settings_come_from_file_env_then_command_line_and_are_recorded(tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("runtime: {dist_timeout_s: 600, strict_layout: true}\n")
+    for env in ("RESBM_DIST_TIMEOUT", "RESBM_STRICT_LAYOUT", "RESBM_NET_IFACE"):
+        monkeypatch.delenv(env, raising=False)
+    assert load_config(str(f)).validate().runtime.dist_timeout_s == 600
+    monkeypatch.setenv("RESBM_DIST_TIMEOUT", "45")
+    monkeypatch.setenv("RESBM_STRICT_LAYOUT", "0")
+    monkeypatch.setenv("RESBM_NET_IFACE", "lo")
+    cfg = load_config(str(f)).validate()
+    assert (cfg.runtime.dist_timeout_s, cfg.runtime.strict_layout, cfg.runtime.net_iface) == (45, False, "lo")
+    assert cfg.to_dict()["runtime"] == {"dist_timeout_s": 45, "strict_layout": False, "net_iface": "lo"}
+    assert load_config(str(f), ["runtime.dist_timeout_s=7"]).validate().runtime.dist_timeout_s == 7

@@ -263,11 +263,11 @@ def test_a_lost_peer_is_named_by_rank(tmp_path):
         peers.rank, peers.table = 0, [(host, os.getpid()), (host, dead.pid), (host, sleeper.pid), ("elsewhere", 1)]
         time.sleep(0.2)
         line = peer_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1"),
-                            peers)
+                            peers, 300)
         assert line.startswith("a collective lost its peer: ")
         assert f"rank 1 (pid {dead.pid}) is gone" in line and f"rank 2 (pid {sleeper.pid}) is stopped" in line
         assert "rank 3" not in line and "Connection closed by peer" in line and "pair.cc" not in line
-        assert peer_failure(RuntimeError("loss is nan"), peers) is None
+        assert peer_failure(RuntimeError("loss is nan"), peers, 300) is None
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -13,6 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
+    {"cli"},                                      # cli: one-line user errors, checked argument types
     {"config"},                                   # config: schema and validation, the dtype table
     {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
                                                   # metrics.jsonl, checkpoint manifests

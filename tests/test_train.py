@@ -85,7 +85,7 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.parametrize("extra,nprocs,message", [
-    (["data.train_path=/nonexistent/corpus.txt"], 2, "data.train_path='/nonexistent/corpus.txt': no such file"),
+    (["data.train_path=/nonexistent/corpus.txt"], 2, "data.train_path='/nonexistent/corpus.txt': does not exist"),
     (["model.hidden_sise=64"], 2, "model.hidden_sise"),
     (["pipeline.stages=2"], 3, "pipeline.stages=2: must divide the world size (3 processes)"),
 ])

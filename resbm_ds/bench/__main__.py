@@ -3,25 +3,24 @@ throughput.py), the convergence suite (convergence.py) and paper-net, the throug
 real shaped network (network.py). `--list` shows the throughput suites."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from ..config import cli
+from ..cli import ArgumentParser, cli, int_at_least, output_dir
 from . import convergence, network
 from .throughput import SUITES, Link, check_available, replace_link, run_suite
 
 
 @cli
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resbm_ds.bench", description="resbm-ds benchmark suites")
+    p = ArgumentParser(prog="python -m resbm_ds.bench", description="resbm-ds benchmark suites")
     p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence", "paper-net"]),
                    help="convergence: what compression costs in loss (resbm_ds/bench/convergence.py); "
                         "paper-net: throughput on a real shaped link, needs root (resbm_ds/bench/network.py)")
-    p.add_argument("--jobs", type=int, default=2, help="convergence: runs at a time (one process each)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--jobs", type=int_at_least(1), default=2, help="convergence: runs at a time (one process each)")
+    p.add_argument("--out", type=output_dir, help="output directory")
     p.add_argument("--only", help="run only the runs whose name matches this regular expression")
-    p.add_argument("--steps", type=int, help="override the token budget: this many steps per run (timing)")
+    p.add_argument("--steps", type=int_at_least(1), help="override the token budget: this many steps per run (timing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run of the suite (repeatable), e.g. wire.link_latency_ms=0")
     p.add_argument("--link", action="append", default=[], metavar="KEY=MBPS[,LATENCY_MS]",

@@ -209,6 +209,7 @@ def resolved(cfg) -> dict:
     for key in ("out_dir", "keep_last", "init_from"):
         d["train"].pop(key, None)
     d.pop("tracking", None)
+    d.pop("runtime", None)
     d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
     return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 

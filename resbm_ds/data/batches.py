@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..cli import is_, path_kind
 from ..config import DataError
 from .cache import cache_root, file_lock, sha256_file
 from .corpus import DOC_SEPARATOR
@@ -118,10 +119,11 @@ def check_local_file(path: str | os.PathLike, key: str) -> Path:
     """A data file the run can read: a regular file with a known extension, not empty, and (for text
     and JSON) UTF-8 without NUL bytes. Raises DataError naming `key` (data.train_path / val_path)."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    kind = path_kind(p)
+    if kind == "a directory":
         raise DataError(key, p, "is a directory; give a file (or a list of files)")
-    if not p.is_file():
-        raise DataError(key, p, "no such file")
+    if kind != "a regular file":
+        raise DataError(key, p, f"{is_(kind)}; give a regular file")
     if p.suffix.lower() not in _BUILDERS:
         raise DataError(key, p, f"unsupported extension {p.suffix!r}; allowed: {', '.join(sorted(_BUILDERS))}")
     try:

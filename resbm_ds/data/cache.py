@@ -9,10 +9,16 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ..cli import MISSING, UserError, is_, path_kind
+
 
 def cache_root() -> Path:
     """$RESBM_CACHE, default ~/.cache/resbm_ds: corpus, npm tarballs, tokenizers, token arrays."""
-    return Path(os.environ.get("RESBM_CACHE") or Path.home() / ".cache" / "resbm_ds").expanduser()
+    root = Path(os.environ.get("RESBM_CACHE") or Path.home() / ".cache" / "resbm_ds").expanduser()
+    kind = path_kind(root)
+    if kind not in ("a directory", MISSING):
+        raise UserError(f"RESBM_CACHE={root}: {is_(kind)}; give a directory (or a new name) for the data cache")
+    return root
 
 
 @contextlib.contextmanager

@@ -2,19 +2,19 @@
 `python -m resbm_ds.train --config`, with the model section and `model.init_from_hf` filled in."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 import yaml
 
-from ..config import cli, load_config
+from ..cli import ArgumentParser, cli
+from ..config import load_config
 from .configs import config_from_hf
 from .weights import check_hf_weights
 
 
 @cli
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m resbm_ds.hf", description="Hugging Face transformers interop")
+    ap = ArgumentParser(prog="python -m resbm_ds.hf", description="Hugging Face transformers interop")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("config", help="print a run config (YAML) built from a transformers directory")
     c.add_argument("hf_dir")

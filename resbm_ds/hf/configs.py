@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, ModelConfig, UserError, load_config
+from ..cli import UserError
+from ..config import Config, ConfigError, ModelConfig, load_config
 
 FAMILIES = ("llama", "qwen2", "mistral")
 # Keys a config may carry beyond its class defaults without changing the network.

@@ -18,7 +18,7 @@ case "$kind" in
         exec python -m torch.distributed.run \
             --nnodes="$RESBM_NNODES" --node-rank="$node_rank" --nproc-per-node="$RESBM_PER_NODE" \
             --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
-            --rdzv-conf="timeout=$RESBM_DIST_TIMEOUT" --max-restarts=0 \
+            --rdzv-conf="timeout=${RESBM_DIST_TIMEOUT:-300}" --max-restarts=0 \
             -m "$RESBM_ENTRY" "$@" ;;
     deepspeed)
         # --no_ssh: this node's launcher only; its launch.py kills the node's other ranks when one fails

@@ -17,11 +17,13 @@
 #   RESBM_ENTRY         Python module each rank runs                         [resbm_ds.train]
 #   RESBM_MASTER_ADDR   rendezvous host       [first node; its NodeAddr if the name does not resolve]
 #   RESBM_MASTER_PORT   rendezvous port                              [20000 + job id % 10000]
-#   RESBM_DIST_TIMEOUT  seconds a rank waits for its peers (rendezvous, collectives)      [300]
+#   RESBM_DIST_TIMEOUT  seconds a rank waits for its peers (rendezvous, collectives): overrides
+#                       the config's runtime.dist_timeout_s                                [config: 300]
 #   RESBM_SRUN_WAIT     seconds srun lets the other tasks run after the first one ended   [60]
 #   RESBM_SRUN_ARGS     extra options for the job step's srun (split on whitespace, never
 #                       glob-expanded; an option cannot hold a space)                     []
-#   RESBM_STRICT_LAYOUT 1 = a node holding several stages / a stage spanning nodes is an error [0]
+#   RESBM_STRICT_LAYOUT 1 = a node holding several stages / a stage spanning nodes is an error
+#                       (overrides runtime.strict_layout)                                [config: 0]
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-built ops   [$HOME/.cache/resbm_ds/torch_extensions]
 
 resbm_log() { echo "resbm: $*"; }
@@ -184,14 +186,14 @@ resbm_setup() {
     fi
     MASTER_PORT="${RESBM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
     export MASTER_ADDR MASTER_PORT
-    export RESBM_DIST_TIMEOUT="${RESBM_DIST_TIMEOUT:-300}"
+    # RESBM_DIST_TIMEOUT and RESBM_STRICT_LAYOUT reach the ranks only when set: unset, the config's
+    # runtime.dist_timeout_s / runtime.strict_layout apply (config.yaml records what ran)
     RESBM_SRUN_WAIT="${RESBM_SRUN_WAIT:-60}"
     RESBM_ENTRY="${RESBM_ENTRY:-resbm_ds.train}"
-    export RESBM_STRICT_LAYOUT="${RESBM_STRICT_LAYOUT:-0}"
 
     # ---- say what will happen
     resbm_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) on ${SLURM_JOB_NODELIST}: $RESBM_NNODES node(s) x $RESBM_PER_NODE rank(s) = $RESBM_NTASKS ranks, $device; run dir $RESBM_RUN_DIR"
-    resbm_log "rendezvous $MASTER_ADDR:$MASTER_PORT; peers wait at most ${RESBM_DIST_TIMEOUT}s (RESBM_DIST_TIMEOUT); time limit $(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || echo '?')"
+    resbm_log "rendezvous $MASTER_ADDR:$MASTER_PORT; peers wait at most ${RESBM_DIST_TIMEOUT:-runtime.dist_timeout_s of the config, default 300}s (RESBM_DIST_TIMEOUT); time limit $(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || echo '?')"
     _resbm_layout_plan
 }
 

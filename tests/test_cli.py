@@ -1,0 +1,75 @@
+"""Every command's options are range-checked and every path's kind is named when wrong: one line
+`error: ...` and exit status 2 before anything runs (resbm_ds/cli.py); environment settings are
+checked as config keys are (tests/test_config.py has the runtime.* rows)."""
+import importlib
+import os
+
+import pytest
+
+from resbm_ds.cli import ArgumentParser, existing_dir, existing_file, float_in, int_at_least, output_dir
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "file.txt").write_text("ka lo mi\n")
+    (d / "dir").mkdir()
+    os.mkfifo(d / "fifo")
+    return d
+
+
+# (module with main(argv), argv; {d}: the paths directory, phrases the one line must hold)
+ROWS = [
+    ("generate", "sample {d}/dir --temperature -1", ["--temperature", "-1 must be in [0, 100]"]),
+    ("generate", "sample {d}/dir --temperature nan", ["--temperature", "nan must be in"]),
+    ("generate", "sample {d}/dir --max-new-tokens 0", ["--max-new-tokens", "0 must be >= 1"]),
+    ("generate", "sample {d}/dir --top-k -3", ["--top-k", "-3 must be >= 0"]),
+    ("generate", "sample {d}/dir --seed x", ["--seed", "'x' is not a whole number"]),
+    ("generate", "evaluate {d}/dir --micro-batch 0", ["--micro-batch", ">= 1"]),
+    ("generate", "evaluate {d}/dir --max-chunks -1", ["--max-chunks", ">= 1"]),
+    ("generate", "evaluate {d}/dir --seq-len 0", ["--seq-len", ">= 1"]),
+    ("generate", "evaluate {d}/dir --text {d}/dir", ["--text", "is a directory; give a regular file"]),
+    ("generate", "evaluate {d}/dir --text {d}/fifo", ["--text", "is a FIFO"]),
+    ("generate", "evaluate {d}/dir --text /dev/null", ["--text", "is a character device"]),
+    ("generate", "evaluate {d}/dir --text {d}/nope.txt", ["--text", "does not exist"]),
+    ("harness", "--out {d}/task --examples 0", ["--examples", ">= 1"]),
+    ("harness", "--out {d}/task --context-words -5", ["--context-words", ">= 1"]),
+    ("harness", "--out {d}/file.txt", ["--out", "is a regular file; give a directory"]),
+    ("spectrum", "{d}/fifo --out {d}/s", ["checkpoints", "is a FIFO; give a directory"]),
+    ("spectrum", "{d}/dir --out /dev/null", ["--out", "is a character device"]),
+    ("export", "{d}/dir --config {d}/dir", ["--config", "is a directory; give a regular file"]),
+    ("export", "{d}/dir --hf {d}/file.txt", ["--hf", "is a regular file"]),
+    ("bench.__main__", "--jobs 0", ["--jobs", "0 must be >= 1"]),
+    ("bench.__main__", "--steps -2", ["--steps", ">= 1"]),
+    ("bench.__main__", "--out {d}/fifo", ["--out", "is a FIFO"]),
+    ("netem", "up --nodes 1", ["--nodes", "1 must be >= 2"]),
+    ("corpus", "fetch --out {d}/file.txt", ["--out", "is a regular file"]),
+    ("train", "--config {d}/dir --dry-run", ["--config", "is a directory, not a file or a preset"]),
+    ("train", "--bogus", ["unrecognized arguments: --bogus"]),
+]
+
+
+def main_of(module: str):
+    mod = importlib.import_module(f"resbm_ds.{module}")
+    return mod.make_task_main if module == "harness" else mod.main
+
+
+@pytest.mark.parametrize("module, argv, phrases", ROWS, ids=[f"{m}:{a.split(' --')[-1]}" for m, a, _ in ROWS])
+def test_a_bad_option_is_one_line_and_exit_2(paths, capsys, module, argv, phrases):
+    try:
+        code = main_of(module)(argv.format(d=paths).split())
+    except SystemExit as e:   # argparse's usage errors
+        code = e.code
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    for phrase in phrases:
+        assert phrase in err[0], (phrase, err[0])
+
+
+def test_the_argument_types_accept_what_they_should(paths):
+    assert int_at_least(1)("3") == 3 and float_in(0, 1)("0") == 0.0 and float_in(0, low_open=True)("1e9") == 1e9
+    assert existing_file(str(paths / "file.txt")).is_file() and existing_dir(str(paths / "dir")).is_dir()
+    assert output_dir(str(paths / "new")) == paths / "new" and output_dir(str(paths / "dir")) == paths / "dir"
+    p = ArgumentParser(prog="x")
+    p.add_argument("--n", type=int_at_least(0))
+    assert p.parse_args(["--n", "0"]).n == 0
