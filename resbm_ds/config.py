@@ -123,7 +123,7 @@ class BottleneckConfig:
     `segments` is a property of the model: the layers are split into this many segments with a
     bottleneck between consecutive ones, whatever the number of pipeline stages it runs on.
     The ResBM switches (`init`, `decoder`, `decoder_norm`, `token_channel`) are described in
-    model/boundary.py. The defaults are what the convergence suite measured best (README); the paper's
+    model/boundary.py. The defaults are what the convergence suite measured best (docs/results.md); the paper's
     form is init=normal token_channel=none.
     """
     method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)

@@ -1,4 +1,4 @@
-"""The README's "After training" commands, run verbatim from a fresh directory: a 2-stage ResBM
+"""The manual's "After training" commands (docs/after-training.md), run verbatim from a fresh directory: a 2-stage ResBM
 run under the `deepspeed` launcher, `export --hf`, `generate evaluate` / `sample`, a local lm-eval
 task through lm-eval's real command line, and `from_pretrained` + `generate()`.
 
@@ -19,12 +19,13 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 
-MARKER = "<!-- readme-test: after-training -->"
+PAGE = REPO / "docs" / "after-training.md"
+MARKER = "<!-- docs-test: after-training -->"
 
 
-def readme_block() -> str:
-    text = (REPO / "README.md").read_text()
-    assert MARKER in text, "the README lost its after-training block"
+def docs_block() -> str:
+    text = PAGE.read_text()
+    assert MARKER in text, "docs/after-training.md lost its after-training block"
     block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER):], re.S)
     return block.group(1)
 
@@ -33,19 +34,19 @@ def readme_block() -> str:
 def after_training(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fresh")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_block()], cwd=cwd, env=env,
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", docs_block()], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, f"docs/after-training.md block failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return cwd, proc.stdout
 
 
-def test_readme_commands_work_verbatim(after_training):
+def test_docs_commands_work_verbatim(after_training):
     cwd, out = after_training
     run = cwd / "runs" / "hf-demo"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step40"
     evaluated = json.loads(next(l for l in out.splitlines() if l.startswith('{"text"')))
     assert evaluated["text"].endswith("val.txt") and 0 < evaluated["loss"] < math.log(4096)
-    # `generate sample` (temperature 0.8), then the README's greedy generate(), which may meet </s> early
+    # `generate sample` (temperature 0.8), then the page's greedy generate(), which may meet </s> early
     sampled, greedy = [l for l in out.splitlines() if l.startswith("The President said")]
     assert len(sampled) > len("The President said") + 5, sampled
     (results,) = (run / "lm_eval").rglob("results_*.json")

@@ -24,7 +24,7 @@ LAYERS = [
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"train", "export"},                          # loop: the training loop; consolidated models
     {"netem"},                                    # a real network: namespaces, shaped links, launches
-    {"generate", "spectrum", "corpus", "bench"},  # tools (README "How it is built" has this table)
+    {"generate", "spectrum", "corpus", "bench"},  # tools (docs/development.md "How it is built" has this table)
     {"harness"},                                  # lm-eval on exports (uses generate's loaders)
 ]
 LAYER_OF = {unit: k for k, units in enumerate(LAYERS) for unit in units}
