@@ -325,8 +325,8 @@ RUNTIME_ENV = {"dist_timeout_s": "RESBM_DIST_TIMEOUT", "strict_layout": "RESBM_S
 @dataclass
 class RuntimeConfig:
     """How a run meets its machines; nothing here changes what it trains, so --resume may change it.
-    Each key may also come from its environment variable (RUNTIME_ENV), which wins over the config
-    file; a command-line override wins over both. The resolved values are written to config.yaml."""
+    Each key may also come from its environment variable (RESBM_DIST_TIMEOUT, RESBM_STRICT_LAYOUT,
+    RESBM_NET_IFACE: RUNTIME_ENV), checked as the key is, which wins over the config file; a command-line override wins over both. The resolved values are written to config.yaml."""
     dist_timeout_s: int = 300      # how long a rank waits for its peers: rendezvous, each collective, each step
     strict_layout: bool = False    # Slurm: a node holding several stages, or a stage spanning nodes, is an error
     net_iface: str = ""            # record this interface's kernel byte counters per step (netem.py)
