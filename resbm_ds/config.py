@@ -182,10 +182,13 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite is never applied (no rank steps its optimizer)
     # and never saved: `skip` goes on, up to max_skipped_steps such steps in a row, then stops; `stop`
     # stops at the first. A loss >= ln(vocab_size) with a zero gradient norm for divergence_steps
-    # steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too.
+    # steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too, as
+    # does a parameter RMS above max_param_rms (exploding weights; a healthy model stays near its
+    # init, 0.02-1; 0 turns the check off).
     nonfinite: str = "skip"
     max_skipped_steps: int = 3
     divergence_steps: int = 3
+    max_param_rms: float = 1000.0
     # Weights only, from another run: RUN_DIR (its latest checkpoint) or RUN_DIR/checkpoints/TAG,
     # into any stage / data-parallel layout of the same model; the optimizer and step start fresh.
     init_from: str | None = None
@@ -567,6 +570,8 @@ class Config:
             raise ConfigError("train.eval_batches", t.eval_batches, "must be >= 0 (0: the whole validation split)")
         if t.keep_last < 0:
             raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
+        if not t.max_param_rms >= 0:
+            raise ConfigError("train.max_param_rms", t.max_param_rms, "must be >= 0 (0 turns the check off)")
         _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if not 0 <= t.min_lr_ratio <= 1:
             raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")

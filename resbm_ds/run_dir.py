@@ -39,7 +39,7 @@ TAG = re.compile(r"step(\d+)$")
 # order, nor what the optimizer state means.
 RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
              "train.keep_last", "train.init_from", "train.nonfinite", "train.max_skipped_steps",
-             "train.divergence_steps", "train.out_dir", "tracking.", "wire.link_",
+             "train.divergence_steps", "train.max_param_rms", "train.out_dir", "tracking.", "wire.link_",
              "sync.master_addr", "sync.master_port", "sync.timeout_s",
              "deepspeed.steps_per_print", "deepspeed.wall_clock_breakdown", "runtime.")
 # What must match for train.init_from (weights only): the network's shapes.

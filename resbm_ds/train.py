@@ -106,6 +106,7 @@ class Health:
       diverged        a loss >= ln(vocab_size) (no better than uniform) with a zero gradient norm:
                       not saved; train.divergence_steps of them without a good step between (non-finite
                       steps may come between) stop the run
+      exploding       the parameters' RMS above train.max_param_rms: stops at once
     A stop is one line naming the step and the last good checkpoint; no step after that is saved."""
 
     def __init__(self, t: TrainConfig, vocab_size: int, guard: StepGuard, last_good: str | None):
@@ -113,7 +114,7 @@ class Health:
         self.skipped = self.stuck = 0      # non-finite steps in a row; diverged steps since the last good one
         self.bad_since = None              # the first step since the last good one
 
-    def check(self, step: int, loss: float) -> bool:
+    def check(self, step: int, loss: float, param_rms: float) -> bool:
         """-> whether the state after `step` is good (may be saved); raises TrainingError to stop."""
         t, norm = self.t, self.guard.norm
         if self.guard.skipped or not math.isfinite(loss) or not math.isfinite(norm):
@@ -128,6 +129,10 @@ class Health:
             self.note(step, f"is not finite ({values}): not applied", self.skipped, "max_skipped_steps")
             return False
         self.skipped = 0
+        if t.max_param_rms and not param_rms <= t.max_param_rms:
+            raise TrainingError(f"training diverged at step {step}: the parameters' RMS is {param_rms:.4g}, above "
+                                f"train.max_param_rms={t.max_param_rms:g} (exploding weights), not saved; "
+                                f"{self.good()}; lower train.lr")
         if loss >= self.ln_v - 1e-3 and norm < 1e-12:
             self.stuck += 1
             self.bad_since = self.bad_since or step
@@ -293,16 +298,21 @@ def follow_schedule(sched: LambdaLR) -> None:
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
-def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int]:
+def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int, float]:
     """Bytes sent forward / backward at p2p and in collectives between stages (wire/meter.py), across
     every stage boundary of every pipeline this step, the bytes this site sent to other sites (sync.py),
-    and whether any rank was asked to stop. One reduction through deepspeed.comm, which the meter
-    counts too (in the next step's `other`)."""
+    whether any rank was asked to stop, and the RMS of the whole model's parameters. One reduction
+    through deepspeed.comm, which the meter counts too (in the next step's `other`)."""
     counts = rt.meter.take()
     sites = rt.sync.take_bytes() if rt.sync else 0
-    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, sites, stop.signum], dtype=torch.float64)
-    ds_comm.all_reduce(t)
-    return int(t[0]), int(t[1]), int(t[2]), int(t[3]), int(t[4] > 0) and (stop.signum or signal.SIGTERM)
+    params = [p for p in rt.module.parameters()]
+    sq = float(torch.nn.utils.get_total_norm(params).double() ** 2) if params else 0.0
+    t = torch.tensor([counts.sent_fwd, counts.sent_bwd, counts.other, sites, stop.signum, sq,
+                      sum(p.numel() for p in params)], dtype=torch.float64)
+    ds_comm.all_reduce(t)   # every data-parallel replica adds its copy: the ratio is the model's RMS
+    param_rms = math.sqrt(float(t[5]) / max(1.0, float(t[6])))
+    return (int(t[0]), int(t[1]), int(t[2]), int(t[3]), int(t[4] > 0) and (stop.signum or signal.SIGTERM),
+            param_rms)
 
 
 def peak_memory_mb() -> float:
@@ -510,7 +520,7 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
         with progress.phase(f"step {step}"):
             dt = time.perf_counter() - t0
             net_step = NetCounters.delta(net_before, net.read()) if net else {}
-            fwd, bwd, other, sites, stop_signum = step_totals(rt, stop)
+            fwd, bwd, other, sites, stop_signum, param_rms = step_totals(rt, stop)
         grad_norm = rt.engine.get_global_grad_norm()   # after clipping's own reduction, where there is one
         row = dict(step=step, loss=loss, lr=lr, grad_norm=health.guard.norm if grad_norm is None else float(grad_norm),
                    tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
@@ -518,12 +528,13 @@ def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, 
                    mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
                    wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other, wire_bytes_sites=sites,
                    wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
-                   peak_mem_mb=peak_memory_mb(), time=time.time(), **net_step, **boundary_stats.values)
+                   peak_mem_mb=peak_memory_mb(), param_rms=param_rms, time=time.time(), **net_step,
+                   **boundary_stats.values)
         if health.guard.skipped:
             row["skipped"] = True
         if step % t.log_every == 0 or step == t.steps or health.guard.skipped:
             metrics.log(row)
-        good = health.check(step, loss)     # a stop raises here: before any evaluation or save
+        good = health.check(step, loss, param_rms)     # a stop raises here: before any evaluation or save
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",

@@ -361,10 +361,13 @@ NONFINITE = {
                                         "step 4 is not finite (loss is 8.318, gradient norm nan; 4 in a row, more "
                                         "than train.max_skipped_steps=3): not applied, nothing saved since step 1; "
                                         "no checkpoint was saved", [], [1, 2, 3, 4]),
-    "NaN from step 2, train.nonfinite=stop": (["train.lr=1e30", "deepspeed.gradient_clipping=0.0", "train.nonfinite=stop"],
+    "NaN from step 2, train.nonfinite=stop": (["train.lr=1e30", "deepspeed.gradient_clipping=0.0", "train.nonfinite=stop",
+                                               "train.max_param_rms=0"],
                                               "step 2 is not finite (loss is nan, gradient norm nan; "
                                               "train.nonfinite=stop)", ["step1"], [2]),
-    "diverged without a NaN (lr=1e4)": (["train.lr=1e4"],
+    "exploding weights (lr=1e4)": (["train.lr=1e4"],
+                                   "training diverged at step 1: the parameters' RMS is", [], []),
+    "diverged without a NaN (lr=1e4)": (["train.lr=1e4", "train.max_param_rms=0"],
                                         "training diverged at step 7: loss 8.3178 >= ln(model.vocab_size) = 8.3178 "
                                         "with a zero gradient norm at 3 steps since step 2, none saved; the last good "
                                         "checkpoint is step1 (--resume-from step1)", ["step1"], [4, 5, 6]),
