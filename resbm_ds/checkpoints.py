@@ -23,6 +23,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
+from . import compat
 from .cli import UserError
 from .manifest import previous_offer, sibling_tags, tag_dir, verify
 
@@ -113,7 +114,7 @@ def load_deepspeed_checkpoints_safely(engine) -> None:
     """DeepSpeed's checkpoint engine loads every file (model, optimizer, ZeRO and layer states) with
     torch.load(weights_only=False), which runs whatever code a crafted file carries; make it load
     them with `safe_load` instead."""
-    engine.checkpoint_engine.load = safe_load
+    compat.replace_checkpoint_load(engine, safe_load)
 
 
 def read_layer(path: Path) -> dict[str, torch.Tensor]:
@@ -154,8 +155,8 @@ def load_layers(layers: dict[int, nn.Module], tag_dir: Path, expected_layers: in
 def init_pipeline_from_checkpoint(module, tag_dir: Path, use: str = "--tag {tag}") -> None:
     """train.init_from: this stage's layers (and its copies of tied layers) from a checkpoint of any
     layout. Called before `deepspeed.initialize`, so optimizer master weights start from them."""
-    specs = module._layer_specs
-    local = {module._local_start + i: f for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)}
+    specs, local_start = compat.stage_layer_specs(module)
+    local = {local_start + i: f for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)}
     for key, tied in module.tied_modules.items():
         owner = next(i for i, s in enumerate(specs) if isinstance(s, TiedLayerSpec) and s.key == key)
         local.setdefault(owner, tied)

@@ -1,7 +1,6 @@
 """Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
 from __future__ import annotations
 
-import contextlib
 import os
 import typing
 from dataclasses import dataclass
@@ -11,8 +10,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from deepspeed.runtime.utils import clip_grad_norm_
 
+from . import compat
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
 from .cli import UserError
 from .config import Config, ConfigError
@@ -54,7 +53,7 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
     world_size = world_size or world_size_from_env()
     cfg.validate(world_size=world_size)
     check_deepspeed_schema(cfg)
-    if cfg.bottleneck.token_ids == "local" and (problem := local_ids.check_deepspeed()):
+    if cfg.bottleneck.token_ids == "local" and (problem := compat.deepspeed_version_problem()):
         raise ConfigError("bottleneck.token_ids", "local", problem)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
@@ -67,22 +66,6 @@ def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config
         check_init_from(cfg)
     cfg._checked_world_size = world_size
     return cfg
-
-
-@contextlib.contextmanager
-def shm_allreduce_off(backend: str):
-    """On CPU, DeepSpeed's comm backend sets up its shared-memory all-reduce when LOCAL_SIZE (set by
-    the `deepspeed` launcher) equals the world size: each rank creates a 69 MB
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> that nothing ever unlinks
-    (csrc/cpu/comm/shm.cpp), so every deepspeed-launched run left them behind. Only its
-    inference_all_reduce uses it; training goes through torch.distributed over gloo. So hide
-    LOCAL_SIZE while the backend initialises, and the buffers are never created."""
-    saved = os.environ.pop("LOCAL_SIZE", None) if backend == "gloo" else None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["LOCAL_SIZE"] = saved
 
 
 def check_deepspeed_schema(cfg: Config) -> None:
@@ -123,7 +106,7 @@ def init_distributed(timeout_s: int):
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
-        with shm_allreduce_off(backend):
+        with compat.shm_allreduce_off(backend):   # no leaked /dev/shm buffers (compat.py says why)
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError, ImportError) as e:
@@ -177,18 +160,6 @@ class Runtime:
     sync: typing.Any = None    # sync.SiteSync across sites, set by the trainer (None: one site)
 
 
-def keep_fp32_clip_norm(engine) -> None:
-    """DeepSpeed's fp32 ZeRO-0 path clips the gradients but drops their norm (its bf16 and ZeRO paths
-    keep it in `_global_grad_norm`); keep it there too, so `get_global_grad_norm()` always reports."""
-    if engine.bfloat16_enabled() or engine.zero_optimization() or engine.gradient_clipping() <= 0:
-        return
-
-    def clip_and_keep():
-        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
-                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
-    engine.clip_fp32_gradients = clip_and_keep
-
-
 def comm_device() -> torch.device:
     """Where a tensor for a collective lives: the rank's GPU under nccl, else the CPU (gloo)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -222,13 +193,11 @@ class StepGuard:
     def __init__(self, engine):
         self.engine, self.skipped, self.norm = engine, False, None
         self.zero = bool(engine.zero_optimization())
-        self._step = engine.optimizer.step
-        engine.optimizer.step = self._checked_step
+        self._step = compat.replace_optimizer_step(engine, self._checked_step)
 
     def _grads(self) -> list:
         if self.zero:   # ZeRO-1: this rank's partition of the reduced gradients (disjoint across ranks)
-            parts = [v for v in self.engine.optimizer.averaged_gradients.values() if v is not None]
-            return [g for v in parts for g in (v if isinstance(v, (list, tuple)) else [v])]
+            return compat.zero_gradient_partitions(self.engine.optimizer)
         return [p.grad for p in self.engine.module.parameters() if p.grad is not None]
 
     def _checked_step(self, *args, **kwargs):
@@ -241,23 +210,9 @@ class StepGuard:
                 sq /= self.engine.dp_world_size
         self.norm = float(sq.sqrt())
         self.skipped = not torch.isfinite(sq).item()
-        opt = self.engine.optimizer
-        if not self.skipped:
-            if not self.zero:
-                opt.overflow = False
-            return self._step(*args, **kwargs)
-        if not self.zero:
-            opt.overflow = True      # read by the engine's _take_model_step: a skipped step
-            return None
-        # ZeRO-1 clears its gradient partitions on an overflow: take that path, found overflowed
-        checking = opt.check_grad_overflow
-        opt.check_grad_overflow = True
-        opt.check_overflow = lambda *a, **k: setattr(opt, "overflow", True)
-        try:
-            return self._step(*args, **kwargs)
-        finally:
-            del opt.check_overflow
-            opt.check_grad_overflow = checking
+        # applied, or skipped the way DeepSpeed skips an overflowed step (compat.take_or_skip_step)
+        return compat.take_or_skip_step(self.engine.optimizer, self._step, self.skipped, self.zero,
+                                        *args, **kwargs)
 
 
 def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
@@ -288,7 +243,7 @@ def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -
     if module.local_ids is not None:   # bottleneck.token_ids=local: every stage reads its own data
         local_ids.install(engine, module.local_ids)
     meter.take()   # drop the engine's start-up ping
-    keep_fp32_clip_norm(engine)
+    compat.keep_fp32_clip_norm(engine)
     load_deepspeed_checkpoints_safely(engine)
     coord = topology.get_coord(int(os.environ["RANK"]))
     return Runtime(engine, module, coord.pipe, S, coord.data, dp, meter, link)

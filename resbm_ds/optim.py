@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import compat
 from .model.boundary import BottleneckDecoder, BottleneckEncoder
 from .model.layers import TransformerBlock
 
@@ -66,8 +67,7 @@ def count_every_stage_in_clip_norm(module: nn.Module):
     untagged and is counted once. Nothing else reads the tag when tensor parallelism is off: ZeRO-1
     and BF16_Optimizer already count every stage.
     """
-    for p in module.parameters():
-        p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
+    compat.tag_model_parallel(module.parameters())
 
 
 def newton_schulz_dtype(method: str) -> str:
@@ -92,9 +92,8 @@ def build_optimizer(cfg, module: nn.Module) -> torch.optim.Optimizer:
 
     matrices = muon_matrices(module)
     muon_ids = {id(p) for p in matrices}
-    for p in module.parameters():   # DeepSpeed's ZeRO-1 reads the tag on every parameter
-        p.use_muon = id(p) in muon_ids
-    others = [p for p in module.parameters() if p.requires_grad and not p.use_muon]
+    compat.tag_use_muon(module.parameters(), muon_ids)   # DeepSpeed's ZeRO-1 reads the tag on every parameter
+    others = [p for p in module.parameters() if p.requires_grad and id(p) not in muon_ids]
     # Exactly two groups, both non-empty on every pipeline stage (each stage holds blocks and norms):
     # ZeRO-1 all-reduces one grad norm per param group across the stages, so stages with different
     # group counts deadlock (measured: a separate no-decay group did, as only the last stage has a

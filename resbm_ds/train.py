@@ -41,6 +41,7 @@ import torch.distributed as dist
 import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import compat
 from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
 from .cli import ArgumentParser, UserError, cli
 from .config import Config, ConfigError, DataError, TrainConfig, load_config
@@ -295,7 +296,7 @@ def follow_schedule(sched: LambdaLR) -> None:
     apply the new one after the first resumed step."""
     for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * fn(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    compat.set_last_lr(sched)
 
 
 def step_totals(rt: Runtime, stop: StopSignals) -> tuple[int, int, int, int, int, float]:

@@ -4,6 +4,10 @@ A unit is a top-level module (`config`, `engine`, ...) or a subpackage (`model`,
 unit may import only units of a lower layer; inside a subpackage the modules may import each
 other, without cycles. Every import counts, also one inside a function. A new module must be given
 a layer here, so the layout stays a decision rather than an accident.
+
+And the compatibility room: every patch of DeepSpeed or torch internals lives in resbm_ds/compat.py
+(tests/test_compat.py checks each still fits the installed packages). No other module assigns to an
+attribute of DeepSpeed or torch (`test_no_patches_outside_compat`).
 """
 import ast
 from pathlib import Path
@@ -13,7 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
-    {"cli"},                                      # cli: one-line user errors, checked argument types
+    {"cli", "compat"},                            # cli: one-line user errors, checked argument types;
+                                                  # compat: every patch of DeepSpeed / torch internals
     {"config"},                                   # config: schema and validation, the dtype table
     {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
                                                   # metrics.jsonl, checkpoint manifests
@@ -111,3 +116,144 @@ def test_the_checker_sees_what_it_checks(graph):
     assert "resbm_ds.wire.chain" in graph["resbm_ds.engine"]           # from .wire import chain
     assert "resbm_ds.model.pipeline" in graph["resbm_ds.model.causal_lm"]
     assert sum(len(t) for t in graph.values()) > 40
+
+
+# ---- the compatibility room ----------------------------------------------------------------------
+COMPAT = PACKAGE / "compat.py"
+PATCHED_ROOTS = ("deepspeed", "torch")
+OBJECT_NAMES = {"engine", "optimizer", "checkpoint_engine"}   # DeepSpeed's engine and its parts
+
+
+def compat_names(variable: str) -> frozenset[str]:
+    """A frozenset({...}) literal of compat.py, read without importing DeepSpeed."""
+    for node in ast.parse(COMPAT.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets):
+            return frozenset(ast.literal_eval(node.value.args[0]))
+    raise AssertionError(f"compat.py defines no {variable}")
+
+
+def deepspeed_or_torch_names(tree: ast.AST) -> set[str]:
+    """Names a module binds to deepspeed or torch modules and objects (`import torch.distributed as
+    dist`, `from deepspeed.runtime.pipe import p2p`, `from torch import nn`, ...)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in PATCHED_ROOTS:
+                    names.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PATCHED_ROOTS:
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def flat_targets(node: ast.AST) -> list[ast.AST]:
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+    elif isinstance(node, ast.Delete):
+        targets = node.targets
+    else:
+        return []
+    out = []
+    while targets:
+        t = targets.pop()
+        if isinstance(t, (ast.Tuple, ast.List)):
+            targets.extend(t.elts)
+        elif isinstance(t, ast.Starred):
+            targets.append(t.value)
+        else:
+            out.append(t)
+    return out
+
+
+def chain_names(node: ast.AST) -> list[str]:
+    """The names an attribute target's object is reached through: `rt.engine.optimizer` -> [rt, engine, optimizer]."""
+    names = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            names.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Name):
+            return [node.id, *reversed(names)]
+        else:
+            return list(reversed(names))
+
+
+def patches_in(source: str, filename: str, patched: frozenset[str], private: frozenset[str],
+               environment: frozenset[str]) -> list[str]:
+    """Where `source` patches DeepSpeed or torch: `setattr`/`delattr` calls; assignments to an
+    attribute of a deepspeed/torch import (`p2p.send = ...`, `torch.x = ...`), of DeepSpeed's engine
+    or its optimizer or checkpoint engine, or of a name compat patches (`p.use_muon = ...`); any use
+    of the private internals compat patches or reads (`p2p._grid`, an override of
+    `_partition_layers`); the environment variables compat manages."""
+    tree = ast.parse(source, filename)
+    imported = deepspeed_or_torch_names(tree)
+    found = []
+
+    def hit(node, what):
+        found.append(f"{filename}:{node.lineno}: {what}: {ast.unparse(node)[:100]}")
+
+    for node in ast.walk(tree):
+        for t in flat_targets(node):
+            if not isinstance(t, ast.Attribute):
+                continue
+            through = chain_names(t.value)
+            if through and through[0] in imported:
+                hit(t, f"assigns to an attribute of {through[0]} (deepspeed/torch)")
+            elif t.attr in patched:
+                hit(t, f"assigns to .{t.attr}, which compat patches")
+            elif OBJECT_NAMES & set(through[1:] if through and through[0] == "self" else through):
+                hit(t, "assigns to an attribute of DeepSpeed's engine")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
+            hit(node, f"calls {node.func.id}")
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            hit(node, f"uses DeepSpeed/torch's private .{node.attr}")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in private:
+            found.append(f"{filename}:{node.lineno}: overrides DeepSpeed/torch's private {node.name}")
+        if isinstance(node, ast.Constant) and node.value in environment:
+            hit(node, f"handles the environment variable {node.value}, which compat manages")
+    return found
+
+
+@pytest.fixture(scope="module")
+def compat_rules():
+    patched = compat_names("PATCHED_ATTRIBUTES")
+    return dict(patched=patched, private=frozenset(n for n in patched if n.startswith("_")),
+                environment=compat_names("PATCHED_ENVIRONMENT"))
+
+
+def test_no_patches_outside_compat(compat_rules):
+    found = [f for name, path in modules().items() if path != COMPAT
+             for f in patches_in(path.read_text(), str(path.relative_to(PACKAGE.parent)), **compat_rules)]
+    assert not found, ("DeepSpeed/torch patched outside resbm_ds/compat.py (move it there, as a named "
+                       "function with a PatchPoint):\n" + "\n".join(f"  {f}" for f in found))
+
+
+@pytest.mark.parametrize("plant", [
+    "from deepspeed.runtime.pipe import p2p\np2p.send = print",
+    "import torch.distributed as dist\ndist.all_reduce, x = print, 1",
+    "import torch\ntorch.backends.cudnn.allow_tf32 = True",
+    "def f(p):\n    p.model_parallel = True",
+    "def f(opt):\n    setattr(opt, 'overflow', True)",
+    "def f(rt):\n    rt.engine.set_dataiterator = print",
+    "def f(self):\n    self.engine.anything = 1",
+    "def f(opt):\n    del opt.check_overflow",
+    "def f(sched):\n    sched._last_lr += [1]",
+    "def f(grid):\n    return grid._topo",
+    "class P:\n    def _partition_layers(self, method):\n        pass",
+    "import os\nos.environ.pop('LOCAL_SIZE')",
+])
+def test_the_patch_check_sees_a_planted_patch(compat_rules, plant):
+    assert patches_in(plant, "planted.py", **compat_rules)
+
+
+def test_the_patch_check_passes_our_own_objects(compat_rules):
+    ok = ("import torch\nclass A:\n    def __init__(self, engine):\n        self.engine, self.norm = engine, None\n"
+          "        self._what = 1\nx = torch.zeros(1)\ndef f(ids, attn, cfg):\n    ids.current = 1\n"
+          "    attn.decoding = None\n    cfg._checked_world_size = 2\n    object.__setattr__(cfg, 'a', 1)")
+    assert patches_in(ok, "ok.py", **compat_rules) == []

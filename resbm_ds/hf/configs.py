@@ -185,8 +185,7 @@ def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = t
         fields["head_dim"] = m.head_dim
     if family == "llama":
         fields.update(attention_bias=False, mlp_bias=False)
-    for k, v in fields.items():
-        setattr(hf, k, v)
+    hf.update(fields)   # PretrainedConfig.update: one setattr per field
     if family == "qwen2" and hf.layer_types is not None:
         missing = max(0, m.num_layers - len(hf.layer_types))
         hf.layer_types = hf.layer_types[:m.num_layers] + ["full_attention"] * missing

@@ -18,16 +18,16 @@ of that buffer. `install` makes the engine of any stage
 
 So every stage reads micro-batch k's ids while it computes micro-batch k, whatever the schedule's
 interleaving, and the iterator advances alike on every stage (its state, saved per stage, resumes
-alike). These are the only patched internals; `check_deepspeed` names the versions they were read on.
+alike). The engine's internals are patched by `compat.load_on_every_stage`; this module only says
+what to do with the ids. They are read on the DeepSpeed versions `compat.TESTED_DEEPSPEED` names,
+and another version is refused (`compat.require_tested_deepspeed`).
 """
 from __future__ import annotations
 
-import deepspeed
 import torch
-from deepspeed.runtime.pipe.schedule import ForwardPass, LoadMicroBatch
 from torch import nn
 
-TESTED_DEEPSPEED = ("0.19.",)   # the pipeline engine internals below were read on these versions
+from .. import compat
 
 
 class LocalIds:
@@ -57,37 +57,14 @@ def attach_local_ids(root: nn.Module) -> LocalIds | None:
     return ids
 
 
-def check_deepspeed() -> str | None:
-    """Why `install` cannot run on the installed DeepSpeed, or None."""
-    if not deepspeed.__version__.startswith(TESTED_DEEPSPEED):
-        return (f"reads DeepSpeed's pipeline engine internals, checked on {'/'.join(v + 'x' for v in TESTED_DEEPSPEED)}; "
-                f"installed: {deepspeed.__version__}")
-    return None
-
-
 def install(engine, ids: LocalIds) -> None:
     """Make `engine` (a PipelineEngine of any stage) feed `ids` as described in the module docstring."""
-    problem = check_deepspeed()
-    if problem:
-        raise RuntimeError(f"bottleneck.token_ids=local {problem}")
-    middle = not (engine.is_first_stage() or engine.is_last_stage())
-    load, forward = engine._INSTRUCTION_MAP[LoadMicroBatch], engine._INSTRUCTION_MAP[ForwardPass]
+    compat.require_tested_deepspeed("bottleneck.token_ids=local")
 
-    def set_dataiterator(iterator):        # the engine's own keeps it on the first and last stage only
-        engine.training_dataloader = None
-        engine.data_iterator = iterator
+    def after_load(buffer_id, device):     # DeepSpeed has loaded the buffer: keep its ids
+        ids.by_buffer[buffer_id] = ids.loaded.to(device)
 
-    def load_micro_batch(self, buffer_id):
-        load(self, buffer_id)              # DeepSpeed's: inputs (first stage), labels (last stage)
-        ids.by_buffer[buffer_id] = ids.loaded.to(self.device)
-
-    def forward_pass(self, buffer_id):
-        if middle:                         # the schedule loads on the first and last stage only
-            load_micro_batch(self, buffer_id)
+    def before_forward(buffer_id):         # the stage is about to compute the buffer
         ids.current = ids.by_buffer[buffer_id]
-        return forward(self, buffer_id)
 
-    engine.set_dataiterator = set_dataiterator
-    engine.set_batch_fn(ids.keep)
-    # _exec_schedule looks instructions up in this map on the instance: an instance copy patches one engine
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, LoadMicroBatch: load_micro_batch, ForwardPass: forward_pass}
+    compat.load_on_every_stage(engine, ids.keep, after_load, before_forward)

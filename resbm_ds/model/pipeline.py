@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+from ..compat import PipelineModuleCutAt
 from .baselines import baseline_layers
 from .boundary import (BlockWithIds, BottleneckDecoder, BottleneckEncoder, EmbeddingWithIds,
                          TokenTableLayer)
@@ -92,8 +93,9 @@ def stage_parts(cfg: Config, num_stages: int) -> list[int]:
     return [0, *cuts, len(specs)]
 
 
-class ResBMPipeline(PipelineModule):
-    """A `PipelineModule` whose stage cuts fall exactly between each encoder and its decoder."""
+class ResBMPipeline(PipelineModuleCutAt):
+    """A `PipelineModule` whose stage cuts fall exactly between each encoder and its decoder
+    (`stage_parts`; compat.PipelineModuleCutAt makes DeepSpeed cut there)."""
 
     def __init__(self, cfg: Config, topology, **kwargs):
         self.resbm_config = cfg
@@ -102,10 +104,6 @@ class ResBMPipeline(PipelineModule):
                          partition_method="resbm", seed_layers=True, base_seed=cfg.seed, **kwargs)
         self.local_ids = attach_local_ids(self)   # token_ids=local: fed by local_ids.install(engine)
 
-    def _partition_layers(self, method="resbm"):
-        # DeepSpeed's own methods (uniform/parameters/type:) cannot express "cut after the encoder";
-        # this hook is the one DeepSpeed's DualPipeVModule overrides too.
-        self.parts = stage_parts(self.resbm_config, self.num_stages)
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+    def stage_parts(self) -> list[int]:
+        return stage_parts(self.resbm_config, self.num_stages)
 

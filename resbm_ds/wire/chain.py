@@ -3,8 +3,9 @@
 DeepSpeed's pipeline engine sends every activation (forward) and activation gradient (backward)
 through `deepspeed.runtime.pipe.p2p.send/recv`, called through the module attribute, and reaches
 other stages outside p2p only through `deepspeed.comm` collectives (the loss broadcast, the clip
-norm, a tied embedding's gradient). `HookChain` replaces those four functions once and passes each
-transfer through an explicit, ordered list of hooks. `build_engine` installs `[codec, meter, link]`:
+norm, a tied embedding's gradient). `HookChain` replaces those four functions once (through
+`compat.patch_comm`, where every DeepSpeed patch lives) and passes each transfer through an explicit,
+ordered list of hooks. `build_engine` installs `[codec, meter, link]`:
 
   send:  codec.on_send (encodes) -> meter.on_send (counts the encoded bytes) -> link.on_send (pays
          the emulated link for them) -> the real transport
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 
 import deepspeed.comm as ds_comm
 import torch
-from deepspeed.runtime.pipe import p2p
-from deepspeed.runtime.pipe.engine import TENSOR_META_SIZE
+
+from .. import compat
+from ..compat import TENSOR_META_SIZE
 
 
 def is_shape_handshake(tensor) -> bool:
@@ -48,7 +50,7 @@ class Transfer:
 
     @classmethod
     def of(cls, tensor, peer_stage: int, sending: bool) -> "Transfer":
-        forward = (peer_stage > p2p._grid.get_stage_id()) == sending
+        forward = (peer_stage > compat.own_stage()) == sending
         return cls(peer_stage, sending, forward, is_shape_handshake(tensor))
 
 
@@ -89,9 +91,7 @@ class HookChain:
     def install(self, hooks: list[Hook]) -> "HookChain":
         """Patch DeepSpeed's functions (once per process) and make `hooks` the chain, in order."""
         if self._originals is None:
-            self._originals = (p2p.send, p2p.recv, ds_comm.all_reduce, ds_comm.broadcast)
-            p2p.send, p2p.recv = self.send, self.recv
-            ds_comm.all_reduce, ds_comm.broadcast = self.all_reduce, self.broadcast
+            self._originals = compat.patch_comm(self.send, self.recv, self.all_reduce, self.broadcast)
         self._close_hooks()
         self.hooks = list(hooks)
         self._groups.clear()
@@ -100,7 +100,7 @@ class HookChain:
     def uninstall(self) -> None:
         self._close_hooks()
         if self._originals is not None:
-            p2p.send, p2p.recv, ds_comm.all_reduce, ds_comm.broadcast = self._originals
+            compat.restore_comm(self._originals)
             self._originals = None
 
     def _close_hooks(self):
@@ -145,10 +145,10 @@ class HookChain:
         if key in self._groups:
             return self._groups[key]
         ranks = torch.distributed.get_process_group_ranks(group or torch.distributed.group.WORLD)
-        grid = getattr(p2p, "_grid", None)
-        if grid is None:   # before the engine exists (its own set-up): no stage layout to judge by yet
+        stages = compat.stages_of_ranks(ranks)
+        if stages is None:   # before the engine exists (its own set-up): no stage layout to judge by yet
             return ranks, False
-        self._groups[key] = ranks, len({grid._topo.get_coord(r).pipe for r in ranks}) > 1
+        self._groups[key] = ranks, len(stages) > 1
         return self._groups[key]
 
     def _collective(self, tensor, group, source):

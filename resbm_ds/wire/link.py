@@ -68,8 +68,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.pipe import p2p
 
+from .. import compat
 from .chain import Collective, Hook, Transfer, nbytes
 
 
@@ -207,7 +207,7 @@ class LinkEmulator(Hook):
         return d
 
     def _peer_rank(self, stage: int) -> int:
-        return p2p._grid.stage_to_global(stage_id=stage)
+        return compat.stage_to_global(stage)
 
     def _clock(self, peer_stage: int, sending: bool) -> tuple[LinkClock, int]:
         """The clock of the link to `peer_stage`, and the direction index of this transfer."""
