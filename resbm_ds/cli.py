@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import stat
 import sys
 from pathlib import Path
+
+from .system import MISSING, is_, path_kind
 
 
 class UserError(ValueError):
@@ -78,25 +79,6 @@ def float_in(low: float, high: float | None = None, low_open: bool = False):
     return parse
 
 
-MISSING = "does not exist"
-
-
-def path_kind(p: Path) -> str:
-    """What is at `p`, in words: 'a regular file', 'a directory', 'a FIFO', ..., or MISSING."""
-    try:
-        mode = p.stat().st_mode
-    except FileNotFoundError:
-        return MISSING
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _path(allowed: tuple[str, ...], want: str):
     def parse(text: str) -> Path:
         p = Path(text).expanduser()
@@ -110,8 +92,3 @@ def _path(allowed: tuple[str, ...], want: str):
 existing_file = _path(("a regular file",), "a regular file")     # a directory, FIFO or device is named as such
 existing_dir = _path(("a directory",), "a directory")
 output_dir = _path(("a directory", MISSING), "a directory (or a new name)")   # to write into: absent or a directory
-
-
-def is_(kind: str) -> str:
-    """'is a directory', 'does not exist', 'is unreadable (...)'."""
-    return kind if kind == MISSING else f"is {kind}"

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .cli import UserError, is_, path_kind
+from .cli import UserError
+from .system import is_, path_kind
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent

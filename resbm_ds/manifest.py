@@ -13,7 +13,6 @@ before manifests existed) is read with a warning.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,9 +20,10 @@ import sys
 from pathlib import Path
 
 from .cli import UserError
+from .system import sha256_file
 
 MANIFEST = "manifest.json"
-TAG_STEP = re.compile(r"(\d+)$")
+TAG = re.compile(r"step(\d+)$")   # the trainer's checkpoint tags: step<N>
 
 
 class TagError(UserError):
@@ -35,18 +35,10 @@ class IncompleteCheckpoint(FileNotFoundError):
     so every reader that reports a missing checkpoint in one line reports this one too."""
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(tag_dir: Path) -> Path:
     """Hash every file under `tag_dir` (DeepSpeed has finished writing it) into its manifest."""
     tag_dir = Path(tag_dir)
-    files = {str(p.relative_to(tag_dir)): dict(bytes=p.stat().st_size, sha256=file_digest(p))
+    files = {str(p.relative_to(tag_dir)): dict(bytes=p.stat().st_size, sha256=sha256_file(p))
              for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp")}
     tmp = tag_dir / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -58,10 +50,10 @@ def write_manifest(tag_dir: Path) -> Path:
 
 
 def sibling_tags(ckpt_dir: Path) -> list[str]:
-    """Tag directories beside each other (stepN), oldest first."""
+    """The checkpoint tags (stepN directories) in a checkpoints directory, oldest first."""
     if not Path(ckpt_dir).is_dir():
         return []
-    found = [(int(m.group(1)), d.name) for d in Path(ckpt_dir).iterdir() if d.is_dir() and (m := TAG_STEP.search(d.name))]
+    found = [(int(m.group(1)), d.name) for d in Path(ckpt_dir).iterdir() if d.is_dir() and (m := TAG.match(d.name))]
     return [name for _, name in sorted(found)]
 
 
@@ -99,7 +91,7 @@ def problem(tag_dir: Path) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{path} has {size:,} bytes, the manifest says {want['bytes']:,} (truncated or replaced)"
-        if file_digest(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{path} differs from the manifest (its sha256 changed: the file was modified or corrupted)"
     return None
 

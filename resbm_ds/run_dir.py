@@ -17,7 +17,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -28,13 +27,12 @@ from pathlib import Path
 from .cli import UserError
 from .config import Config, ConfigError, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
-from .manifest import tag_dir, verify
+from .manifest import TAG, sibling_tags, tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
 LAYOUT_FILE = "layout.json"   # the process layout a run's checkpoints were written with
 LOCK_FILE = ".lock"           # flock'ed by the run that owns the directory; holds its "host pid"
-TAG = re.compile(r"step(\d+)$")
 # Keys that may differ between a run and its resumption: they change neither shapes, nor the data
 # order, nor what the optimizer state means.
 RESUMABLE = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.eval_batches",
@@ -48,14 +46,6 @@ WEIGHT_SHAPES = ("model.", "bottleneck.")
 
 class RunDirError(UserError):
     """A start that would lose or mix up a run's data; the message says what to do instead."""
-
-
-def tags(ckpt_dir: Path) -> list[str]:
-    """Checkpoint tags (stepN directories), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), d.name) for d in ckpt_dir.iterdir() if d.is_dir() and (m := TAG.match(d.name))]
-    return [name for _, name in sorted(found)]
 
 
 def config_changes(saved: dict, new: dict, only=None, allowed=()) -> dict[str, tuple]:
@@ -191,7 +181,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
     if lock != "none":
         lock_run_dir(out, hold=lock == "hold")
     ckpt = out / "checkpoints"
-    have = tags(ckpt)
+    have = sibling_tags(ckpt)
     if resume_from:
         tag_dir(ckpt, resume_from, "--resume-from")
         if resume_from not in have:
@@ -275,7 +265,7 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
     if keep_last < 1:
         return []
     latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    old = [t for t in tags(ckpt_dir)[:-keep_last] if t != latest]
+    old = [t for t in sibling_tags(ckpt_dir)[:-keep_last] if t != latest]
     for t in old:
         shutil.rmtree(ckpt_dir / t, ignore_errors=True)
     return old

@@ -1,25 +1,15 @@
 """Shared test setup: DeepSpeed on CPU over gloo, offline, and a helper to launch real multi-process runs."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from resbm_ds.system import CPU_ENV, free_port  # noqa: F401  (free_port: the test modules take it from here)
 
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "resbm_ds" / "torch_extensions"))
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-def free_port() -> int:
-    """A port the OS reports free right now (so concurrent test sessions do not collide)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+for _key, _value in CPU_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def launch(args, nprocs: int, timeout: int = 600, launcher: str = "torchrun", env=None, check=True):
@@ -54,3 +44,48 @@ def run_pipe_worker_cases(tmp_path: Path, nprocs: int, steps: int, cases: dict[s
             f"--cases={spec}"], nprocs)
     return {name: [json.loads((tmp_path / f"run.{name}.rank{r}.json").read_text()) for r in range(nprocs)]
             for name in cases}
+
+
+# ---- training runs shared by the test modules ---------------------------------------------------
+
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
+        "data.seq_len=64", "bottleneck.ratio=16", "deepspeed.train_micro_batch_size_per_gpu=2",
+        "deepspeed.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.eval_batches=2"]
+
+
+def rows(out):
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r]
+
+
+def train_args(out, *extra):
+    """Arguments after the launcher's module flag (`deepspeed --module` / `torchrun -m`)."""
+    return ["resbm_ds.train", "--config", "cpu-demo", f"train.out_dir={out}", *TINY, *extra]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ONE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none"]   # 1 process, seconds
+
+
+def train1(out, *extra, check=True, timeout=300):
+    """One process, no launcher (pipeline.stages=1)."""
+    proc = subprocess.run([sys.executable, "-m", *train_args(out, *ONE, *extra)], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, env={**ENV, "MASTER_PORT": str(free_port())})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

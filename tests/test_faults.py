@@ -20,13 +20,11 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import ENV, ONE, REPO, RunsCode, error_line, free_port, rows, train1, train_args
 from resbm_ds import export, train
 from resbm_ds.manifest import MANIFEST, verify, write_manifest
 from resbm_ds.run_dir import LOCK_FILE
 from resbm_ds.watch import Peers, peer_failure
-from test_runs import ONE, ENV, RunsCode, error_line, train1
-from test_train import rows, train_args
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 

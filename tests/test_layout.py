@@ -17,6 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
+    {"system"},                                   # system: path kinds, file hashes, free ports, CPU env
     {"cli", "compat"},                            # cli: one-line user errors, checked argument types;
                                                   # compat: every patch of DeepSpeed / torch internals
     {"config"},                                   # config: schema and validation, the dtype table
@@ -257,3 +258,14 @@ def test_the_patch_check_passes_our_own_objects(compat_rules):
           "        self._what = 1\nx = torch.zeros(1)\ndef f(ids, attn, cfg):\n    ids.current = 1\n"
           "    attn.decoding = None\n    cfg._checked_world_size = 2\n    object.__setattr__(cfg, 'a', 1)")
     assert patches_in(ok, "ok.py", **compat_rules) == []
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/conftest.py; a test module imports none of its siblings."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not found, found

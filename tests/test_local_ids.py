@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import launch, run_pipe_worker_cases
-from test_train import rows, train_args
+from conftest import launch, rows, run_pipe_worker_cases, train_args
 from resbm_ds.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')

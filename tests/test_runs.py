@@ -12,29 +12,9 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, launch
-from test_train import TINY, rows, train_args
+from conftest import ENV, ONE, REPO, TINY, RunsCode, error_line, free_port, launch, rows, train1, train_args
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-ONE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none"]   # 1 process, seconds
-
-
-def train1(out, *extra, check=True, timeout=300):
-    """One process, no launcher (pipeline.stages=1)."""
-    proc = subprocess.run([sys.executable, "-m", *train_args(out, *ONE, *extra)], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout, env={**ENV, "MASTER_PORT": str(free_port())})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def error_line(proc) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0]
-
 
 # ---- trackers -------------------------------------------------------------------------------------
 
@@ -185,16 +165,6 @@ def test_the_run_directory_is_never_silently_reused(one_run, tmp_path):
     proc = train1(copy, "train.steps=2", "train.eval_every=100", "--overwrite")
     assert [r["step"] for r in rows(copy) if "loss" in r] == [1, 2]
     assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.is_dir()) == ["step2"]
-
-
-class RunsCode:
-    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(one_run, tmp_path):

@@ -1,5 +1,4 @@
 """The training entry point end to end: real corpus, real tokenizer, real DeepSpeed processes."""
-import json
 import os
 import re
 import signal
@@ -9,23 +8,11 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, launch
+from conftest import REPO, free_port, launch, rows, train_args
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 
-TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=64",
-        "data.seq_len=64", "bottleneck.ratio=16", "deepspeed.train_micro_batch_size_per_gpu=2",
-        "deepspeed.gradient_accumulation_steps=2", "train.warmup_steps=2", "train.eval_batches=2"]
 MB, GAS, T, H, h = 2, 2, 64, 64, 4
-
-
-def rows(out):
-    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r]
-
-
-def train_args(out, *extra):
-    """Arguments after the launcher's module flag (`deepspeed --module` / `torchrun -m`)."""
-    return ["resbm_ds.train", "--config", "cpu-demo", f"train.out_dir={out}", *TINY, *extra]
 
 
 def test_cli_run_writes_metrics_tensorboard_checkpoints(tmp_path):

@@ -52,8 +52,9 @@ from ..config import ConfigError, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..run_dir import config_changes
+from ..system import free_port
 from .reference import eval_reference
-from .runner import free_port, log_tail, machine_info, run_env, run_logged
+from .runner import log_tail, machine_info, run_env, run_logged
 
 CONFIG = "bench-convergence"
 LRS = (1e-3, 2e-3, 4e-3)

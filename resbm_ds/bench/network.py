@@ -37,7 +37,8 @@ from .. import netem
 from ..config import REPO_ROOT, Config, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..wire.link import link_bound_tokens_per_s
-from .runner import children_cpu_s, free_port, log_tail, machine_info, run_env, run_logged
+from ..system import free_port
+from .runner import children_cpu_s, log_tail, machine_info, run_env, run_logged
 from .throughput import PAPER_COMPUTE_OVER_LINK, Link, analyse
 
 BASE = "bench-paper-cpu"

@@ -16,24 +16,15 @@ import deepspeed
 import torch
 
 from ..config import REPO_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..system import CPU_ENV
 
 
 def run_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "resbm_ds" / "torch_extensions"))
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in CPU_ENV.items():
+        if key != "DS_ACCELERATOR" or not torch.cuda.is_available():
+            env.setdefault(key, value)
     return env
 
 

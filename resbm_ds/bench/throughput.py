@@ -35,7 +35,8 @@ from ..config import Config, ConfigError, load_config
 from ..wire.link import link_bound_tokens_per_s
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
-from .runner import children_cpu_s, free_port, log_tail, machine_info, run_env, run_logged
+from ..system import free_port
+from .runner import children_cpu_s, log_tail, machine_info, run_env, run_logged
 
 
 # ---- suite definitions -------------------------------------------------------------------------

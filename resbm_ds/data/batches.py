@@ -38,9 +38,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..cli import is_, path_kind
+from ..system import is_, path_kind
 from ..config import DataError
-from .cache import cache_root, file_lock, sha256_file
+from ..system import sha256_file
+from .cache import cache_root, file_lock
 from .corpus import DOC_SEPARATOR
 from .tokenizer import Tokenizer
 

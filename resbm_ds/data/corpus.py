@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cache import cache_root, file_lock, sha256_file
+from ..system import sha256_file
+from .cache import cache_root, file_lock
 
 # Bump when the cleaning or splitting changes: a manifest with another version is rebuilt.
 CORPUS_VERSION = 1

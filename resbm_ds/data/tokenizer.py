@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from ..config import DataError
-from .cache import cache_root, file_lock, sha256_file
+from ..system import sha256_file
+from .cache import cache_root, file_lock
 
 KINDS = ("sentencepiece-train", "sentencepiece", "hf")
 
