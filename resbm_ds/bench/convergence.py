@@ -62,6 +62,7 @@ SEEDS = (1234, 2, 3)
 LONG_STEPS = 3000
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
 TOKENS = ("bottleneck.token_channel=learned",)
+HASHED512 = ("bottleneck.token_channel=hashed", "bottleneck.token_buckets=512")
 
 
 def resbm(width: int, *extra: str) -> tuple[str, ...]:
@@ -143,6 +144,13 @@ def _runs() -> list[Run]:
             resbm(2, *TOKENS, "bottleneck.token_ids=local")),
         Run("resbm-128x-hashed", "ResBM 128x (h=1 + ids, hashed 4096-row table)", "rest", "resbm-tok",
             resbm(1, "bottleneck.token_channel=hashed")),
+        # 512 rows = V/8: the pressure 4,096 rows meet at V=32,000 (4,096 rows at V=4,096 are nearly a full table)
+        Run("resbm-128x-hashed512", "ResBM 128x (h=1 + ids, hashed 512-row table)", "rest", "resbm-tok",
+            resbm(1, *HASHED512)),
+        Run("resbm-128x-hashed512-local", "ResBM 128x (h=2 + ids read locally, hashed 512-row table)", "rest",
+            "resbm-tok", resbm(2, *HASHED512, "bottleneck.token_ids=local")),
+        Run("none-hashed512", "uncompressed + the same hashed 512-row tables (their fair control)", "rest", "none-tok",
+            ("bottleneck.method=none", *HASHED512)),
         Run("resbm-128x-int4", "ResBM 128x (h=4 int4 + scale)", "rest", "resbm", resbm(4, "wire.codec=int4", *four_bytes)),
         Run("resbm-128x-int2", "ResBM 128x (h=8 int2 + scale)", "rest", "resbm", resbm(8, "wire.codec=int2", *four_bytes)),
         Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, learned table)", "rest",
