@@ -7,13 +7,13 @@ import importlib.metadata
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
 
 from .config import REPO_ROOT, Config, ConfigError
+from .system import unreachable
 
 METRICS_FILE = "metrics.jsonl"
 TRACKER_IDS = "trackers.json"      # the W&B / MLflow run ids, so a resumed run continues the same run
@@ -92,14 +92,11 @@ def check_trackers_reachable(cfg: Config) -> None:
     url = urllib.parse.urlparse(k.mlflow_uri or "") if k.mlflow else None
     if url is None or url.scheme not in ("http", "https"):
         return
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=TRACKER_DEADLINE_S).close()
-    except OSError as e:
+    why = unreachable(k.mlflow_uri, TRACKER_DEADLINE_S)
+    if why:
         raise ConfigError("tracking.mlflow_uri", k.mlflow_uri,
-                          f"cannot reach {url.hostname}:{port} within {TRACKER_DEADLINE_S} s "
-                          f"({e.strerror or type(e).__name__}); start the tracking server, or leave "
-                          "tracking.mlflow_uri unset for a SQLite store in the run directory") from None
+                          f"{why}; start the tracking server, or leave tracking.mlflow_uri unset for a "
+                          "SQLite store in the run directory")
 
 
 class Trackers:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import stat
+import urllib.parse
 from pathlib import Path
 
 MISSING = "does not exist"
@@ -57,3 +58,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def unreachable(url: str, deadline_s: float) -> str | None:
+    """None when a TCP connection to the URL's host and port opens within `deadline_s`, else why
+    not, in words ('host:port within 10 s (Connection refused)')."""
+    u = urllib.parse.urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=deadline_s).close()
+    except OSError as e:
+        return f"cannot reach {u.hostname}:{port} within {deadline_s:g} s ({e.strerror or type(e).__name__})"
+    return None

@@ -45,8 +45,8 @@ from . import compat
 from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
 from .cli import ArgumentParser, UserError, cli
 from .config import Config, ConfigError, DataError, TrainConfig, load_config
-from .data.batches import (EvalPart, PackedBatches, TextSource, check_local_file, eval_parts, tokenize_to_array,
-                           validation_batches)
+from .data.batches import (EvalPart, PackedBatches, TextSource, check_hub_reachable, check_local_file, eval_parts,
+                           tokenize_to_array, validation_batches)
 from .data.corpus import default_dir, ensure_corpus, val_sources
 from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
 from .engine import (Runtime, StepGuard, all_ranks_agree, build_engine, close_distributed, finite_weights,
@@ -344,6 +344,7 @@ def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
     """Everything that can fail on bad input, before any process group exists."""
     cfg = validate_before_launch(load_config(args.config, args.overrides))
     check_trackers_reachable(cfg)
+    check_hub_reachable(cfg)
     if args.print_config:
         return cfg, None, None, None, None
     train_src, val_src = text_sources(cfg)

@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,19 @@ def test_pdsh_command_quotes_every_argument(tmp_path):
     refused = subprocess.run(["bash", script, "--print-quoted", "tracking.run_name=a $(id)"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "$(id)" in refused.stderr
+
+
+@pytest.mark.parametrize("kind, endpoint, host", [("refused", "http://127.0.0.1:9", "127.0.0.1:9"),
+                                                  ("no-route", "http://192.0.2.1:443", "192.0.2.1:443")])
+@pytest.mark.parametrize("reads", ["data.source=hub", "data.tokenizer=hf"])
+def test_an_unreachable_hub_is_one_line_within_its_deadline(files, capsys, monkeypatch, kind, endpoint, host, reads):
+    """A run that reads from the hub while the hub cannot be reached: one line within 10 s before
+    launch (192.0.2.1 is TEST-NET-1, never routed), not every rank waiting in its first download."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    extra = [reads, "data.tokenizer_path=resbm-test/no-such-tok"] if reads == "data.tokenizer=hf" else [reads]
+    argv = [a for a in train_argv(files, *extra) if not (reads == "data.source=hub" and a.startswith("data.train_path="))]
+    t0 = time.monotonic()
+    line = one_error_line(capsys, call(train.main, argv), [f"cannot reach {host} within 10 s", "HF_HUB_OFFLINE=1"])
+    assert ("data.hub_name" if reads == "data.source=hub" else "data.tokenizer_path") in line
+    assert time.monotonic() - t0 < 30

@@ -38,8 +38,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..system import is_, path_kind
-from ..config import DataError
+from ..system import is_, path_kind, unreachable
+from ..config import Config, DataError
 from ..system import sha256_file
 from .cache import cache_root, file_lock
 from .corpus import DOC_SEPARATOR
@@ -114,6 +114,30 @@ class TextSource:
             return ", ".join(str(p) for p in self.files())
         return (f"hub:{self.name}" + (f"/{self.config}" if self.config else "")
                 + (f"@{self.revision}" if self.revision else "") + f"[{self.split}]")
+
+
+HUB_DEADLINE_S = 10   # to reach the Hugging Face hub, checked before launch
+
+
+def check_hub_reachable(cfg: Config) -> None:
+    """A run that reads from the hub (data.source=hub, or data.tokenizer=hf naming no local
+    directory) must reach it (HF_ENDPOINT, default huggingface.co) within HUB_DEADLINE_S before
+    launch: unreachable, every rank would wait in the first download. With HF_HUB_OFFLINE=1 the
+    libraries read their cache and fail at once where it lacks something."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    d = cfg.data
+    key, value = (("data.hub_name", d.hub_name) if d.source == "hub" else
+                  ("data.tokenizer_path", d.tokenizer_path)
+                  if d.tokenizer == "hf" and d.tokenizer_path and not Path(d.tokenizer_path).expanduser().is_dir()
+                  else (None, None))
+    if key is None:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    why = unreachable(endpoint, HUB_DEADLINE_S)
+    if why:
+        raise DataError(key, value, f"is read from the hub, and it {why}; set HF_ENDPOINT to a mirror, use "
+                                    "local files, or set HF_HUB_OFFLINE=1 to read the local cache")
 
 
 def check_local_file(path: str | os.PathLike, key: str) -> Path:
