@@ -296,7 +296,17 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
         cmds = [deepspeed_command(cluster, k, port, train_args, hostfile=hostfile) for k in range(cluster.nodes)]
     else:
         raise NetemError(f"launcher {launcher!r}: expected torchrun or deepspeed")
-    procs = [subprocess.Popen(cmd, stdout=logs[k], stderr=subprocess.STDOUT, env=e, cwd=cwd, start_new_session=True)
+    try:
+        return run_nodes(cmds, logs, e, timeout_s, cwd)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_nodes(cmds: list[list[str]], logs: list, env: dict, timeout_s: float, cwd=None) -> list[int]:
+    """Run one command per node (each writes to logs[k]); -> their exit codes. If one fails or time
+    runs out, the others are killed (each in its own process group)."""
+    procs = [subprocess.Popen(cmd, stdout=logs[k], stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
              for k, cmd in enumerate(cmds)]
     deadline = time.monotonic() + timeout_s
     try:
@@ -313,8 +323,6 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
                 except ProcessLookupError:
                     pass
                 p.wait()
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
     return [p.returncode for p in procs]
 
 

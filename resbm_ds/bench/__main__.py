@@ -7,16 +7,17 @@ import sys
 from pathlib import Path
 
 from ..cli import ArgumentParser, cli, int_at_least, output_dir
-from . import convergence, network
+from . import convergence, network, sites
 from .throughput import SUITES, Link, check_available, replace_link, run_suite
 
 
 @cli
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m resbm_ds.bench", description="resbm-ds benchmark suites")
-    p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence", "paper-net"]),
+    p.add_argument("--suite", required=False, choices=sorted([*SUITES, "convergence", "paper-net", "sites"]),
                    help="convergence: what compression costs in loss (resbm_ds/bench/convergence.py); "
-                        "paper-net: throughput on a real shaped link, needs root (resbm_ds/bench/network.py)")
+                        "paper-net: throughput on a real shaped link, needs root (resbm_ds/bench/network.py); "
+                        "sites: data parallelism across 2 sites on a real shaped link, needs root (resbm_ds/bench/sites.py)")
     p.add_argument("--jobs", type=int_at_least(1), default=2, help="convergence: runs at a time (one process each)")
     p.add_argument("--out", type=output_dir, help="output directory")
     p.add_argument("--only", help="run only the runs whose name matches this regular expression")
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
         return convergence.main(args, command)
     if args.suite == "paper-net":
         return network.main(args, command)
+    if args.suite == "sites":
+        return sites.main(args, command)
     suite = SUITES[args.suite]
     for item in args.link:
         key, _, value = item.partition("=")

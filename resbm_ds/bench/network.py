@@ -38,7 +38,7 @@ from ..config import REPO_ROOT, Config, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..wire.link import link_bound_tokens_per_s
 from ..system import free_port
-from .runner import children_cpu_s, log_tail, machine_info, run_env, run_logged
+from .runner import children_cpu_s, fmt, log_tail, machine_info, reusable, run_env, run_logged, write_results
 from .throughput import PAPER_COMPUTE_OVER_LINK, Link, analyse
 
 BASE = "bench-paper-cpu"
@@ -83,12 +83,9 @@ def run_once(name, mode, link_key, mbps, overrides, out, cluster, steps, fresh, 
     o = [*COMMON, f"train.steps={steps}", *overrides, *link_o]
     entry = dict(name=name, mode=mode, link=link_key, rate=tc_rate,
                  link_mbps=10_000.0 if link_key == "fast" else mbps, overrides=o)
-    cached = run_dir / "result.json"
-    if not fresh and cached.exists():
-        old = json.loads(cached.read_text())
-        if old.get("overrides") == o and old.get("status") == "ok":
-            print(f"[bench] {name} ({mode}): reused from {run_dir}", flush=True)
-            return old
+    if not fresh and (old := reusable(run_dir, o)):
+        print(f"[bench] {name} ({mode}): reused from {run_dir}", flush=True)
+        return old
     cfg = load_config(BASE, o).validate(world_size=2)
     train = ["-m", "resbm_ds.train", "--config", BASE, f"train.out_dir={run_dir / 'run'}", *o]
     print(f"[bench] {name} ({mode}, {tc_rate}) ...", flush=True)
@@ -118,7 +115,7 @@ def run_once(name, mode, link_key, mbps, overrides, out, cluster, steps, fresh, 
     m.update(link_numbers(run_dir / "run", cfg, entry["link_mbps"]))
     entry.update(status="ok", metrics=m, config_ratio_vs_bf16=cfg.compression_ratio())
     shutil.rmtree(run_dir / "run" / "checkpoints", ignore_errors=True)
-    cached.write_text(json.dumps(entry, indent=1))
+    (run_dir / "result.json").write_text(json.dumps(entry, indent=1))
     print(f"[bench] {name} ({mode}): {m['tokens_per_s']:,.0f} tok/s, half-duplex bound "
           f"{m['bound_half_duplex']:,.0f}" + (f", kernel above TCP - meter {m['kernel_extra_per_step']:,.0f} B/step"
                                               if m.get("kernel_extra_per_step") is not None else ""), flush=True)
@@ -190,22 +187,13 @@ def main(args, command: str) -> int:
                 e["label"] = label
                 results["runs"].append(e)
                 results["slow_rate_mbps"], results["slow_rate_from"] = rate, "--link" if fixed else "measured"
-                write(results, out)
+                write_results(results, out, markdown)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["machine"]["load_average_end"] = list(os.getloadavg())
     results["torn_down"] = not netem.namespaces(cluster.cluster_id)
-    write(results, out)
+    write_results(results, out, markdown)
     print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
-
-
-def write(results: dict, out: Path):
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-
-
-def _f(x, spec=",.0f"):
-    return "–" if x is None else format(x, spec)
 
 
 def _load(run) -> str:
@@ -247,12 +235,12 @@ def markdown(results: dict) -> str:
         link = "10 Gbit/s" if link_key == "fast" else f"{any_run['link_mbps']:.3g} Mbit/s"
         lines.append(
             f"| {label} | {link} | {m['bytes_per_token_fwd']:g} / {m['bytes_per_token_bwd']:g} | "
-            f"{_f(m.get('measured_compression_vs_bf16'), '.1f')}x | {_f(rm and rm['tokens_per_s'])} | "
-            f"{_f(rm and ref['real'] and rm['tokens_per_s'] / ref['real'], '.3f')} | "
-            f"{_f(m['bound_half_duplex'])} / {_f(m['bound_full_duplex'])} | "
-            f"{_f(rm and rm['tokens_per_s'] / rm['bound_half_duplex'], '.3f')} | "
-            f"{_f(rm and rm.get('kernel_extra_per_step'))} | {_f(em and em['tokens_per_s'])} | "
-            f"{_f(em and ref['emulated'] and em['tokens_per_s'] / ref['emulated'], '.3f')} | "
+            f"{fmt(m.get('measured_compression_vs_bf16'), '.1f')}x | {fmt(rm and rm['tokens_per_s'])} | "
+            f"{fmt(rm and ref['real'] and rm['tokens_per_s'] / ref['real'], '.3f')} | "
+            f"{fmt(m['bound_half_duplex'])} / {fmt(m['bound_full_duplex'])} | "
+            f"{fmt(rm and rm['tokens_per_s'] / rm['bound_half_duplex'], '.3f')} | "
+            f"{fmt(rm and rm.get('kernel_extra_per_step'))} | {fmt(em and em['tokens_per_s'])} | "
+            f"{fmt(em and ref['emulated'] and em['tokens_per_s'] / ref['emulated'], '.3f')} | "
             f"{_load(real)}; {_load(emu)} |")
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:

@@ -2,6 +2,7 @@
 machine it ran on."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -92,3 +93,21 @@ def machine_info() -> dict:
                 os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 deepspeed=deepspeed.__version__, hostname=socket.gethostname(),
                 load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+
+
+def write_results(results: dict, out: Path, markdown) -> None:
+    """DIR/results.json and DIR/results.md (`markdown(results)`), rewritten after every run."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+
+
+def fmt(x, spec=",.0f") -> str:
+    """A table cell: '–' for a missing value."""
+    return "–" if x is None else format(x, spec)
+
+
+def reusable(run_dir: Path, overrides: list[str]) -> dict | None:
+    """A finished run's DIR/runs/<run>/result.json, when it ran with the same overrides."""
+    cached = run_dir / "result.json"
+    old = json.loads(cached.read_text()) if cached.exists() else {}
+    return old if old.get("overrides") == overrides and old.get("status") == "ok" else None
