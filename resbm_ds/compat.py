@@ -32,7 +32,7 @@ Patches, and who calls them:
   zero_gradient_partitions        ZeRO-1's averaged_gradients, read                    (engine.py)
   shm_allreduce_off               LOCAL_SIZE hidden from the environment               (engine.py)
   replace_checkpoint_load         engine.checkpoint_engine.load                        (checkpoints.py)
-  set_last_lr                     torch LRScheduler._last_lr                           (train.py)
+  set_last_lr                     torch LRScheduler._last_lr                           (trainer.py)
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ PATCH_POINTS = (
                ("self", "path", "map_location"), used_by="replace_checkpoint_load"),
     PatchPoint("deepspeed.runtime.engine", "DeepSpeedEngine._load_checkpoint",
                mentions="self.checkpoint_engine.load(", used_by="replace_checkpoint_load"),
-    # train.py: torch's lr scheduler
+    # trainer.py: torch's lr scheduler
     PatchPoint("torch.optim.lr_scheduler", "LRScheduler.get_last_lr", ("self",), mentions="return self._last_lr",
                used_by="set_last_lr"),
 )
@@ -423,7 +423,7 @@ def replace_checkpoint_load(engine, load) -> None:
     engine.checkpoint_engine.load = load
 
 
-# ---- train.py: torch's lr scheduler --------------------------------------------------------------
+# ---- trainer.py: torch's lr scheduler --------------------------------------------------------------
 def set_last_lr(sched) -> None:
     """Make `sched.get_last_lr()` report the optimizer's current lrs (torch keeps them in the private
     `_last_lr`, refreshed only by `step()`), after the caller set the groups' lr by hand."""

@@ -20,7 +20,7 @@ bits in the same order, so parameters are equal across sites after every outer s
 Bytes between sites are counted per rank as the algorithms move them (`bytes_per_sync`): a ring
 all-reduce of n bytes sends 2(k-1)/k n from each of k sites; an all-gather of a p-byte message
 sends (k-1) p; the start-up check 40 bytes (5 float64) to each other site. A site's total is the sum over
-its ranks (train.py's `wire_bytes_sites`).
+its ranks (trainer.py's `wire_bytes_sites`).
 """
 from __future__ import annotations
 

@@ -73,3 +73,15 @@ def test_the_argument_types_accept_what_they_should(paths):
     p = ArgumentParser(prog="x")
     p.add_argument("--n", type=int_at_least(0))
     assert p.parse_args(["--n", "0"]).n == 0
+
+
+@pytest.mark.parametrize("module", ["train", "corpus"])
+def test_help_and_a_bad_option_answer_before_torch_loads(module):
+    """`resbm-train --help` and `resbm-corpus --help` parse before anything heavy is imported."""
+    import subprocess
+    import sys
+    code = (f"import sys\nfrom resbm_ds.{module} import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, sorted(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

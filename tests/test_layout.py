@@ -28,7 +28,8 @@ LAYERS = [
                                                   # directories, launcher / progress / peer watches,
                                                   # the outer loop across sites
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
-    {"train", "export"},                          # loop: the training loop; consolidated models
+    {"trainer", "export"},                        # loop: the training run; consolidated models
+    {"train"},                                    # the command line of training (trainer loads on use)
     {"netem"},                                    # a real network: namespaces, shaped links, launches
     {"generate", "spectrum", "corpus", "bench"},  # tools (docs/development.md "How it is built" has this table)
     {"harness"},                                  # lm-eval on exports (uses generate's loaders)
