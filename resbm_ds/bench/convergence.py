@@ -596,8 +596,6 @@ def plot(results: dict, out: Path):
 def main(args, command: str) -> int:
     """`python -m resbm_ds.bench --suite convergence ...` (arguments parsed by bench.main)."""
     problems = []
-    if args.jobs < 1:
-        problems.append(f"--jobs {args.jobs}: must be >= 1")
     if args.link or args.steps or args.keep_checkpoints:
         problems.append("--link, --steps and --keep-checkpoints are for the throughput suites; the convergence "
                         "suite has no link and a fixed token budget (use --set train.steps=N for a quick check)")
