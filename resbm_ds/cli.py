@@ -9,9 +9,14 @@ import argparse
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 from .system import MISSING, is_, path_kind
+
+
+# long enough for the printing rank to reach the same check (all ranks run it at the same point)
+QUIET_RANK_PAUSE_S = 3.0
 
 
 class UserError(ValueError):
@@ -28,8 +33,9 @@ def cli(main):
     line `error: ...` on stderr and exit status 2; anything else is a bug and keeps its traceback.
 
     Under a launcher every rank checks the same input, so only the first rank of each node prints
-    (one line per node, where a node-local file may differ); the others exit 2 quietly and the
-    launcher ends the job."""
+    (one line per node, where a node-local file may differ). The others exit 2 quietly, after a pause:
+    a launcher kills the survivors as soon as one rank exits, which must not be before the first rank
+    has printed."""
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
         try:
@@ -37,6 +43,8 @@ def cli(main):
         except (UserError, FileNotFoundError) as e:
             if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            else:
+                time.sleep(QUIET_RANK_PAUSE_S)
             return 2
     return wrapped
 
