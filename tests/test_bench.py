@@ -151,7 +151,7 @@ def test_convergence_suite_tunes_lr_reports_references_pairs_and_resumes(tmp_pat
     for png in ("val_loss_vs_tokens.png", "gap_vs_width.png", "long_gap_vs_tokens.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert f"{ev['tokens']:,} tokens" in md and "Headline pairs" in md and "Learning-rate sweep" in md
+    assert f"{ev['tokens']:,} tokens" in md and "## Pairs" in md and "Learning-rate sweep" in md
     again = convergence(out)                                   # resumable: finished runs are reused
     assert again.returncode == 0 and again.stdout.count(": reused") == 8, again.stdout[-2000:]
 

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ConfigError, load_config
@@ -101,6 +101,12 @@ PAIRS = (("resbm-tok", "none-tok", "default ResBM 128x against the fair control 
          ("resbm", "none", "ResBM 128x without ids against the uncompressed model"),
          ("resbm-tok", "none", "default ResBM 128x against the uncompressed model without tables (not fair)"),
          ("none-tok", "none", "what the token tables alone do to the uncompressed model"))
+# Side-channel candidates for the default (issue #23) at the short horizon, each with seeds 2 and 3 (runs
+# named <run>-s<seed>): (compressed, control, what the comparison says).
+CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
+                  "ResBM 128x, hashed 512-row tables, ids read locally, against the same tables uncompressed"),
+                 ("resbm-128x-hashed512", "none-hashed512",
+                  "ResBM 128x, hashed 512-row tables, ids sent, against the same tables uncompressed"))
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,10 @@ def _runs() -> list[Run]:
         Run("resbm-tok-embed1", "ResBM 128x default, token embedding N(0, 1) (the init check)", "rest",
             "resbm-tok", (*LR_FAMILIES["resbm-tok"][1], *NO_IDENTITY)),
     ]
-    order = [r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds + rest
+    seeded = {name for pair in CHANNEL_PAIRS for name in pair[:2]}
+    channel_seeds = [replace(r, name=f"{r.name}-s{s}", seed=s) for r in rest if r.name in seeded for s in SEEDS[1:]]
+    order = ([r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds
+             + rest + channel_seeds)
     assert len({x.name for x in order}) == len(order)
     return order
 
@@ -400,6 +409,31 @@ def tuned_runs(results: dict, family: str) -> dict[int, dict]:
             and e["phase"] in ("sweep", "seeds") and e["optimizer"] == "adamw"}
 
 
+def seeded_runs(results: dict, name: str) -> dict[int, dict]:
+    """{seed: run} of a side-channel run of the rest phase: seed 1234 is `name`, the others `name-s<seed>`."""
+    entries = {e["name"]: e for e in _ok(results)}
+    runs = {1234: entries.get(name), **{s: entries.get(f"{name}-s{s}") for s in SEEDS[1:]}}
+    return {s: e for s, e in runs.items() if e is not None}
+
+
+def compare(what: str, comp: str, ctrl: str, a: dict[int, dict], c: dict[int, dict]) -> dict | None:
+    """The gap of `a` against `c` over their common seeds, with the suite's verdict rule."""
+    seeds = sorted(set(a) & set(c))
+    if not seeds:
+        return None
+    la = [a[s]["metrics"]["final_val_loss"] for s in seeds]
+    lc = [c[s]["metrics"]["final_val_loss"] for s in seeds]
+    gaps = [100 * (x / y - 1) for x, y in zip(la, lc)]
+    (ma, sa), (mc, sc) = _mean_std(la), _mean_std(lc)
+    mg, sg = _mean_std(gaps)
+    combined = math.hypot(sa, sc) if sa is not None and sc is not None else None
+    verdict = ("one seed: no verdict" if combined is None else
+               "different" if abs(ma - mc) > 2 * combined else "not distinguishable")
+    return dict(compressed=comp, control=ctrl, what=what, seeds=seeds, loss=la, control_loss=lc,
+                mean=ma, std=sa, control_mean=mc, control_std=sc, gaps_pct=gaps, gap_mean_pct=mg,
+                gap_std_pct=sg, combined_std=combined, verdict=verdict)
+
+
 def summarise(results: dict):
     ok = _ok(results)
     unigram = results["eval"]["unigram_ce"]
@@ -411,24 +445,11 @@ def summarise(results: dict):
                                 val_loss={f"{e['lr']:g}": e["metrics"]["final_val_loss"] for e in ok
                                           if e["phase"] == "sweep" and e["family"] == f})
                         for f in LR_FAMILIES}
-    pairs = []
-    for comp, ctrl, what in PAIRS:
-        a, c = tuned_runs(results, comp), tuned_runs(results, ctrl)
-        seeds = sorted(set(a) & set(c))
-        if not seeds:
-            continue
-        la = [a[s]["metrics"]["final_val_loss"] for s in seeds]
-        lc = [c[s]["metrics"]["final_val_loss"] for s in seeds]
-        gaps = [100 * (x / y - 1) for x, y in zip(la, lc)]
-        (ma, sa), (mc, sc) = _mean_std(la), _mean_std(lc)
-        mg, sg = _mean_std(gaps)
-        combined = math.hypot(sa, sc) if sa is not None and sc is not None else None
-        verdict = ("one seed: no verdict" if combined is None else
-                   "different" if abs(ma - mc) > 2 * combined else "not distinguishable")
-        pairs.append(dict(compressed=comp, control=ctrl, what=what, seeds=seeds, loss=la, control_loss=lc,
-                          mean=ma, std=sa, control_mean=mc, control_std=sc, gaps_pct=gaps, gap_mean_pct=mg,
-                          gap_std_pct=sg, combined_std=combined, verdict=verdict))
-    results["pairs"] = pairs
+    pairs = [compare(what, comp, ctrl, tuned_runs(results, comp), tuned_runs(results, ctrl))
+             for comp, ctrl, what in PAIRS]
+    pairs += [compare(what, comp, ctrl, seeded_runs(results, comp), seeded_runs(results, ctrl))
+              for comp, ctrl, what in CHANNEL_PAIRS]
+    results["pairs"] = [p for p in pairs if p]
     long = {e["family"]: e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"}
     results["long_gaps"] = []
     if "none-tok" in long:
@@ -478,7 +499,7 @@ def markdown(results: dict) -> str:
                   for k, v in ev["by_source"].items()]
     lines.append("")
     if results.get("pairs"):
-        lines += ["## Headline pairs (short horizon, tuned lr, seeds)", "",
+        lines += ["## Pairs (short horizon, tuned lr, seeds)", "",
                   "Gap = val loss / control val loss - 1, per seed; two methods are called different only when "
                   "their mean losses differ by more than twice the combined std.", "",
                   "| comparison | seeds | loss (mean ± std) | control (mean ± std) | gap mean ± std | verdict |",
