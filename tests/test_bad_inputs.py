@@ -151,7 +151,7 @@ TRAIN_ROWS = [
        [f"hf_{kind}", "safetensors"]) for kind in ("missing", "truncated", "garbage")],
     # --resume with a key changed that the checkpoint cannot follow (the run was saved with BASE)
     *[(f"resume-{args[0].split('=')[0]}", lambda d, args=args: train_argv(d, *args, "--resume", out=resume_dir(d)),
-       ["--resume", args[0].split("=")[0]])
+       ["--resume", args[0].split("=")[0], "cannot change mid-run"])
       for args in (["bottleneck.width=8"], ["bottleneck.ratio=4"], ["model.hidden_size=64"], ["model.num_layers=4"],
                    ["bottleneck.identity=none"], ["bottleneck.method=bottleneck-noskip", "bottleneck.segments=2"],
                    ["pipeline.stages=2", "bottleneck.segments=2"], ["train.optimizer=muon"], ["data.seq_len=8"],

@@ -126,6 +126,19 @@ def test_one_orthonormal_basis_shared_by_every_layer():
     assert not any(p.requires_grad for m in layers.modules() for p in m.buffers())
 
 
+def test_counting_on_the_meta_device_first_leaves_the_real_model_on_the_cpu():
+    """`--dry-run` counts the model under torch.device("meta"); the shared basis and table it builds
+    on the way are cached, and the real model built next in the same process must get CPU tensors."""
+    from resbm_ds.model.accounting import parameter_counts
+    from resbm_ds.model import baselines
+    baselines._basis.cache_clear()
+    baselines._table.cache_clear()
+    parameter_counts(config("subspace", "bottleneck.segments=4", "seed=4321"))
+    _, layers, _ = subspace_layers("bottleneck.segments=4", "seed=4321")
+    tensors = [t for m in layers.modules() for t in m.buffers()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
 def check_boundaries_reconstruct(layers, ends, ids, tol=1e-5):
     outs = run_layers(layers, ids)
     emb = layers[0]

@@ -29,7 +29,7 @@ import pytest
 from conftest import REPO
 from resbm_ds import netem
 
-pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
+pytestmark = [pytest.mark.slow, pytest.mark.timing]   # real launches; tokens/s on shaped links: run alone
 
 RATE, RATE_BPS = "2mbit", 2e6
 STEPS = 8

@@ -97,14 +97,18 @@ class NoSkipDecoder(BottleneckDecoder):
 
 # ---- subspace ------------------------------------------------------------------------------------
 
+# Cached on the CPU whatever the default device: a model first counted under torch.device("meta")
+# (model/accounting.py) must not leave meta tensors here for the real model built next.
 @functools.lru_cache(maxsize=4)
 def _basis(hidden: int, k: int, seed: int) -> torch.Tensor:
-    return orthonormal_rows(k, hidden, seed).T.contiguous()          # H x k, orthonormal columns
+    with torch.device("cpu"):
+        return orthonormal_rows(k, hidden, seed).T.contiguous()          # H x k, orthonormal columns
 
 
 @functools.lru_cache(maxsize=2)
 def _table(vocab: int, hidden: int, seed: int) -> torch.Tensor:
-    return torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed))
+    with torch.device("cpu"):
+        return torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed))
 
 
 def subspace_basis(cfg: Config) -> torch.Tensor:
