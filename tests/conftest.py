@@ -12,6 +12,18 @@ for _key, _value in CPU_ENV.items():
     os.environ.setdefault(_key, _value)
 
 
+# The longest test files first (measured on 2 cores, longest first), so that the two pytest-xdist
+# workers of launchers/test.sh end together instead of one idling while the other runs a long file
+# it drew last. Order inside a file is kept.
+LONG_FILES = ("test_bench.py", "test_runs.py", "test_faults.py", "test_slurm.py", "test_sync.py",
+              "test_train.py", "test_optim.py", "test_after_training.py", "test_netem.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def launch(args, nprocs: int, timeout: int = 600, launcher: str = "torchrun", env=None, check=True):
     """Run `args` (a script and its arguments) in `nprocs` real processes; returns CompletedProcess."""
     port = free_port()

@@ -29,7 +29,7 @@ import pytest
 from conftest import REPO
 from resbm_ds import netem
 
-pytestmark = [pytest.mark.slow, pytest.mark.timing]   # real launches; tokens/s on shaped links: run alone
+pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 
 RATE, RATE_BPS = "2mbit", 2e6
 STEPS = 8
@@ -91,6 +91,7 @@ def steady(run):
     return run["rows"][1:]     # step 1 also carries the one-off shape handshake
 
 
+@pytest.mark.timing    # the shaped link's rates (the `runs` fixture trains once, in this lane)
 def test_both_launchers_complete_a_2_stage_training_across_the_namespaces(runs):
     for name in ("resbm", "none"):
         rows = steady(runs[name])
@@ -102,6 +103,7 @@ def median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
+@pytest.mark.timing    # the shaped link's rates (the `runs` fixture trains once, in this lane)
 @pytest.mark.parametrize("name", ["resbm", "none"])
 def test_kernel_bytes_above_tcp_match_the_meter_plus_framing(runs, name):
     """Every step: the kernel saw at least what the meter counted, per direction; the typical step
@@ -118,6 +120,7 @@ def test_kernel_bytes_above_tcp_match_the_meter_plus_framing(runs, name):
     assert over <= 2, extra
 
 
+@pytest.mark.timing    # the shaped link's rates (the `runs` fixture trains once, in this lane)
 def test_a_compressed_run_moves_its_code_and_the_uncompressed_one_about_H_over_h_times_more(runs):
     resbm, none = steady(runs["resbm"]), steady(runs["none"])
     tokens = resbm[0]["tokens"] // resbm[0]["step"]
@@ -131,6 +134,7 @@ def test_a_compressed_run_moves_its_code_and_the_uncompressed_one_about_H_over_h
     assert 0.75 * RATIO <= ratio <= 1.05 * RATIO, ratio
 
 
+@pytest.mark.timing    # the shaped link's rates (the `runs` fixture trains once, in this lane)
 def test_uncompressed_tokens_per_s_on_a_slow_link_sit_at_the_link_bound(runs):
     rows = steady(runs["none"])
     tokens = rows[0]["tokens"] // rows[0]["step"]
@@ -140,6 +144,7 @@ def test_uncompressed_tokens_per_s_on_a_slow_link_sit_at_the_link_bound(runs):
     assert 0.8 <= measured / half_duplex_bound <= 1.15, (measured, half_duplex_bound)
 
 
+@pytest.mark.timing    # the shaped link's rates (the `runs` fixture trains once, in this lane)
 def test_everything_is_torn_down(runs):
     assert runs["left"] == []
     assert not any(n.startswith(f"resbm-{runs['id']}-") for n in netem.namespaces())
@@ -169,6 +174,7 @@ def _transfer_s(cluster, src, dst, nbytes):
     return float(seconds)
 
 
+@pytest.mark.timing
 @needs_net
 def test_a_hub_gives_each_node_its_own_link_rate():
     """3 nodes on a hub: node 1's link at 8 Mbit/s, node 2's at 2 Mbit/s; node 0's at 8 Mbit/s."""
