@@ -32,7 +32,7 @@ from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir
 from .hf.modeling import ResBMHFConfig, ResBMHFForCausalLM
 from .model.causal_lm import ResBMForCausalLM
-from .trainer import text_sources
+from .data.sources import text_sources
 
 
 def load_tokenizer(path):
