@@ -300,7 +300,7 @@ class Trainer:
 
     def train(self) -> float:
         """The steps from the plan's start to train.steps, then (rank 0) the summary."""
-        cfg, rt = self.cfg, self.rt
+        cfg = self.cfg
         self.bar = progress_bar(self.rank0 and is_terminal(), self.start, cfg.train.steps)
         self.metrics = Metrics(cfg, self.out, self.start, self.rank0, plain_lines=self.bar is None)
         ok = False

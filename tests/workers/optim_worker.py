@@ -14,7 +14,6 @@ own: singular values for the Muon matrices, |update| / lr for the AdamW paramete
 import faulthandler
 import json
 import math
-import os
 import signal
 import sys
 
@@ -25,8 +24,7 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-from pipe_worker import synthetic_batches  # noqa: E402
+from pipe_worker import synthetic_batches   # a sibling script: its directory is on sys.path (run as a script, or pytest's pythonpath)
 
 from resbm_ds.config import load_config  # noqa: E402
 from resbm_ds.engine import build_engine, close_distributed
