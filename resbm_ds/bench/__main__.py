@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     p.add_argument("--list", action="store_true", help="list the suites and their runs, run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each run of the suite would do in --out (reuse, resume or run), launch nothing")
     args = p.parse_args(argv)
     if args.list:
         for s in SUITES.values():
@@ -54,6 +56,10 @@ def main(argv=None) -> int:
             p.error(f"--link {item}: expected KEY=MBPS[,LATENCY_MS] with KEY one of {sorted(suite.links)}")
         mbps, _, lat = value.partition(",")
         suite = replace_link(suite, Link(key, "", float(mbps), float(lat) if lat else suite.links[key].latency_ms))
+    if args.plan:
+        from .throughput import plan
+        plan(suite, Path(args.out), only=args.only, fresh=args.fresh, steps=args.steps, settings=tuple(args.set))
+        return 0
     run_suite(suite, Path(args.out), only=args.only, fresh=args.fresh,
               keep_checkpoints=args.keep_checkpoints, steps=args.steps, command=command,
               settings=tuple(args.set))

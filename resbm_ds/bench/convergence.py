@@ -388,6 +388,26 @@ def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = F
     return results
 
 
+def plan(out, only=None, fresh=False, settings=()):
+    runs = [r for r in RUNS if not only or re.search(only, r.name)]
+    previous = {}
+    if (out / "results.json").exists() and not fresh:
+        previous = {e["name"]: e for e in json.loads((out / "results.json").read_text()).get("runs", []) if e.get("phase")}
+    entries = {n: e for n, e in previous.items() if e.get("status") == "ok"}
+    for r in runs:
+        lr = r.lr if r.lr is not None else tuned_lr(r.family, entries)
+        if lr is None:
+            sweeping = any(x.family == r.family and x.phase == "sweep" for x in runs)
+            print(f"{'run' if sweeping else 'skip':12s}{r.name}  lr after the {r.family} sweep", flush=True)
+            continue
+        entry = describe(r, resolve(r, out, lr, settings), lr, settings)
+        old = previous.get(r.name)
+        same = old is not None and "config" in old and not config_changes(old["config"], entry["config"])
+        decision = ("reuse" if same and old.get("status") == "ok" else
+                    "resume" if same and (out / "runs" / r.name / "checkpoints" / "latest").exists() else "run")
+        print(f"{decision:12s}{r.name}  lr {lr:g}", flush=True)
+
+
 # ---- analysis -----------------------------------------------------------------------------------
 
 def _ok(results, status=("ok",)):
@@ -629,6 +649,9 @@ def main(args, command: str) -> int:
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
+    if args.plan:
+        plan(Path(args.out), only=args.only, fresh=args.fresh, settings=tuple(args.set))
+        return 0
     try:
         run_suite(Path(args.out), only=args.only, jobs=args.jobs, fresh=args.fresh, command=command,
                   settings=tuple(args.set))

@@ -159,6 +159,8 @@ def main(args, command: str) -> int:
         if key != "slow" or fixed is None or fixed <= 0:
             print(f"error: --link {item}: paper-net takes --link slow=MBPS (its fast link is {FAST})", file=sys.stderr)
             return 2
+    if args.plan:
+        return plan(out, args, fixed)
     try:
         netem.check_support()
     except netem.NetemError as e:
@@ -194,6 +196,31 @@ def main(args, command: str) -> int:
     write_results(results, out, markdown)
     print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
+
+
+def plan(out, args, fixed) -> int:
+    rate, done = fixed, {}
+    for name, label, link_key, overrides in [c for c in CONFIGS if not args.only or re.search(args.only, c[0])]:
+        if link_key == "slow" and rate is None and ("none-fast", "real") in done:
+            m = done["none-fast", "real"]["metrics"]
+            rate = slow_rate_mbps(m["tokens_per_s"], m["bytes_per_token_fwd"] + m["bytes_per_token_bwd"])
+        steps = args.steps or (SLOW_UNCOMPRESSED_STEPS if name == "none-slow" else STEPS)
+        for mode in MODES:
+            if link_key == "slow" and rate is None:
+                print(f"{'run':12s}{name}-{mode}  rate after none-fast", flush=True)
+                continue
+            tc_rate = FAST if link_key == "fast" else f"{rate:.4g}mbit"
+            if mode == "emulated":
+                link_o = [f"wire.link_bandwidth_mbps={10_000.0 if link_key == 'fast' else rate}",
+                          "wire.link_latency_ms=0", "wire.link_full_duplex=true"]
+            else:
+                link_o = ["wire.link_bandwidth_mbps=null", "wire.link_latency_ms=0"]
+            o = [*COMMON, f"train.steps={steps}", *overrides, *args.set, *link_o]
+            old = None if args.fresh else reusable(out / "runs" / f"{name}-{mode}", o)
+            if old:
+                done[name, mode] = old
+            print(f"{'reuse' if old else 'run':12s}{name}-{mode}  rate {tc_rate}", flush=True)
+    return 0
 
 
 def _load(run) -> str:

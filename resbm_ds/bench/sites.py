@@ -144,7 +144,8 @@ def main(args, command: str) -> int:
             return 2
         rates[key] = value
     try:
-        netem.check_support()
+        if not args.plan:
+            netem.check_support()
     except netem.NetemError as e:
         print(f"error: the sites suite needs a real network: {e}", file=sys.stderr)
         return 2
@@ -167,6 +168,12 @@ def main(args, command: str) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        for method, link, steps in plan:
+            name = f"{method}-{'fast' if link == FAST else 'slow'}-{steps}"
+            o = [*overrides(method, steps, out / "runs" / name / "site{k}"), *args.set]
+            print(f"{'run' if args.fresh or not reusable(out / 'runs' / name, o) else 'reuse':12s}{name}", flush=True)
+        return 0
     results = dict(suite="sites", base_config=CONFIG, family=FAMILY, lr=LR, command=command, rates=rates,
                    started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
                    allreduce_formula_bytes_per_step=allreduce_bytes_per_step(cfg), runs=[])

@@ -299,6 +299,24 @@ def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = Fa
     return results
 
 
+def plan(suite, out, only=None, fresh=False, steps=None, settings=()):
+    specs = [s for s in suite.runs if not only or re.search(only, s.name)]
+    extra = [f"train.steps={steps}", f"train.eval_every={max(1, steps // 6)}",
+             f"train.warmup_steps={max(1, steps // 10)}"] if steps else []
+    extra += list(settings)
+    if extra:
+        specs = [RunSpec(**{**asdict(s), "extra": tuple(s.extra) + tuple(extra)}) for s in specs]
+    for spec in specs:
+        status, why, cfg = check_available(spec, suite)
+        cached = out / "runs" / spec.name / "result.json"
+        decision = status if status != "ok" else "run"
+        if status == "ok" and not fresh and cached.exists():
+            old = json.loads(cached.read_text())
+            if old.get("overrides") == spec.overrides(suite) and old.get("status") == "ok":
+                decision = "reuse"
+        print(f"{decision:12s}{spec.name}", flush=True)
+
+
 def summarise(results: dict, suite: Suite):
     """Cross-run numbers: equal wall-clock point, overheads against the reference run."""
     ok = [r for r in results["runs"] if r["status"] == "ok"]
