@@ -397,8 +397,7 @@ def plan(out, only=None, fresh=False, settings=()):
     for r in runs:
         lr = r.lr if r.lr is not None else tuned_lr(r.family, entries)
         if lr is None:
-            sweeping = any(x.family == r.family and x.phase == "sweep" for x in runs)
-            print(f"{'run' if sweeping else 'skip':12s}{r.name}  lr after the {r.family} sweep", flush=True)
+            print(f"{'wait':12s}{r.name}  waits for the {r.family} sweep", flush=True)
             continue
         entry = describe(r, resolve(r, out, lr, settings), lr, settings)
         old = previous.get(r.name)

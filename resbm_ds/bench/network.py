@@ -207,7 +207,7 @@ def plan(out, args, fixed) -> int:
         steps = args.steps or (SLOW_UNCOMPRESSED_STEPS if name == "none-slow" else STEPS)
         for mode in MODES:
             if link_key == "slow" and rate is None:
-                print(f"{'run':12s}{name}-{mode}  rate after none-fast", flush=True)
+                print(f"{'wait':12s}{name}-{mode}  waits for the rate measured by none-fast-real", flush=True)
                 continue
             tc_rate = FAST if link_key == "fast" else f"{rate:.4g}mbit"
             if mode == "emulated":
