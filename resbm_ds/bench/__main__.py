@@ -1,6 +1,7 @@
 """`python -m resbm_ds.bench --suite NAME --out DIR`: the throughput suites (smoke, paper-cpu;
 throughput.py), the convergence suite (convergence.py) and paper-net, the throughput comparison on a
-real shaped network (network.py). `--list` shows the throughput suites."""
+real shaped network (network.py) and sites (sites.py), all on one engine (engine.py). `--list` shows
+the throughput suites; `--plan` what a start into --out would do with each run of a suite."""
 from __future__ import annotations
 
 import sys
@@ -56,13 +57,9 @@ def main(argv=None) -> int:
             p.error(f"--link {item}: expected KEY=MBPS[,LATENCY_MS] with KEY one of {sorted(suite.links)}")
         mbps, _, lat = value.partition(",")
         suite = replace_link(suite, Link(key, "", float(mbps), float(lat) if lat else suite.links[key].latency_ms))
-    if args.plan:
-        from .throughput import plan
-        plan(suite, Path(args.out), only=args.only, fresh=args.fresh, steps=args.steps, settings=tuple(args.set))
-        return 0
     run_suite(suite, Path(args.out), only=args.only, fresh=args.fresh,
               keep_checkpoints=args.keep_checkpoints, steps=args.steps, command=command,
-              settings=tuple(args.set))
+              settings=tuple(args.set), show_plan=args.plan)
     return 0
 
 
