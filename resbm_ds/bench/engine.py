@@ -162,10 +162,6 @@ class Launcher:
             if self.engine.stopping:
                 _terminate(pid)
 
-    @property
-    def stopping(self) -> bool:
-        return self.engine.stopping
-
 
 def _terminate(pid: int):
     try:
@@ -281,5 +277,5 @@ def run(suite: Suite, only: str | None = None, jobs: int = 1, show_plan: bool = 
         state.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     suite.finish(state.results)
     state.publish()
-    suite.say(f"wrote {suite.out / 'results.json'}, {suite.out / 'results.md'} and plots")
+    suite.say(f"wrote {suite.out / 'results.json'} and {suite.out / 'results.md'}")
     return state.results
