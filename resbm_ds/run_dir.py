@@ -27,7 +27,7 @@ from pathlib import Path
 from .cli import UserError
 from .config import Config, ConfigError, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
-from .checkpoints.store import read_latest, sibling_tags, step_of, tag_dir, verify
+from .checkpoints.store import LATEST, read_latest, sibling_tags, step_of, tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
@@ -188,7 +188,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
             raise RunDirError(f"--resume-from {resume_from}: no such checkpoint in {ckpt} (tags: {have or 'none'})")
         tag = resume_from
     elif resume:
-        latest, tag = ckpt / "latest", read_latest(ckpt)
+        latest, tag = ckpt / LATEST, read_latest(ckpt)
         if tag not in have:
             if have:
                 why = f"names {tag!r}, which is missing" if tag else "is missing"

@@ -54,7 +54,8 @@ def test_reuse_resume_or_run(tmp_path):
     assert decide(Toy(tmp_path, [], fresh=True), spec, entry)[0] == "run"     # --fresh
     (run_dir / "result.json").write_text(json.dumps(dict(status="partial", overrides=["x=1"])))
     assert decide(suite, spec, entry)[0] == "run"                             # stopped, no checkpoint
-    (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest").write_text("step2")
     assert decide(suite, spec, entry)[0] == "resume"
     suite.resumes = False
     assert decide(suite, spec, entry)[0] == "run"                             # a suite that cannot resume

@@ -61,8 +61,9 @@ def test_every_method_of_the_suite_learns_beyond_token_frequencies(method, text,
     print(f"{method}: val {val:.4f}, unigram {unigram:.4f}")
     assert val < unigram - MARGIN, f"{method} ends at {val:.4f}: not clearly below the unigram loss {unigram:.4f}"
 
-    # after training, the loss's gradient reaches the first segment's blocks (a dead boundary leaves
-    # them orders of magnitude below the last segment's)
+    # after training, the loss's gradient reaches the first segment's blocks: within 3 orders of
+    # magnitude of the last block's (measured here: 0.03x at the least, the default ResBM, whose token
+    # tables carry much of the signal; the dead no-skip model of the first suite was 4 orders below)
     model = consolidate(out)
     ids = tokenize_to_array(TextSource.local(str(text)), load_saved_tokenizer(out / "tokenizer"))
     batch = torch.from_numpy(np.asarray(ids[:8 * 65], dtype=np.int64)).view(8, 65)
@@ -71,4 +72,4 @@ def test_every_method_of_the_suite_learns_beyond_token_frequencies(method, text,
     blocks = [m for m in model.layers if isinstance(m, TransformerBlock)]
     norms = [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters() if p.grad is not None)) for b in blocks]
     print(f"{method}: gradient norm per block {[f'{n:.3g}' for n in norms]}")
-    assert norms[0] > 1e-2 * norms[-1], f"{method}: the first block's gradient {norms[0]:.3g} vs the last's {norms[-1]:.3g}"
+    assert norms[0] > 1e-3 * norms[-1], f"{method}: the first block's gradient {norms[0]:.3g} vs the last's {norms[-1]:.3g}"

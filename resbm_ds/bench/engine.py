@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.store import read_latest
 from .runner import run_logged
 
 RESULT = "result.json"         # runs/<name>/result.json: a finished run, where a suite keeps them there
@@ -122,7 +123,7 @@ def decide(suite: Suite, spec: Spec, entry: dict) -> tuple[str, dict | None]:
     if old is not None and suite.same(old, entry):
         if old.get("status") == "ok":
             return "reuse", old
-        if suite.resumes and (suite.run_dir(spec) / "checkpoints" / "latest").exists():
+        if suite.resumes and read_latest(suite.run_dir(spec) / "checkpoints") is not None:
             return "resume", old
     return "run", old
 
