@@ -18,33 +18,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from .cli import UserError
+from .cli import ConfigError
 from .system import is_, path_kind
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
-
-
-class ConfigError(UserError):
-    """An invalid configuration value: says which key, what value, and what is allowed."""
-
-    def __init__(self, key: str, value, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config: {key}={_short(value)}: {allowed}")
-
-
-class DataError(UserError):
-    """A data file (or the text in it) the run cannot use: names the file and the config key."""
-
-    def __init__(self, key: str, path, problem: str):
-        self.key, self.path = key, path
-        super().__init__(f"{key}={str(path)!r}: {problem}")
-
-
-def _short(value, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass

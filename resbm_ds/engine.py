@@ -13,8 +13,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from . import compat
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
-from .cli import UserError
-from .config import Config, ConfigError
+from .cli import ConfigError, UserError
+from .config import Config
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model import local_ids

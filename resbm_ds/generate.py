@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .cli import ArgumentParser, cli, existing_file, float_in, int_at_least
-from .config import DTYPES, Config, ConfigError
+from .cli import ArgumentParser, ConfigError, cli, existing_file, float_in, int_at_least
+from .config import DTYPES, Config
 from .data.batches import TextSource, validation_batches
 from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir

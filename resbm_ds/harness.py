@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from .cli import ArgumentParser, cli, existing_file, int_at_least, output_dir
-from .config import Config, ConfigError
+from .cli import ArgumentParser, ConfigError, cli, existing_file, int_at_least, output_dir
+from .config import Config
 from .data.batches import TextSource, iter_documents
 from .export import run_config
 from .generate import default_text, is_transformers_dir

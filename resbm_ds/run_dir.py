@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import UserError
-from .config import Config, ConfigError, SyncConfig, read_yaml
+from .cli import ConfigError, UserError
+from .config import Config, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
 from .manifest import TAG, sibling_tags, tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten

@@ -21,8 +21,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import compat
 from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
-from .cli import UserError
-from .config import Config, ConfigError, DataError, TrainConfig, load_config
+from .cli import ConfigError, DataError, UserError
+from .config import Config, TrainConfig, load_config
 from .data.batches import (EvalPart, PackedBatches, TextSource, check_hub_reachable, check_local_file, eval_parts,
                            tokenize_to_array, validation_batches)
 from .data.corpus import default_dir, ensure_corpus, val_sources

@@ -10,7 +10,8 @@ from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.model.baselines import (NoSkipDecoder, NoSkipEncoder, SubspaceBlock, SubspaceDecoder, SubspaceEmbedding,
                                 SubspaceLinear, off_subspace)
 from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.model.layers import TransformerBlock, lm_loss
 from resbm_ds.optim import build_optimizer, muon_matrices
 from resbm_ds.model.pipeline import layer_specs, stage_parts

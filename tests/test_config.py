@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.model.pipeline import layer_specs, stage_parts
 
 

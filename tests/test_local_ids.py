@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from conftest import launch, rows, run_pipe_worker_cases, train_args
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from conftest import REPO, launch
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.optim import build_optimizer, muon_matrices
 from resbm_ds.model.layers import TransformerBlock
 from resbm_ds.model.pipeline import layer_specs

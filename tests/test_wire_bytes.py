@@ -4,7 +4,8 @@ codec, baseline and boundary variant; and the traffic between stages outside p2p
 import pytest
 
 from conftest import run_pipe_worker, run_pipe_worker_cases
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.model.accounting import parameter_counts
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')

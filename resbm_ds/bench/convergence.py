@@ -48,7 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..cli import ConfigError
+from ..config import load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..run_dir import config_changes

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from .. import netem
-from ..config import REPO_ROOT, ConfigError, load_config
+from ..cli import ConfigError
+from ..config import REPO_ROOT, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..system import free_port

@@ -31,7 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import Config, ConfigError, load_config
+from ..cli import ConfigError
+from ..config import Config, load_config
 from ..wire.link import link_bound_tokens_per_s
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
-from ..config import Config, ConfigError, ModelConfig, load_config
+from ..cli import ConfigError, UserError
+from ..config import Config, ModelConfig, load_config
 
 FAMILIES = ("llama", "qwen2", "mistral")
 # Keys a config may carry beyond its class defaults without changing the network.

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cli import UserError
-from ..config import Config, ConfigError, ModelConfig
+from ..cli import ConfigError, UserError
+from ..config import Config, ModelConfig
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
 from .configs import family_of, config_from_hf, hf_config_for
