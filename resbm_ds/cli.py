@@ -1,6 +1,6 @@
 """What every command line of the package shares: user errors (`UserError`, `ConfigError`, `DataError`)
-as one line and exit status 2, and
-argument types that check ranges and the kind of a path before anything runs.
+as one line and exit status 2, and argument types that check ranges and the kind of a path before
+anything runs.
 
 Light on purpose (no torch, no DeepSpeed): `--help` and a bad option answer at once.
 """
