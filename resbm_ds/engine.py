@@ -14,7 +14,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from . import compat
 from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
 from .cli import ConfigError, UserError
-from .config import Config
+from .config import Config, config_error
 from .hf.configs import check_model_matches_hf
 from .hf.weights import check_hf_weights, init_pipeline_from_hf
 from .model import local_ids
@@ -79,11 +79,11 @@ def check_deepspeed_schema(cfg: Config) -> None:
     try:
         DeepSpeedConfig(ds)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        section = next((s for s, v in ds.items() if isinstance(v, dict) and err["loc"] and err["loc"][0] in v), None)
-        key = "deepspeed." + (f"{section}." if section else "") + field
-        raise ConfigError(key, err.get("input"), f"{err['msg']} (DeepSpeed's {e.title})") from None
+        # DeepSpeed validates each section on its own, so `loc` starts inside one: find which
+        loc = e.errors()[0]["loc"]
+        section = next((s for s, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+        raise config_error(e, prefix="deepspeed." + (f"{section}." if section else ""),
+                           note=f" (DeepSpeed's {e.title})") from None
     except AssertionError as e:
         raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 

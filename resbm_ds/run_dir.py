@@ -13,7 +13,6 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -206,7 +205,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
     if saved is not None and "sync" not in saved:   # a run from before sync.*: it was one site
-        saved["sync"] = dataclasses.asdict(SyncConfig())
+        saved["sync"] = SyncConfig().model_dump()
     if tag is not None and saved is not None:
         # the data order and ZeRO's optimizer partitions follow the data-parallel size too
         refused = {**config_changes(saved, cfg.to_dict(), allowed=RESUMABLE), **_layout_change(out, cfg, world)}

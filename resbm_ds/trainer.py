@@ -3,7 +3,6 @@ before launch (`prepare`), the process group and engine, the loop with its signa
 evaluations and checkpoints (`train`), and the summary (`run_main`)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import resource
@@ -425,7 +424,7 @@ def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan
         for key, (old, new) in plan.changes.items():
             note = ""
             if key == "train.steps":
-                before = dataclasses.replace(t, steps=old)
+                before = t.model_copy(update={"steps": old})
                 note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
                         f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
             print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)

@@ -122,3 +122,72 @@ def test_runtime_settings_come_from_file_env_then_command_line_and_are_recorded(
     assert (cfg.runtime.dist_timeout_s, cfg.runtime.strict_layout, cfg.runtime.net_iface) == (45, False, "lo")
     assert cfg.to_dict()["runtime"] == {"dist_timeout_s": 45, "strict_layout": False, "net_iface": "lo"}
     assert load_config(str(f), ["runtime.dist_timeout_s=7"]).validate().runtime.dist_timeout_s == 7
+
+
+# ---- the one translator: pydantic's ValidationError -> `invalid config: KEY=VALUE: ALLOWED` ----------
+def pydantic_error(model, raw):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(raw)
+    return e.value
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({"bottleneck": {"method": "zip"}},
+     "invalid config: bottleneck.method='zip': allowed: ['resbm', 'none', 'bottleneck-noskip', 'subspace']"),
+    ({"tracking": {"wandb_mode": "loud"}},
+     "invalid config: tracking.wandb_mode='loud': allowed: [None, 'online', 'offline', 'disabled']"),
+    ({"model": {"hidden_size": 0}}, "invalid config: model.hidden_size=0: must be >= 1"),
+    ({"sync": {"outer_momentum": 1.0}}, "invalid config: sync.outer_momentum=1.0: must be in [0, 1)"),
+    ({"runtime": {"dist_timeout_s": 0}}, "invalid config: runtime.dist_timeout_s=0: must be >= 1 (seconds)"),
+    ({"train": {"eval_every": 0}}, "invalid config: train.eval_every=0: must be an integer >= 1"),
+    ({"model": {"hidden_sise": 4}}, "invalid config: model.hidden_sise=4: unknown key; allowed in this section: "
+                                    "['attention_bias', 'embed_std', 'hidden_size', 'init_from_hf', 'init_std', "
+                                    "'intermediate_size', 'max_seq_len', 'norm_eps', 'num_heads', 'num_kv_heads', "
+                                    "'num_layers', 'rope_theta', 'tie_embeddings', 'vocab_size']"),
+    ({"model": {"num_layers": True}}, "invalid config: model.num_layers=True: must be of type int"),
+    ({"model": {"num_layers": "3"}}, "invalid config: model.num_layers='3': must be of type int"),
+    ({"sync": {"bits": "two"}}, "invalid config: sync.bits='two': must be of type int"),
+    ({"train": {"betas": [0.9]}}, "invalid config: train.betas=[0.9]: must be a list of 2 values"),
+    ({"seed": None}, "invalid config: seed=None: must not be empty (type int)"),
+    ({"wire": 5}, "invalid config: wire=5: must be a mapping"),
+])
+def test_the_translator_gives_one_line_per_pydantic_error(raw, line):
+    from resbm_ds.config import Config, config_error
+    err = config_error(pydantic_error(Config, raw), Config)
+    assert str(err) == line and "\n" not in str(err)
+    assert err.key == line.split(": ")[1].split("=")[0]
+
+
+def test_yaml_values_are_read_as_before_not_as_pydantic_coerces():
+    from resbm_ds.config import Config
+    cfg = Config.model_validate({"train": {"lr": "3e-4", "betas": [0, 1e-1]}, "model": {"rope_theta": 500000}})
+    assert cfg.train.lr == 3e-4 and cfg.train.betas == (0.0, 0.1) and cfg.model.rope_theta == 500000.0
+    assert type(cfg.model.rope_theta) is float and type(cfg.train.betas) is tuple
+
+
+def test_a_key_changed_after_loading_is_checked_by_validate():
+    cfg = load_config(None, [])
+    cfg.bottleneck.identity = "diagonal"
+    with pytest.raises(ConfigError, match=r"^invalid config: bottleneck.identity='diagonal': allowed: \["):
+        cfg.validate()
+
+
+def test_choices_are_listed_from_the_schema():
+    from resbm_ds.config import CODEC_BITS, DTYPES, BottleneckConfig, TrackingConfig, WireConfig, allowed_values
+    assert allowed_values(BottleneckConfig, "wire_dtype") == ["model", *DTYPES]
+    assert allowed_values(WireConfig, "codec") == ["none", *CODEC_BITS]
+    assert allowed_values(TrackingConfig, "wandb_mode") == [None, "online", "offline", "disabled"]
+
+
+@pytest.mark.parametrize("override, line", [
+    ("deepspeed.zero_optimization.bogus=1", "invalid config: deepspeed.zero_optimization.bogus=1: Extra inputs are "
+                                            "not permitted (DeepSpeed's DeepSpeedZeroConfig)"),
+    ("deepspeed.bf16.enabled=maybe", "invalid config: deepspeed.bf16.enabled='maybe': Input should be a valid "
+                                     "boolean, unable to interpret input (DeepSpeed's DeepSpeedBF16Config)"),
+])
+def test_deepspeed_schema_errors_go_through_the_same_translator(override, line):
+    from resbm_ds.engine import check_deepspeed_schema
+    with pytest.raises(ConfigError) as e:
+        check_deepspeed_schema(load_config(None, [override]))
+    assert str(e.value) == line

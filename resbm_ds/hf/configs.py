@@ -2,7 +2,6 @@
 refuse what our network would compute differently (see the package docstring)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -122,7 +121,7 @@ def config_from_hf(path, base: Config | None = None, overrides=()) -> Config:
     cfg = base if base is not None else load_config(None, list(overrides))
     path = Path(path).resolve()
     model = model_config_from_hf(path, seq_len=cfg.data.seq_len, init_std=cfg.model.init_std)
-    cfg.model = dataclasses.replace(model, init_from_hf=str(path))
+    cfg.model = model.model_copy(update={"init_from_hf": str(path)})
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         cfg.data.tokenizer, cfg.data.tokenizer_path = "hf", str(path)
     return cfg
