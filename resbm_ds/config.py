@@ -180,6 +180,79 @@ class BottleneckConfig(Section):
         "model/local_ids.py)")
 
 
+class ModelSpec(BaseModel):
+    """What the network is, and nothing about how it is trained or launched (as nanoGPT's GPTConfig,
+    torchtitan's model args): the model and bottleneck sections, the seed its layers initialise from
+    and the dtype it computes in, with the values model code derives from them. Model code
+    (resbm_ds/model/, hf/, export.py) takes this, never the run's `Config`, which gives it as
+    `Config.spec`; a transformers export stores only this. Frozen, and built from copies of the
+    sections: a config changed later does not change the spec of a model already built."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # the dtype the model computes in (DTYPES)
+
+    @property
+    def code_width(self) -> int:
+        """h: the number of values per token that cross each boundary."""
+        if self.bottleneck.method == "none":
+            return self.model.hidden_size
+        return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
+
+    @property
+    def token_channel(self) -> str:
+        """bottleneck.token_channel with `auto` resolved: learned for ResBM, none for the others."""
+        b = self.bottleneck
+        if b.token_channel == "auto":
+            return "learned" if b.method == "resbm" else "none"
+        return b.token_channel
+
+    @property
+    def sends_token_ids(self) -> bool:
+        """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
+        b = self.bottleneck
+        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        """The code's dtype on the wire (bottleneck.wire_dtype); None = the model's dtype."""
+        return DTYPES.get(self.bottleneck.wire_dtype)
+
+    @property
+    def id_dtype(self) -> torch.dtype:
+        """The token ids' dtype on the wire: `id_wire_bytes` wide."""
+        return torch.int16 if id_wire_bytes(self.model.vocab_size) == 2 else torch.int32
+
+    @property
+    def model_elem_bytes(self) -> int:
+        return self.model_dtype.itemsize
+
+    @property
+    def wire_elem_bytes(self) -> int:
+        """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
+        return (self.wire_dtype or self.model_dtype).itemsize
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelSpec":
+        """A spec from `to_dict()`'s output, or from a whole `Config.to_dict()` (exports written
+        before the spec existed carry the run's whole config), checked key by key."""
+        if not isinstance(raw, dict) or set(raw) <= set(cls.model_fields):
+            try:
+                return cls.model_validate(raw)
+            except ValidationError as e:
+                raise config_error(e, cls) from None
+        return config_from_dict(raw).spec
+
+
 class PipelineConfig(Section):
     stages: int = Field(2, ge=1)
 
@@ -428,35 +501,17 @@ class Config(Section):
         return int(self.ds.get("gradient_accumulation_steps", 1))
 
     @property
-    def code_width(self) -> int:
-        """h: the number of values per token that cross each boundary."""
-        if self.bottleneck.method == "none":
-            return self.model.hidden_size
-        return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
+    def spec(self) -> ModelSpec:
+        """The model alone (model, bottleneck, seed, precision): what model code is built from."""
+        return ModelSpec(model=self.model.model_copy(deep=True), bottleneck=self.bottleneck.model_copy(deep=True),
+                         seed=self.seed, precision=self.precision)
 
-    @property
-    def model_elem_bytes(self) -> int:
-        return DTYPES[self.precision].itemsize
-
-    @property
-    def wire_elem_bytes(self) -> int:
-        """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
-        w = self.bottleneck.wire_dtype
-        return DTYPES[w].itemsize if w in DTYPES else self.model_elem_bytes
-
-    @property
-    def sends_token_ids(self) -> bool:
-        """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
-        b = self.bottleneck
-        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
-
-    @property
-    def token_channel(self) -> str:
-        """bottleneck.token_channel with `auto` resolved: learned for ResBM, none for the others."""
-        b = self.bottleneck
-        if b.token_channel == "auto":
-            return "learned" if b.method == "resbm" else "none"
-        return b.token_channel
+    # the model's own derived values, as the spec computes them
+    code_width = property(lambda self: self.spec.code_width, doc=ModelSpec.code_width.__doc__)
+    token_channel = property(lambda self: self.spec.token_channel, doc=ModelSpec.token_channel.__doc__)
+    sends_token_ids = property(lambda self: self.spec.sends_token_ids, doc=ModelSpec.sends_token_ids.__doc__)
+    model_elem_bytes = property(lambda self: self.spec.model_elem_bytes)
+    wire_elem_bytes = property(lambda self: self.spec.wire_elem_bytes, doc=ModelSpec.wire_elem_bytes.__doc__)
 
     @property
     def wire_bytes_per_token(self) -> tuple[int, int]:

@@ -366,7 +366,7 @@ def describe(cfg: Config, plan: RunPlan, world: int, train_src: TextSource, val_
     val = "on the training text (no data.val_path)" if val == train_src.describe() else val
     return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
             f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
-            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
+            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg.spec, cfg.pipeline.stages)}; "
             f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; data {train_src.describe()}, validation {val}; "
             f"out_dir {plan.out}{describe_sites(cfg)}")
 
@@ -597,7 +597,7 @@ def run_main(args) -> int:
         # What the model costs needs the config alone: printed in seconds, before the checks of the
         # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
         cfg = load_config(args.config, args.overrides).validate()
-        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg)), flush=True)
+        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg.spec, cfg.pipeline.stages, cfg.wire_bytes_per_token, cfg.dense_bytes_per_token())), flush=True)
     cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (cli.cli)
     if args.print_config or args.dry_run:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

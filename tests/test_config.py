@@ -82,16 +82,16 @@ def test_deepspeed_json_file_is_loaded(tmp_path):
 
 def test_stage_cuts_fall_right_after_encoders():
     cfg = load_config(None, ["model.num_layers=6", "bottleneck.segments=6"]).validate()
-    specs, _ = layer_specs(cfg)
+    specs, _ = layer_specs(cfg.spec)
     names = [s.typename.__name__ for s in specs]
     assert names.count("BottleneckEncoder") == names.count("BottleneckDecoder") == 5
     for S in (1, 2, 3, 6):
-        parts = stage_parts(cfg, S)
+        parts = stage_parts(cfg.spec, S)
         assert len(parts) == S + 1 and parts[0] == 0 and parts[-1] == len(specs)
         for cut in parts[1:-1]:
             assert names[cut - 1] == "BottleneckEncoder" and names[cut] == "BottleneckDecoder"
     # Same global layer indices whatever the stage count: blocks keep their positions.
-    assert stage_parts(cfg, 2)[1] in stage_parts(cfg, 6)
+    assert stage_parts(cfg.spec, 2)[1] in stage_parts(cfg.spec, 6)
 
 
 @pytest.mark.parametrize("env, value, phrases", [
@@ -191,3 +191,31 @@ def test_deepspeed_schema_errors_go_through_the_same_translator(override, line):
     with pytest.raises(ConfigError) as e:
         check_deepspeed_schema(load_config(None, [override]))
     assert str(e.value) == line
+
+
+# ---- the model alone: ModelSpec --------------------------------------------------------------------
+def test_the_model_spec_holds_the_model_and_nothing_of_the_run():
+    from resbm_ds.config import ModelSpec
+    cfg = load_config(None, ["bottleneck.width=8", "bottleneck.wire_dtype=bf16", "deepspeed.bf16.enabled=true",
+                             "seed=7", "train.out_dir=/somewhere", "tracking.wandb=true"])
+    spec = cfg.spec
+    assert set(spec.to_dict()) == {"model", "bottleneck", "seed", "precision"}
+    assert (spec.seed, spec.precision, spec.code_width, spec.token_channel, spec.sends_token_ids) == (7, "bf16", 8, "learned", True)
+    assert (spec.wire_elem_bytes, spec.model_elem_bytes, spec.id_dtype) == (2, 2, __import__("torch").int16)
+    assert (cfg.code_width, cfg.token_channel, cfg.sends_token_ids) == (8, "learned", True)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec == ModelSpec.from_dict(cfg.to_dict())   # old exports: a whole Config
+    with pytest.raises(Exception):
+        spec.seed = 8                      # frozen
+    cfg.bottleneck.width = 16              # a copy: the spec of a built model does not follow the config
+    assert spec.code_width == 8 and cfg.spec.code_width == 16
+    with pytest.raises(ConfigError, match=r"^invalid config: precision='fp8': allowed: \['fp32', 'bf16', 'fp16'\]"):
+        ModelSpec.from_dict({**spec.to_dict(), "precision": "fp8"})
+
+
+def test_a_transformers_config_keeps_only_the_spec():
+    from resbm_ds.hf.modeling import ResBMHFConfig
+    cfg = load_config(None, ["model.hidden_size=64", "bottleneck.width=4", "train.out_dir=/private/run"])
+    for given in (cfg.spec.to_dict(), cfg.to_dict()):      # an export written before the spec: its whole Config
+        hf = ResBMHFConfig(resbm=given)
+        assert set(hf.resbm) == {"model", "bottleneck", "seed", "precision"} and "/private/run" not in str(hf.to_dict())
+        assert hf.resbm_spec() == cfg.spec and hf.hidden_size == 64

@@ -86,7 +86,7 @@ def test_the_single_process_model_computes_the_same_function():
     for mode in ("sent", "local"):
         cfg = load_config(None, [*SMALL, "model.num_layers=3", "bottleneck.segments=3", "pipeline.stages=3",
                                  "bottleneck.init=normal", f"bottleneck.token_ids={mode}"]).validate()
-        logits[mode] = ResBMForCausalLM(cfg)(ids)
+        logits[mode] = ResBMForCausalLM(cfg.spec)(ids)
     assert torch.equal(logits["sent"], logits["local"])
 
 

@@ -240,7 +240,7 @@ def describe(run: Run, cfg, lr: float, settings=()) -> dict:
                 method=cfg.bottleneck.method, code_width=cfg.code_width,
                 wire_bytes_per_token_fwd=fwd, wire_bytes_per_token_bwd=bwd,
                 ratio_vs_bf16=cfg.compression_ratio("bf16"), ratio_vs_model=cfg.compression_ratio("model"),
-                parameters=parameter_counts(cfg, num_stages=1).total)
+                parameters=parameter_counts(cfg.spec, num_stages=1).total)
 
 
 class Suite:

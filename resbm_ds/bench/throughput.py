@@ -268,7 +268,7 @@ def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = Fa
             if rc == 0 and (run_dir / METRICS_FILE).exists():
                 entry["status"] = "ok"
                 entry["metrics"] = analyse(run_dir, cfg, link)
-                entry["parameters"] = parameter_counts(cfg, num_stages=1).total
+                entry["parameters"] = parameter_counts(cfg.spec, num_stages=1).total
                 entry["config_ratio"] = cfg.compression_ratio()
                 if not keep_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
