@@ -24,6 +24,8 @@ from pydantic.fields import FieldInfo
 
 from .cli import ConfigError
 from .system import is_, path_kind
+from .wire_bytes import (CODEC_BITS, DENSE_REFERENCE, DTYPES, boundary_bytes_per_token, dense_bytes_per_token,
+                         id_dtype, id_wire_bytes)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -118,25 +120,7 @@ class ModelConfig(Section):
         return self.hidden_size // self.num_heads
 
 
-# The one dtype table: names in configs -> torch dtypes (bytes: `.itemsize`).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundary, as the paper's do
 ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary always sends the token ids
-INT16_MAX_VOCAB = 2 ** 15             # ids below this cross as int16, larger vocabularies as int32
-CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; wire/codecs.py)
-CODEC_BITS = {"int8": 8, "fp8": 8, "int4": 4, "int2": 2}   # bits per code value of each wire codec
-
-
-def codec_row_bytes(width: int, codec: str) -> int:
-    """Bytes on the wire for one row (one token) of `width` values under a wire codec: the values
-    packed (two 4-bit / four 2-bit values a byte, the last byte padded), then the row's scale. The
-    one formula behind `Config.wire_bytes_per_token` and the codecs' payload shape (wire/codecs.py)."""
-    return -(-width * CODEC_BITS[codec] // 8) + CODEC_SCALE_BYTES
-
-
-def id_wire_bytes(vocab_size: int) -> int:
-    """Bytes per token id on the wire: int16 where the vocabulary fits, else int32."""
-    return 2 if vocab_size <= INT16_MAX_VOCAB else 4
 
 
 class BottleneckConfig(Section):
@@ -227,7 +211,7 @@ class ModelSpec(BaseModel):
     @property
     def id_dtype(self) -> torch.dtype:
         """The token ids' dtype on the wire: `id_wire_bytes` wide."""
-        return torch.int16 if id_wire_bytes(self.model.vocab_size) == 2 else torch.int32
+        return id_dtype(self.model.vocab_size)
 
     @property
     def model_elem_bytes(self) -> int:
@@ -519,17 +503,16 @@ class Config(Section):
         counts them: the code (h values in the wire dtype, or under a wire codec `codec_row_bytes`),
         plus the token ids forward where they cross (no gradient comes back for them; none cross with
         bottleneck.token_ids=local). The one
-        prediction that tests/test_wire_bytes.py checks against the meter."""
-        h, w = self.code_width, self.wire
-        dense_code = h * self.wire_elem_bytes
-        coded = codec_row_bytes(h, w.codec) if w.codec != "none" else dense_code
-        ids = id_wire_bytes(self.model.vocab_size) if self.sends_token_ids else 0
-        return coded + ids, (coded if w.codec_backward else dense_code)
+        prediction that tests/test_wire_bytes.py checks against the meter (wire_bytes.py)."""
+        spec = self.spec
+        ids = id_wire_bytes(spec.model.vocab_size) if spec.sends_token_ids else 0
+        return boundary_bytes_per_token(spec.code_width, spec.wire_elem_bytes, self.wire.codec,
+                                        self.wire.codec_backward, ids)
 
     def dense_bytes_per_token(self, reference: str = DENSE_REFERENCE) -> int:
         """Bytes per token per direction of an uncompressed boundary: H values in `reference`
         ("model" = the model's own dtype)."""
-        return self.model.hidden_size * (DTYPES[reference].itemsize if reference in DTYPES else self.model_elem_bytes)
+        return dense_bytes_per_token(self.model.hidden_size, reference, self.model_elem_bytes)
 
     def compression_ratio(self, reference: str = DENSE_REFERENCE, per_token=None) -> float:
         """Dense bytes per token per direction / bytes sent per token in the busier direction:

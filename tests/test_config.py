@@ -174,7 +174,8 @@ def test_a_key_changed_after_loading_is_checked_by_validate():
 
 
 def test_choices_are_listed_from_the_schema():
-    from resbm_ds.config import CODEC_BITS, DTYPES, BottleneckConfig, TrackingConfig, WireConfig, allowed_values
+    from resbm_ds.config import BottleneckConfig, TrackingConfig, WireConfig, allowed_values
+    from resbm_ds.wire_bytes import CODEC_BITS, DTYPES
     assert allowed_values(BottleneckConfig, "wire_dtype") == ["model", *DTYPES]
     assert allowed_values(WireConfig, "codec") == ["none", *CODEC_BITS]
     assert allowed_values(TrackingConfig, "wandb_mode") == [None, "online", "offline", "disabled"]
