@@ -1,4 +1,4 @@
-"""Config -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
+"""A launch plan -> process group -> ResBM pipeline -> DeepSpeed pipeline engine, with the wire chain on its p2p."""
 from __future__ import annotations
 
 import os
@@ -12,80 +12,18 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from . import compat
-from .checkpoints import checkpoint_dir, init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
-from .cli import ConfigError, UserError
-from .config import Config, config_error
-from .hf.configs import check_model_matches_hf
-from .hf.weights import check_hf_weights, init_pipeline_from_hf
+from .checkpoints.loading import init_pipeline_from_checkpoint, load_deepspeed_checkpoints_safely
+from .checkpoints.store import checkpoint_dir
+from .cli import UserError
+from .hf.weights import init_pipeline_from_hf
+from .launch import INIT_FROM_USE, LaunchPlan, deepspeed_config, map_slurm_env, world_size_from_env
 from .model import local_ids
 from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
-from .run_dir import check_init_from
 from .wire import chain
 from .wire.codecs import WireCodec
 from .wire.link import LinkEmulator
 from .wire.meter import WireMeter
-
-
-def map_slurm_env():
-    """Under `srun` (or `deepspeed --launcher slurm`) ranks come from SLURM_*; torch wants RANK etc."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
-def world_size_from_env() -> int:
-    map_slurm_env()
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not text.strip().isdigit() or int(text) < 1:
-        raise UserError(f"WORLD_SIZE={text!r} (set by the launcher, or SLURM_NTASKS): must be a whole number >= 1")
-    return int(text)
-
-
-INIT_FROM_USE = "train.init_from=<checkpoints>/{tag}"
-
-
-def validate_before_launch(cfg: Config, world_size: int | None = None) -> Config:
-    """Every check of a run's settings, in one place and before any process group exists: the
-    config's own (`Config.validate`) and, with model.init_from_hf, that the transformers checkpoint
-    matches the model. `build_engine` accepts only a config that passed here."""
-    world_size = world_size or world_size_from_env()
-    cfg.validate(world_size=world_size)
-    check_deepspeed_schema(cfg)
-    if cfg.bottleneck.token_ids == "local" and (problem := compat.deepspeed_version_problem()):
-        raise ConfigError("bottleneck.token_ids", "local", problem)
-    if cfg.model.init_from_hf:
-        check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)
-        check_hf_weights(cfg.model, cfg.model.init_from_hf)
-    if cfg.train.init_from:
-        try:
-            checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
-        except FileNotFoundError as e:
-            raise ConfigError("train.init_from", cfg.train.init_from, str(e)) from None
-        check_init_from(cfg)
-    cfg._checked_world_size = world_size
-    return cfg
-
-
-def check_deepspeed_schema(cfg: Config) -> None:
-    """DeepSpeed's own schema (its pydantic section models and asserts), run now instead of inside
-    deepspeed.initialize: a wrong type or an unknown key in a section becomes a ConfigError naming it.
-    The batch size is left to DeepSpeed to derive (it assumes one process before the group exists)."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from pydantic import ValidationError
-
-    ds = {k: v for k, v in deepspeed_config(cfg, 1).items() if k != "train_batch_size"}
-    try:
-        DeepSpeedConfig(ds)
-    except ValidationError as e:
-        # DeepSpeed validates each section on its own, so `loc` starts inside one: find which
-        loc = e.errors()[0]["loc"]
-        section = next((s for s, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
-        raise config_error(e, prefix="deepspeed." + (f"{section}." if section else ""),
-                           note=f" (DeepSpeed's {e.title})") from None
-    except AssertionError as e:
-        raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 
 
 class PortInUse(UserError):
@@ -136,14 +74,6 @@ def close_distributed(barrier: bool = True):
     if barrier:
         dist.barrier()
     dist.destroy_process_group()
-
-
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
-    ds = dict(cfg.ds)
-    ds.setdefault("train_micro_batch_size_per_gpu", cfg.micro_batch_size)
-    ds.setdefault("gradient_accumulation_steps", cfg.grad_accum_steps)
-    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * dp_size
-    return ds
 
 
 @dataclass
@@ -215,15 +145,17 @@ class StepGuard:
                                         *args, **kwargs)
 
 
-def build_engine(cfg: Config, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
+def build_engine(plan: LaunchPlan, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
     """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
-    `cfg` comes from `validate_before_launch`. `lr_scheduler`: a callable optimizer -> scheduler;
-    DeepSpeed steps it once per `train_batch` and keeps its state in checkpoints.
+    `plan` comes from `launch.check_config` or `launch.plan_launch`. `lr_scheduler`: a callable
+    optimizer -> scheduler; DeepSpeed steps it once per `train_batch` and keeps its state in checkpoints.
     """
     world = world_size_from_env()
-    if getattr(cfg, "_checked_world_size", None) != world:
-        raise ValueError(f"build_engine needs a config from validate_before_launch(cfg, {world})")
+    if not isinstance(plan, LaunchPlan) or plan.world_size != world:
+        raise TypeError(f"build_engine takes a LaunchPlan for {world} processes "
+                        f"(launch.check_config(cfg, {world})), not {type(plan).__name__}")
+    cfg = plan.cfg
     init_distributed(cfg.runtime.dist_timeout_s)
     S = cfg.pipeline.stages
     dp = world // S

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoints import checkpoint_dir, load_layers, out_of_space
+from .checkpoints.loading import load_layers
+from .checkpoints.store import checkpoint_dir, out_of_space
 from .cli import ArgumentParser, UserError, cli, existing_file, output_dir
 from .config import Config, ModelSpec, load_config, read_yaml
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer

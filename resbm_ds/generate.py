@@ -28,11 +28,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .cli import ArgumentParser, ConfigError, cli, existing_file, float_in, int_at_least
 from .config import Config
 from .data.batches import TextSource, validation_batches
+from .data.sources import text_sources
 from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir
 from .hf.modeling import ResBMHFForCausalLM
 from .model.causal_lm import ResBMForCausalLM
-from .trainer import text_sources
 from .wire_bytes import DTYPES
 
 

@@ -284,9 +284,11 @@ def node_env(env: dict | None = None) -> dict:
 
 
 def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None = None,
-           launcher: str = "torchrun", port: int = 29577, timeout_s: float = 1800, cwd=None) -> list[int]:
+           launcher: str = "torchrun", port: int = 29577, timeout_s: float = 1800, cwd=None,
+           started=None) -> list[int]:
     """Run one launcher per node (each writes to logs[k], a file object); -> their exit codes.
-    If one node fails or time runs out, the others are killed (each in its own process group)."""
+    If one node fails or time runs out, the others are killed (each in its own process group;
+    `started(pid)` learns each group)."""
     e, scratch = node_env(env), None
     if launcher == "torchrun":
         cmds = [torchrun_command(cluster, k, port, train_args) for k in range(cluster.nodes)]
@@ -297,17 +299,21 @@ def launch(cluster: Cluster, train_args: list[str], logs: list, env: dict | None
     else:
         raise NetemError(f"launcher {launcher!r}: expected torchrun or deepspeed")
     try:
-        return run_nodes(cmds, logs, e, timeout_s, cwd)
+        return run_nodes(cmds, logs, e, timeout_s, cwd, started)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_nodes(cmds: list[list[str]], logs: list, env: dict, timeout_s: float, cwd=None) -> list[int]:
+def run_nodes(cmds: list[list[str]], logs: list, env: dict, timeout_s: float, cwd=None, started=None) -> list[int]:
     """Run one command per node (each writes to logs[k]); -> their exit codes. If one fails or time
-    runs out, the others are killed (each in its own process group)."""
-    procs = [subprocess.Popen(cmd, stdout=logs[k], stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-             for k, cmd in enumerate(cmds)]
+    runs out, the others are killed (each in its own process group; `started(pid)` learns each)."""
+    procs = []
+    for k, cmd in enumerate(cmds):
+        procs.append(subprocess.Popen(cmd, stdout=logs[k], stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                      start_new_session=True))
+        if started:
+            started(procs[-1].pid)
     deadline = time.monotonic() + timeout_s
     try:
         while any(p.poll() is None for p in procs):

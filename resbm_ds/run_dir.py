@@ -5,7 +5,7 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
     --resume         from checkpoints/latest; refused when tags exist but `latest` is missing or
                      names a missing tag (it lists the tags: pass --resume-from TAG)
     --resume-from T  from tag T
-    either resume    refused when the tag's files do not match its manifest (manifest.py), naming
+    either resume    refused when the tag's files do not match its manifest (checkpoints/store.py), naming
                      the file and the previous complete tag
     a changed config on resume: only RESUMABLE keys may change (more steps, logging, trackers, the
                      emulated link); any other difference is refused, naming the keys
@@ -26,7 +26,7 @@ from pathlib import Path
 from .cli import ConfigError, UserError
 from .config import Config, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
-from .manifest import TAG, sibling_tags, tag_dir, verify
+from .checkpoints.store import read_latest, sibling_tags, step_of, tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
 
 CONFIG_FILE = "config.yaml"
@@ -187,8 +187,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
             raise RunDirError(f"--resume-from {resume_from}: no such checkpoint in {ckpt} (tags: {have or 'none'})")
         tag = resume_from
     elif resume:
-        latest = ckpt / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else None
+        latest, tag = ckpt / "latest", read_latest(ckpt)
         if tag not in have:
             if have:
                 why = f"names {tag!r}, which is missing" if tag else "is missing"
@@ -214,7 +213,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
                               f"cannot change mid-run: {_listing(refused)}; allowed to change: {list(RESUMABLE)}")
         plan.changes = config_changes(saved, cfg.to_dict(), only=RESUMABLE)
     if tag is not None:
-        at = int(TAG.match(tag).group(1))
+        at = step_of(tag)
         if cfg.train.steps <= at:
             raise RunDirError(f"--resume: the run is at step {at} ({tag}) and train.steps={cfg.train.steps} leaves "
                               f"nothing to train: pass train.steps={at + 1} or more to go on; nothing was changed")
@@ -257,14 +256,3 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for name in ("checkpoints", "tensorboard", "monitor", "tokenizer"):
         shutil.rmtree(out / name, ignore_errors=True)
-
-
-def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """train.keep_last: delete all but the newest `keep_last` tags (never the one `latest` names)."""
-    if keep_last < 1:
-        return []
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    old = [t for t in sibling_tags(ckpt_dir)[:-keep_last] if t != latest]
-    for t in old:
-        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
-    return old

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import checkpoint_dir, layer_files, read_layer
+from .checkpoints.loading import layer_files, read_layer
+from .checkpoints.store import checkpoint_dir
 from .cli import ArgumentParser, cli, existing_dir, output_dir
 
 # A checkpoint file has no module types, only state-dict keys, so here (unlike the optimizer

@@ -25,6 +25,7 @@ with one line (watch.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .cli import ArgumentParser, cli
@@ -50,11 +51,61 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # here, after parsing: --help and a bad option answer before torch and DeepSpeed load
     from .run_dir import unlock_run_dir
-    from .trainer import run_main
     try:
-        return run_main(args)
+        return run(args)
     finally:
         unlock_run_dir()   # main called in-process (tests); a process that ends lets go anyway
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+    import yaml
+
+    from .cli import ConfigError
+    from .config import load_config
+    from .engine import close_distributed
+    from .launch import plan_launch
+    from .checkpoints.loading import UnsafeCheckpoint
+    from .model.accounting import cost_lines
+    from .sync import SiteError
+    from .trainer import Stopped, Trainer, TrainingError
+
+    if args.dry_run:
+        # What the model costs needs the config alone: printed in seconds, before the checks of the
+        # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
+        cfg = load_config(args.config, args.overrides).validate()
+        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg.spec, cfg.pipeline.stages, cfg.wire_bytes_per_token, cfg.dense_bytes_per_token())), flush=True)
+    # bad input: one line, exit 2 (cli.cli)
+    plan = plan_launch(args.config, args.overrides, resume=args.resume, resume_from=args.resume_from,
+                       overwrite=args.overwrite, dry_run=args.dry_run, config_only=args.print_config)
+    if args.print_config or args.dry_run:
+        sys.stdout.write(yaml.safe_dump(plan.cfg.to_dict(), sort_keys=False))
+        if args.dry_run:
+            print(plan.describe())
+            print("[resbm] dry run: config, data and run directory are valid; nothing was started")
+        return 0
+    finished, stopped = False, None
+    try:
+        Trainer(plan).train()
+        finished = True
+    except Stopped as e:
+        if dist.is_initialized() and dist.get_rank() == 0:
+            print(f"[resbm] {e}", file=sys.stderr, flush=True)
+        finished = True    # every rank saved and stops at the same step: leave together
+        stopped = 128 + e.signum
+        return stopped
+    except (TrainingError, ConfigError, UnsafeCheckpoint, SiteError) as e:
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        close_distributed(barrier=finished)   # no barrier on error paths: a peer may be gone
+        if stopped:
+            # Saved, trackers closed, process group left: leave now. Tearing down the interpreter
+            # (torch, DeepSpeed) takes seconds more on a busy node, out of a preemption's grace time.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped)
+    return 0
 
 
 if __name__ == "__main__":

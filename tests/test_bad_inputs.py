@@ -21,7 +21,7 @@ from conftest import REPO, free_port
 from resbm_ds import train
 from resbm_ds.config import load_config
 from resbm_ds.hf import __main__ as hf_cli
-from resbm_ds.manifest import write_manifest
+from resbm_ds.checkpoints.store import write_manifest
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 

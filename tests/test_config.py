@@ -188,7 +188,7 @@ def test_choices_are_listed_from_the_schema():
                                      "boolean, unable to interpret input (DeepSpeed's DeepSpeedBF16Config)"),
 ])
 def test_deepspeed_schema_errors_go_through_the_same_translator(override, line):
-    from resbm_ds.engine import check_deepspeed_schema
+    from resbm_ds.launch import check_deepspeed_schema
     with pytest.raises(ConfigError) as e:
         check_deepspeed_schema(load_config(None, [override]))
     assert str(e.value) == line

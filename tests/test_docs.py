@@ -12,8 +12,7 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "docs"))
-import gen_config  # noqa: E402
+import gen_config
 
 README = REPO / "README.md"
 SECTIONS = ("model", "bottleneck", "pipeline", "train", "data", "wire", "tracking", "sync")

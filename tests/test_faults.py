@@ -22,7 +22,7 @@ import torch
 
 from conftest import ENV, ONE, REPO, RunsCode, error_line, free_port, rows, train1, train_args
 from resbm_ds import export, train
-from resbm_ds.manifest import MANIFEST, verify, write_manifest
+from resbm_ds.checkpoints.store import MANIFEST, verify, write_manifest
 from resbm_ds.run_dir import LOCK_FILE
 from resbm_ds.watch import Peers, peer_failure
 

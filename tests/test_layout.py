@@ -22,12 +22,12 @@ LAYERS = [
                                                   # compat: every patch of DeepSpeed / torch internals;
                                                   # wire_bytes: the dtype table, the wire-bytes formulas
     {"config"},                                   # config: schema and validation, the dtype table
-    {"model", "wire", "data", "metrics", "manifest"},   # parts: the network, the wire chain, data,
-                                                  # metrics.jsonl, checkpoint manifests
-    {"optim", "hf", "slurm_layout", "checkpoints", "run_dir", "watch", "sync"},   # optimizers, transformers
-                                                  # interop, layout report, checkpoint files, run
-                                                  # directories, launcher / progress / peer watches,
-                                                  # the outer loop across sites
+    {"model", "wire", "data", "metrics", "checkpoints"},   # parts: the network, the wire chain, data,
+                                                  # metrics.jsonl, the checkpoint store
+    {"optim", "hf", "slurm_layout", "run_dir", "watch", "sync"},   # optimizers, transformers interop,
+                                                  # layout report, run directories, launcher /
+                                                  # progress / peer watches, the outer loop across sites
+    {"launch"},                                   # launch: every check before launch, the frozen LaunchPlan
     {"engine"},                                   # engine: process group, pipeline engine, wire chain
     {"trainer", "export"},                        # loop: the training run; consolidated models
     {"train"},                                    # the command line of training (trainer loads on use)
@@ -271,3 +271,4 @@ def test_no_test_module_imports_another():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert not found, found
+

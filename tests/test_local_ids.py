@@ -125,8 +125,8 @@ def losses(out):
 def test_an_untested_deepspeed_is_refused_before_launch(monkeypatch):
     """The patch reads the pipeline engine's internals: another DeepSpeed version fails in one line."""
     import deepspeed
-    from resbm_ds.engine import validate_before_launch
+    from resbm_ds.launch import check_config
     monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
     with pytest.raises(ConfigError) as e:
-        validate_before_launch(load_config(None, [*SMALL, "model.num_layers=2", "bottleneck.token_ids=local"]), 2)
+        check_config(load_config(None, [*SMALL, "model.num_layers=2", "bottleneck.token_ids=local"]), 2)
     assert e.value.key == "bottleneck.token_ids" and "installed: 0.20.0" in str(e.value)

@@ -23,7 +23,6 @@ they are compared loosely. torch.compile is switched off in the workers: DeepSpe
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,7 @@ from resbm_ds.model.layers import TransformerBlock
 from resbm_ds.model.pipeline import layer_specs
 from resbm_ds import spectrum
 
-sys.path.insert(0, str(REPO / "tests" / "workers"))
-from optim_worker import ReferenceMuon, newton_schulz5  # noqa: E402
+from optim_worker import ReferenceMuon, newton_schulz5
 
 SMALL = ["model.vocab_size=256", "model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.max_seq_len=32", "data.seq_len=32", "bottleneck.ratio=8",

@@ -162,7 +162,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(one_run, tmp_path):
     states = copy / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
     torch.save({"module": None, "payload": RunsCode(marker)}, states)
     # forge the manifest too: past the integrity check (test_faults.py), the weights-only loader refuses it
-    from resbm_ds.manifest import write_manifest
+    from resbm_ds.checkpoints.store import write_manifest
     write_manifest(states.parent)
     proc = train1(copy, "train.steps=6", "train.save_every=1", "train.keep_last=2", "train.eval_every=100",
                   "--resume", check=False)

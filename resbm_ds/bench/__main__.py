@@ -1,6 +1,7 @@
 """`python -m resbm_ds.bench --suite NAME --out DIR`: the throughput suites (smoke, paper-cpu;
 throughput.py), the convergence suite (convergence.py) and paper-net, the throughput comparison on a
-real shaped network (network.py). `--list` shows the throughput suites."""
+real shaped network (network.py) and sites (sites.py), all on one engine (engine.py). `--list` shows
+the throughput suites; `--plan` what a start into --out would do with each run of a suite."""
 from __future__ import annotations
 
 import sys
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     p.add_argument("--list", action="store_true", help="list the suites and their runs, run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each run of the suite would do in --out (reuse, resume or run), launch nothing")
     args = p.parse_args(argv)
     if args.list:
         for s in SUITES.values():
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         suite = replace_link(suite, Link(key, "", float(mbps), float(lat) if lat else suite.links[key].latency_ms))
     run_suite(suite, Path(args.out), only=args.only, fresh=args.fresh,
               keep_checkpoints=args.keep_checkpoints, steps=args.steps, command=command,
-              settings=tuple(args.set))
+              settings=tuple(args.set), show_plan=args.plan)
     return 0
 
 

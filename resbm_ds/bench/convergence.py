@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import statistics
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,8 +51,10 @@ from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..run_dir import config_changes
 from ..system import free_port
+from . import engine
+from .engine import Spec, Suite
 from .reference import eval_reference
-from .runner import log_tail, machine_info, run_env, run_logged
+from .runner import log_tail, machine_info, run_env
 
 CONFIG = "bench-convergence"
 LRS = (1e-3, 2e-3, 4e-3)
@@ -243,81 +242,50 @@ def describe(run: Run, cfg, lr: float, settings=()) -> dict:
                 parameters=parameter_counts(cfg.spec, num_stages=1).total)
 
 
-class Suite:
-    """Runs the suite's runs `jobs` at a time in priority order; a run whose family lr is not tuned
-    yet waits until its sweep has finished (or is skipped if the sweep is not part of this call)."""
+class Convergence(Suite):
+    """The suite on the engine: runs wait for their family's lr sweep, a stopped run resumes, and
+    finished runs are kept in results.json (a reused run must match its whole resolved config)."""
+    tag = "convergence"
+    resumes = True
 
-    def __init__(self, out: Path, runs: list[Run], jobs: int, settings: tuple[str, ...], results: dict,
-                 previous: dict, timeout_s: int):
-        self.out, self.jobs, self.settings, self.results, self.timeout_s = out, jobs, settings, results, timeout_s
-        self.entries = {n: e for n, e in previous.items() if e.get("status") == "ok"}   # what later runs may use
-        self.previous = previous
-        self.pending, self.running = list(runs), set()
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.children: dict[str, int] = {}      # run -> pid of its process group
+    def __init__(self, out: Path, runs: list[Run], fresh: bool, settings: tuple[str, ...], command: str,
+                 jobs: int, timeout_s: int):
+        super().__init__(out, [Spec(r.name, r, waits_for=f"the {r.family} sweep") for r in runs], fresh)
+        self.settings, self.command, self.jobs, self.timeout_s = settings, command, jobs, timeout_s
         self.env = run_env()
+        self.before = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
 
-    def lr_for(self, run: Run) -> float | None:
-        return run.lr if run.lr is not None else tuned_lr(run.family, self.entries)
+    def validate(self, specs):
+        for s in specs:
+            resolve(s.run, self.out, s.run.lr or LRS[0], self.settings)
 
-    def next_run(self) -> tuple[Run, float] | None:
-        """The first pending run that can start, or None when nothing is left that ever can."""
-        with self.cond:
-            while True:
-                if self.stopping:
-                    return None
-                for r in self.pending:
-                    lr = self.lr_for(r)
-                    if lr is not None:
-                        self.pending.remove(r)
-                        self.running.add(r.name)
-                        return r, lr
-                waiting_on = {r.family for r in self.pending}
-                sweeping = any(n.startswith(f + "@") for n in self.running for f in waiting_on)
-                if not self.pending or not sweeping:
-                    for r in self.pending:
-                        print(f"[convergence] {r.name}: skipped, the {r.family} sweep did not finish "
-                              f"(run it, e.g. --only '^{re.escape(r.family)}@')", flush=True)
-                    self.pending = []
-                    return None
-                self.cond.wait()
+    def entry(self, spec, done):
+        run = spec.run
+        lr = run.lr if run.lr is not None else tuned_lr(run.family, done)
+        return None if lr is None else describe(run, resolve(run, self.out, lr, self.settings), lr, self.settings)
 
-    def publish(self):
+    def note(self, spec, entry):
+        return f"lr {entry['lr']:g}"
+
+    def carried(self):
         names = {r.name for r in RUNS}
-        self.results["runs"] = [e for n, e in {**self.previous, **self.entries}.items() if n in names]
-        write_outputs(self.results, self.out)
+        return {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in names}
 
-    def work(self):
-        while (item := self.next_run()) is not None:
-            run, lr = item
-            try:
-                self.train(run, lr)
-            finally:
-                with self.cond:
-                    self.running.discard(run.name)
-                    self.cond.notify_all()
+    def previous(self, spec):
+        return self.carried().get(spec.name)
 
-    def train(self, run: Run, lr: float):
-        cfg = resolve(run, self.out, lr, self.settings)
-        entry = describe(run, cfg, lr, self.settings)
-        old = self.previous.get(run.name)
-        run_dir = self.out / "runs" / run.name
-        same = old is not None and "config" in old and not config_changes(old["config"], entry["config"])
-        if same and old.get("status") == "ok":
-            with self.cond:
-                self.entries[run.name] = old
-            print(f"[convergence] {run.name}: reused", flush=True)
-            return
-        resume = same and (run_dir / "checkpoints" / "latest").exists()
-        print(f"[convergence] {time.strftime('%H:%M:%S')} {'resume' if resume else 'start'} {run.name}: "
-              f"{run.label} ({run.optimizer}, lr {lr:g}, seed {run.seed})", flush=True)
+    def same(self, old, entry):
+        return "config" in old and not config_changes(old["config"], entry["config"])
+
+    def record(self, spec, entry):
+        pass                                        # results.json keeps every run
+
+    def launch(self, spec, entry, launcher):
+        run, run_dir, lr = spec.run, self.run_dir(spec), entry["lr"]
         cmd = [sys.executable, "-m", "resbm_ds.train", "--config", CONFIG,
-               *run.all_overrides(self.out, lr, self.settings), *(["--resume"] if resume else [])]
-        rc, wall = run_logged(cmd, run_dir, self.timeout_s, {**self.env, "MASTER_PORT": str(free_port())},
-                              fresh=not resume, started=lambda pid: self.children.__setitem__(run.name, pid))
-        self.children.pop(run.name, None)
-        entry["wall_s"] = wall + (old.get("wall_s", 0) if resume else 0)
+               *run.all_overrides(self.out, lr, self.settings), *(["--resume"] if launcher.resume else [])]
+        rc, wall = launcher.run(cmd, run_dir, self.timeout_s, {**self.env, "MASTER_PORT": str(free_port())})
+        entry["wall_s"] = wall + (launcher.old.get("wall_s", 0) if launcher.resume else 0)
         stopped = rc in (128 + signal.SIGTERM, 128 + signal.SIGINT)
         if rc == 0 and (run_dir / METRICS_FILE).exists():
             entry["status"], entry["metrics"] = "ok", analyse(run_dir)
@@ -330,63 +298,32 @@ class Suite:
             tail = log_tail(run_dir, 20)
             entry["status"], entry["error"] = "failed", tail
             msg = f"FAILED (rc {rc}): {tail.splitlines()[-1] if tail else ''}"
-        with self.cond:
-            if entry["status"] == "ok":
-                self.entries[run.name] = entry
-            else:
-                self.previous[run.name] = entry
-            self.publish()
-        print(f"[convergence] {time.strftime('%H:%M:%S')} {run.name} after {wall:.0f} s: {msg}", flush=True)
+        self.say(f"{time.strftime('%H:%M:%S')} {run.name} after {wall:.0f} s: {msg}")
+        return entry
 
-    def stop(self, signum, frame):
-        """Stop every run (each saves a checkpoint first) and start no new one."""
-        with self.cond:
-            if self.stopping:
-                return
-            self.stopping = True
-            self.cond.notify_all()
-        print(f"[convergence] signal {signum}: stopping {len(self.children)} runs (they save first)", flush=True)
-        for pid in list(self.children.values()):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    def header(self):
+        first_started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        if not self.fresh:
+            first_started = self.before.get("started", first_started)   # a resumed suite keeps its first start
+        results = dict(suite="convergence", version=2, base_config=CONFIG, command=self.command, jobs=self.jobs,
+                       started=first_started, machine=machine_info(),
+                       eval=eval_reference(load_config(CONFIG, list(self.settings)).validate(world_size=1)))
+        ev = results["eval"]
+        self.say(f"evaluation: {ev['tokens']:,} tokens; unigram {ev['unigram_ce']:.3f}, bigram {ev['bigram_ce']:.3f} nats")
+        return results
+
+    def publish(self, results):
+        write_outputs(results, self.out)
 
 
 def run_suite(out: Path, only: str | None = None, jobs: int = 2, fresh: bool = False,
-              timeout_s: int = 4 * 3600, command: str = "", settings: tuple[str, ...] = ()) -> dict:
+              timeout_s: int = 4 * 3600, command: str = "", settings: tuple[str, ...] = (),
+              show_plan: bool = False) -> dict | None:
     """Train the suite's runs (those matching `only`), `jobs` at a time; `settings` are overrides
     for every run (e.g. a smaller model for a quick check), part of what a reused run must match."""
-    out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in RUNS if not only or re.search(only, r.name)]
-    for r in runs:                                   # every run validated before any starts
-        resolve(r, out, r.lr or LRS[0], settings)
-    previous, first_started = {}, time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    if (out / "results.json").exists() and not fresh:
-        before = json.loads((out / "results.json").read_text())
-        previous = {e["name"]: e for e in before.get("runs", []) if e.get("phase")}
-        first_started = before.get("started", first_started)   # a resumed suite keeps its first start
-    results = dict(suite="convergence", version=2, base_config=CONFIG, command=command, jobs=jobs,
-                   started=first_started, machine=machine_info(),
-                   eval=eval_reference(load_config(CONFIG, list(settings)).validate(world_size=1)))
-    print(f"[convergence] evaluation: {results['eval']['tokens']:,} tokens; unigram {results['eval']['unigram_ce']:.3f}, "
-          f"bigram {results['eval']['bigram_ce']:.3f} nats", flush=True)
-    suite = Suite(out, runs, jobs, settings, results, previous, timeout_s)
-    suite.publish()
-    print(f"[convergence] {len(runs)} runs, {jobs} at a time -> {out}", flush=True)
-    handlers = {s: signal.signal(s, suite.stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for f in [pool.submit(suite.work) for _ in range(jobs)]:
-                f.result()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if not suite.stopping:
-        results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    suite.publish()
-    print(f"[convergence] wrote {out / 'results.json'}, {out / 'results.md'} and plots", flush=True)
-    return results
+    return engine.run(Convergence(out, runs, fresh, settings, command, jobs, timeout_s), jobs=jobs,
+                      show_plan=show_plan)
 
 
 # ---- analysis -----------------------------------------------------------------------------------
@@ -632,7 +569,7 @@ def main(args, command: str) -> int:
         return 2
     try:
         run_suite(Path(args.out), only=args.only, jobs=args.jobs, fresh=args.fresh, command=command,
-                  settings=tuple(args.set))
+                  settings=tuple(args.set), show_plan=args.plan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,12 +25,11 @@ DIR/results.json (machine, command, rate, every run), DIR/results.md (the table)
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import netem
@@ -38,7 +37,8 @@ from ..config import REPO_ROOT, Config, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..wire.link import link_bound_tokens_per_s
 from ..system import free_port
-from .runner import children_cpu_s, fmt, log_tail, machine_info, reusable, run_env, run_logged, write_results
+from . import engine
+from .runner import children_cpu_s, fmt, log_tail, machine_info, run_env, write_results
 from .throughput import PAPER_COMPUTE_OVER_LINK, Link, analyse
 
 BASE = "bench-paper-cpu"
@@ -72,54 +72,108 @@ def slow_rate_mbps(compute_tokens_per_s: float, dense_bytes_per_token_both_ways:
     return bound * dense_bytes_per_token_both_ways * 8 / 1e6
 
 
-def run_once(name, mode, link_key, mbps, overrides, out, cluster, steps, fresh, timeout_s=1500) -> dict:
-    run_dir = out / "runs" / f"{name}-{mode}"
-    tc_rate = FAST if link_key == "fast" else f"{mbps:.4g}mbit"
-    if mode == "emulated":
-        link_o = [f"wire.link_bandwidth_mbps={10_000.0 if link_key == 'fast' else mbps}", "wire.link_latency_ms=0",
-                  "wire.link_full_duplex=true"]
-    else:
-        link_o = ["wire.link_bandwidth_mbps=null", "wire.link_latency_ms=0"]
-    o = [*COMMON, f"train.steps={steps}", *overrides, *link_o]
-    entry = dict(name=name, mode=mode, link=link_key, rate=tc_rate,
-                 link_mbps=10_000.0 if link_key == "fast" else mbps, overrides=o)
-    if not fresh and (old := reusable(run_dir, o)):
-        print(f"[bench] {name} ({mode}): reused from {run_dir}", flush=True)
-        return old
-    cfg = load_config(BASE, o).validate(world_size=2)
-    train = ["-m", "resbm_ds.train", "--config", BASE, f"train.out_dir={run_dir / 'run'}", *o]
-    print(f"[bench] {name} ({mode}, {tc_rate}) ...", flush=True)
-    cpu0, load0 = children_cpu_s(), os.getloadavg()[0]
-    if mode == "real":
-        cluster.set_rate(tc_rate)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        t0 = time.perf_counter()
-        logs = [open(run_dir / f"node{k}.log", "w") for k in range(2)]
-        rcs = netem.launch(cluster, train, logs, env=run_env(), timeout_s=timeout_s, cwd=REPO_ROOT)
-        for f in logs:
-            f.close()
-        wall, rc = time.perf_counter() - t0, max(rcs, key=abs)
-        (run_dir / "log.txt").write_text("".join((run_dir / f"node{k}.log").read_text() for k in range(2)))
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *train]
-        rc, wall = run_logged(cmd, run_dir, timeout_s, run_env())
-    entry.update(wall_s=wall, cpu_s=children_cpu_s() - cpu0, load_average=[load0, os.getloadavg()[0]])
-    if rc != 0 or not (run_dir / "run" / METRICS_FILE).exists():
-        entry.update(status="failed", error=log_tail(run_dir)[-3000:])
-        print(f"[bench] {name} ({mode}): failed\n{entry['error'][-1500:]}", flush=True)
+class PaperNet(engine.Suite):
+    """The suite on the engine: every configuration real then emulated, one at a time; the slow
+    link's rate is --link slow=MBPS, or measured by the first real run (none-fast-real)."""
+
+    def __init__(self, out: Path, fresh: bool, steps: int | None, settings: tuple[str, ...], fixed: float | None,
+                 command: str, timeout_s: int = 1500):
+        specs = [engine.Spec(f"{c[0]}-{mode}", (c, mode), select=c[0],
+                             waits_for="the rate measured by none-fast-real" if c[2] == "slow" else "")
+                 for c in CONFIGS for mode in MODES]
+        super().__init__(out, specs, fresh)
+        self.steps, self.settings, self.fixed, self.command, self.timeout_s = steps, settings, fixed, command, timeout_s
+        self.cluster, self.rate_said = None, False
+
+    def slow_rate(self, done: dict) -> float | None:
+        if self.fixed or "none-fast-real" not in done:
+            return self.fixed
+        m = done["none-fast-real"]["metrics"]
+        return slow_rate_mbps(m["tokens_per_s"], m["bytes_per_token_fwd"] + m["bytes_per_token_bwd"])
+
+    def entry(self, spec, done):
+        (name, _, link_key, overrides), mode = spec.run
+        mbps = self.slow_rate(done)
+        if link_key == "slow" and mbps is None:
+            raise engine.Abort("the slow rate comes from the fast uncompressed run (none-fast), which did not "
+                               "finish; pass --link slow=MBPS")
+        steps = self.steps or (SLOW_UNCOMPRESSED_STEPS if name == "none-slow" else STEPS)
+        tc_rate = FAST if link_key == "fast" else f"{mbps:.4g}mbit"
+        if mode == "emulated":
+            link_o = [f"wire.link_bandwidth_mbps={10_000.0 if link_key == 'fast' else mbps}", "wire.link_latency_ms=0",
+                      "wire.link_full_duplex=true"]
+        else:
+            link_o = ["wire.link_bandwidth_mbps=null", "wire.link_latency_ms=0"]
+        o = [*COMMON, f"train.steps={steps}", *overrides, *self.settings, *link_o]
+        return dict(name=name, mode=mode, link=link_key, rate=tc_rate,
+                    link_mbps=10_000.0 if link_key == "fast" else mbps, overrides=o)
+
+    def note(self, spec, entry):
+        return f"rate {entry['rate']}"
+
+    def launch(self, spec, entry, launcher):
+        (name, _, link_key, _), mode = spec.run
+        run_dir, o = self.run_dir(spec), entry["overrides"]
+        if link_key == "slow" and not self.fixed and not self.rate_said:
+            self.rate_said = True
+            self.say(f"slow link: {entry['link_mbps']:.3g} Mbit/s gives the paper's compute / link bound of "
+                     f"{PAPER_COMPUTE_OVER_LINK:.1f} at the fast uncompressed run's tokens/s")
+        cfg = load_config(BASE, o).validate(world_size=2)
+        train = ["-m", "resbm_ds.train", "--config", BASE, f"train.out_dir={run_dir / 'run'}", *o]
+        cpu0, load0 = children_cpu_s(), os.getloadavg()[0]
+        if mode == "real":
+            self.cluster.set_rate(entry["rate"])
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            t0 = time.perf_counter()
+            logs = [open(run_dir / f"node{k}.log", "w") for k in range(2)]
+            rcs = netem.launch(self.cluster, train, logs, env=run_env(), timeout_s=self.timeout_s, cwd=REPO_ROOT,
+                               started=launcher.started)
+            for f in logs:
+                f.close()
+            wall, rc = time.perf_counter() - t0, max(rcs, key=abs)
+            (run_dir / "log.txt").write_text("".join((run_dir / f"node{k}.log").read_text() for k in range(2)))
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", *train]
+            rc, wall = launcher.run(cmd, run_dir, self.timeout_s, run_env())
+        entry.update(wall_s=wall, cpu_s=children_cpu_s() - cpu0, load_average=[load0, os.getloadavg()[0]])
+        if rc != 0 or not (run_dir / "run" / METRICS_FILE).exists():
+            entry.update(status="failed", error=log_tail(run_dir)[-3000:])
+            self.say(f"{spec.name}: failed\n{entry['error'][-1500:]}")
+            return entry
+        m = analyse(run_dir / "run", cfg, Link(link_key, entry["rate"], entry["link_mbps"]))
+        m.update(link_numbers(run_dir / "run", cfg, entry["link_mbps"]))
+        entry.update(status="ok", metrics=m, config_ratio_vs_bf16=cfg.compression_ratio())
+        shutil.rmtree(run_dir / "run" / "checkpoints", ignore_errors=True)
+        self.say(f"{spec.name}: {m['tokens_per_s']:,.0f} tok/s, half-duplex bound {m['bound_half_duplex']:,.0f}"
+                 + (f", kernel above TCP - meter {m['kernel_extra_per_step']:,.0f} B/step"
+                    if m.get("kernel_extra_per_step") is not None else ""))
         return entry
-    m = analyse(run_dir / "run", cfg, Link(link_key, tc_rate, entry["link_mbps"]))
-    m.update(link_numbers(run_dir / "run", cfg, entry["link_mbps"]))
-    entry.update(status="ok", metrics=m, config_ratio_vs_bf16=cfg.compression_ratio())
-    shutil.rmtree(run_dir / "run" / "checkpoints", ignore_errors=True)
-    (run_dir / "result.json").write_text(json.dumps(entry, indent=1))
-    print(f"[bench] {name} ({mode}): {m['tokens_per_s']:,.0f} tok/s, half-duplex bound "
-          f"{m['bound_half_duplex']:,.0f}" + (f", kernel above TCP - meter {m['kernel_extra_per_step']:,.0f} B/step"
-                                              if m.get("kernel_extra_per_step") is not None else ""), flush=True)
-    return entry
+
+    def header(self):
+        return dict(suite="paper-net", base_config=BASE, command=self.command,
+                    started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
+                    paper_compute_over_link=PAPER_COMPUTE_OVER_LINK, runs=[])
+
+    def publish(self, results):
+        labels = {c[0]: c[1] for c in CONFIGS}
+        for r in results["runs"]:
+            r["label"] = labels[r["name"]]
+        done = {f"{r['name']}-{r['mode']}": r for r in results["runs"] if r["status"] == "ok"}
+        results["slow_rate_mbps"], results["slow_rate_from"] = self.slow_rate(done), "--link" if self.fixed else "measured"
+        write_results(results, self.out, markdown)
+
+    @contextmanager
+    def session(self):
+        with netem.Cluster(2, [FAST], cluster_id=f"b{os.getpid()}") as self.cluster:
+            yield
+
+    def finish(self, results):
+        results["machine"]["load_average_end"] = list(os.getloadavg())
+        results["torn_down"] = not netem.namespaces(self.cluster.cluster_id)
+
 
 
 def link_numbers(run_dir: Path, cfg: Config, mbps: float) -> dict:
@@ -159,40 +213,20 @@ def main(args, command: str) -> int:
         if key != "slow" or fixed is None or fixed <= 0:
             print(f"error: --link {item}: paper-net takes --link slow=MBPS (its fast link is {FAST})", file=sys.stderr)
             return 2
+    suite = PaperNet(out, args.fresh, args.steps, tuple(args.set), fixed, command)
+    if args.plan:
+        engine.run(suite, only=args.only, show_plan=True)
+        return 0
     try:
         netem.check_support()
     except netem.NetemError as e:
         print(f"error: paper-net needs a real network: {e}", file=sys.stderr)
         return 2
-    configs = [c for c in CONFIGS if not args.only or re.search(args.only, c[0])]
-    results = dict(suite="paper-net", base_config=BASE, command=command, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                   machine=machine_info(), paper_compute_over_link=PAPER_COMPUTE_OVER_LINK, runs=[])
-    rate = fixed
-    with netem.Cluster(2, [FAST], cluster_id=f"b{os.getpid()}") as cluster:
-        for name, label, link_key, overrides in configs:
-            if link_key == "slow" and rate is None:
-                ref = next((r for r in results["runs"] if r["name"] == "none-fast" and r["mode"] == "real"
-                            and r["status"] == "ok"), None)
-                if ref is None:
-                    print("error: the slow rate comes from the fast uncompressed run (none-fast), which did not "
-                          "finish; pass --link slow=MBPS", file=sys.stderr)
-                    return 1
-                m = ref["metrics"]
-                rate = slow_rate_mbps(m["tokens_per_s"], m["bytes_per_token_fwd"] + m["bytes_per_token_bwd"])
-                print(f"[bench] slow link: {rate:.3g} Mbit/s gives the paper's compute / link bound of "
-                      f"{PAPER_COMPUTE_OVER_LINK:.1f} at {m['tokens_per_s']:,.0f} tokens/s", flush=True)
-            steps = args.steps or (SLOW_UNCOMPRESSED_STEPS if name == "none-slow" else STEPS)
-            for mode in MODES:
-                e = run_once(name, mode, link_key, rate, [*overrides, *args.set], out, cluster, steps, args.fresh)
-                e["label"] = label
-                results["runs"].append(e)
-                results["slow_rate_mbps"], results["slow_rate_from"] = rate, "--link" if fixed else "measured"
-                write_results(results, out, markdown)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    results["torn_down"] = not netem.namespaces(cluster.cluster_id)
-    write_results(results, out, markdown)
-    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
+    try:
+        results = engine.run(suite, only=args.only)
+    except engine.Abort as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
 
 

@@ -58,7 +58,7 @@ def eval_reference(cfg: Config) -> dict:
     """tokens, unigram_ce and bigram_ce of the evaluation `cfg` runs (train.eval_batches, per source
     for the default corpus), overall and per source, for one data-parallel rank of 1."""
     from ..data.batches import tokenize_to_array
-    from ..trainer import evaluation_parts, make_tokenizer, text_sources
+    from ..data.sources import evaluation_parts, make_tokenizer, text_sources
 
     train_src, val_src = text_sources(cfg)
     tok = make_tokenizer(cfg, train_src)

@@ -105,9 +105,3 @@ def fmt(x, spec=",.0f") -> str:
     """A table cell: '–' for a missing value."""
     return "–" if x is None else format(x, spec)
 
-
-def reusable(run_dir: Path, overrides: list[str]) -> dict | None:
-    """A finished run's DIR/runs/<run>/result.json, when it ran with the same overrides."""
-    cached = run_dir / "result.json"
-    old = json.loads(cached.read_text()) if cached.exists() else {}
-    return old if old.get("overrides") == overrides and old.get("status") == "ok" else None

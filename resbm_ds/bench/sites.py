@@ -22,12 +22,11 @@ DIR/results.json (machine, command, rates, every run), DIR/results.md (the table
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import netem
@@ -37,7 +36,8 @@ from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..system import free_port
 from .convergence import CONFIG, LR_FAMILIES
-from .runner import fmt, log_tail, machine_info, reusable, run_env, write_results
+from . import engine
+from .runner import fmt, log_tail, machine_info, run_env, write_results
 
 FAMILY = "resbm-tok"                  # the default boundary, at its tuned lr (results/convergence)
 LR = 2e-3
@@ -69,42 +69,6 @@ def commands(cluster: netem.Cluster, method: str, o: list[str]) -> list[list[str
         *[x.replace("{k}", str(k)) for x in o], *sync, f"sync.site_rank={k}"] for k in range(2)]
 
 
-def run_once(cluster, method: str, link: str, steps: int, out: Path, settings, fresh: bool, timeout_s: int) -> dict:
-    name = f"{method}-{'fast' if link == FAST else 'slow'}-{steps}"
-    run_dir = out / "runs" / name
-    o = [*overrides(method, steps, run_dir / "site{k}"), *settings]
-    entry = dict(name=name, method=method, label=METHODS[method][0], link=link, steps=steps, overrides=o)
-    if not fresh and (old := reusable(run_dir, o)):
-        print(f"[sites] {name}: reused", flush=True)
-        return old
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    cluster.set_rate(link)
-    print(f"[sites] {time.strftime('%H:%M:%S')} {name}: {METHODS[method][0]}, {steps} steps at {link}", flush=True)
-    logs = [open(run_dir / f"site{k}.log", "w") for k in range(2)]
-    t0 = time.perf_counter()
-    rcs = netem.run_nodes(commands(cluster, method, o), logs, netem.node_env(run_env()), timeout_s, cwd=REPO_ROOT)
-    for f in logs:
-        f.close()
-    entry["wall_s"] = time.perf_counter() - t0
-    (run_dir / "log.txt").write_text("".join(f"---- site {k}\n" + (run_dir / f"site{k}.log").read_text()
-                                             for k in range(2)))
-    sites = [run_dir / ("site" if method == "allreduce" else f"site{k}") for k in range(2)]
-    if any(rcs) or not all((s / METRICS_FILE).exists() for s in sites[:1 if method == "allreduce" else 2]):
-        entry.update(status="failed", error=log_tail(run_dir, 40))
-        print(f"[sites] {name}: FAILED (exit {rcs})\n{entry['error'][-1500:]}", flush=True)
-        return entry
-    entry.update(status="ok", metrics=analyse(sites[:1] if method == "allreduce" else sites))
-    for s in sites:
-        shutil.rmtree(s / "checkpoints", ignore_errors=True)
-    (run_dir / "result.json").write_text(json.dumps(entry, indent=1))
-    m = entry["metrics"]
-    print(f"[sites] {name}: {m['tokens_per_s']:,.0f} tok/s, {m['meter_bytes_per_step']:,.0f} B/step between sites "
-          f"(kernel payload {m['kernel_payload_per_step']:,.0f}), val loss {m['final_val_loss']:.4f}", flush=True)
-    return entry
-
-
 def analyse(site_dirs: list[Path]) -> dict:
     """Tokens/s of the whole run (every site's tokens over the wall time of steps 2..N), bytes between
     sites per step (meter: every site's wire_bytes_sites; kernel: site 0's interface, both directions,
@@ -130,6 +94,82 @@ def allreduce_bytes_per_step(cfg) -> int:
     return 2 * 4 * (c.total - c.frozen)
 
 
+class Sites(engine.Suite):
+    """The suite on the engine: each method's loss run and timing runs, one at a time, every site's
+    launcher inside its namespace."""
+    tag = "sites"
+
+    def __init__(self, out: Path, fresh: bool, rates: dict, steps: int | None, settings: tuple[str, ...],
+                 command: str, timeout_s: int = 4 * 3600):
+        loss_steps, timing_steps = (steps, steps) if steps else (LOSS_STEPS, TIMING_STEPS)
+        specs = []
+        for method in METHODS:
+            loss_link = rates["fast"] if method == "allreduce" else rates["slow"]
+            runs = [(loss_link, loss_steps)] + [(link, timing_steps) for link in (rates["slow"], rates["fast"])
+                                                if (link, timing_steps) != (loss_link, loss_steps)]
+            specs += [engine.Spec(f"{method}-{'fast' if link == FAST else 'slow'}-{n}", (method, link, n), select=method)
+                      for link, n in runs]
+        super().__init__(out, specs, fresh)
+        self.rates, self.loss_steps, self.settings, self.command, self.timeout_s = rates, loss_steps, settings, command, timeout_s
+        self.cluster = self.cfg = None
+
+    def validate(self, specs):
+        """Every run's config, before any starts (ConfigError)."""
+        self.cfg = load_config(CONFIG, [*overrides("allreduce", self.loss_steps, self.out / "x"), *self.settings]
+                               ).validate(world_size=2)
+        for method, _, steps in (s.run for s in specs):
+            sync = [] if method == "allreduce" else ["sync.sites=2"]
+            load_config(CONFIG, [*overrides(method, steps, self.out / "x"), *self.settings, *sync]).validate(
+                world_size=2 if method == "allreduce" else 1)
+
+    def entry(self, spec, done):
+        method, link, steps = spec.run
+        o = [*overrides(method, steps, self.run_dir(spec) / "site{k}"), *self.settings]
+        return dict(name=spec.name, method=method, label=METHODS[method][0], link=link, steps=steps, overrides=o)
+
+    def launch(self, spec, entry, launcher):
+        (method, link, steps), run_dir, o = spec.run, self.run_dir(spec), entry["overrides"]
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        self.cluster.set_rate(link)
+        self.say(f"{spec.name}: {METHODS[method][0]}, {steps} steps at {link}")
+        logs = [open(run_dir / f"site{k}.log", "w") for k in range(2)]
+        t0 = time.perf_counter()
+        rcs = netem.run_nodes(commands(self.cluster, method, o), logs, netem.node_env(run_env()), self.timeout_s,
+                              cwd=REPO_ROOT, started=launcher.started)
+        for f in logs:
+            f.close()
+        entry["wall_s"] = time.perf_counter() - t0
+        (run_dir / "log.txt").write_text("".join(f"---- site {k}\n" + (run_dir / f"site{k}.log").read_text()
+                                                 for k in range(2)))
+        sites = [run_dir / ("site" if method == "allreduce" else f"site{k}") for k in range(2)]
+        if any(rcs) or not all((s / METRICS_FILE).exists() for s in sites[:1 if method == "allreduce" else 2]):
+            entry.update(status="failed", error=log_tail(run_dir, 40))
+            self.say(f"{spec.name}: FAILED (exit {rcs})\n{entry['error'][-1500:]}")
+            return entry
+        entry.update(status="ok", metrics=analyse(sites[:1] if method == "allreduce" else sites))
+        for s in sites:
+            shutil.rmtree(s / "checkpoints", ignore_errors=True)
+        m = entry["metrics"]
+        self.say(f"{spec.name}: {m['tokens_per_s']:,.0f} tok/s, {m['meter_bytes_per_step']:,.0f} B/step between "
+                 f"sites (kernel payload {m['kernel_payload_per_step']:,.0f}), val loss {m['final_val_loss']:.4f}")
+        return entry
+
+    def header(self):
+        return dict(suite="sites", base_config=CONFIG, family=FAMILY, lr=LR, command=self.command, rates=self.rates,
+                    started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
+                    allreduce_formula_bytes_per_step=allreduce_bytes_per_step(self.cfg), runs=[])
+
+    @contextmanager
+    def session(self):
+        with netem.Cluster(2, [self.rates["fast"]], cluster_id=f"s{os.getpid()}") as self.cluster:
+            yield
+
+    def publish(self, results):
+        write_results(results, self.out, markdown)
+
+
 def main(args, command: str) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,40 +185,20 @@ def main(args, command: str) -> int:
             return 2
         rates[key] = value
     try:
-        netem.check_support()
+        if not args.plan:
+            netem.check_support()
     except netem.NetemError as e:
         print(f"error: the sites suite needs a real network: {e}", file=sys.stderr)
         return 2
-    loss_steps, timing_steps = (args.steps, args.steps) if args.steps else (LOSS_STEPS, TIMING_STEPS)
-    plan = []                           # (method, link, steps)
-    for method in METHODS:
-        if args.only and not re.search(args.only, method):
-            continue
-        loss_link = rates["fast"] if method == "allreduce" else rates["slow"]
-        plan.append((method, loss_link, loss_steps))
-        for link in (rates["slow"], rates["fast"]):
-            if (link, timing_steps) != (loss_link, loss_steps):
-                plan.append((method, link, timing_steps))
-    try:   # every run's config, before any starts
-        cfg = load_config(CONFIG, [*overrides("allreduce", loss_steps, out / "x"), *args.set]).validate(world_size=2)
-        for method, _, steps in plan:
-            sync = [] if method == "allreduce" else ["sync.sites=2"]
-            load_config(CONFIG, [*overrides(method, steps, out / "x"), *args.set, *sync]).validate(
-                world_size=2 if method == "allreduce" else 1)
+    suite = Sites(out, args.fresh, rates, args.steps, tuple(args.set), command)
+    try:
+        if args.plan:
+            engine.run(suite, only=args.only, show_plan=True)
+            return 0
+        results = engine.run(suite, only=args.only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = dict(suite="sites", base_config=CONFIG, family=FAMILY, lr=LR, command=command, rates=rates,
-                   started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
-                   allreduce_formula_bytes_per_step=allreduce_bytes_per_step(cfg), runs=[])
-    with netem.Cluster(2, [rates["fast"]], cluster_id=f"s{os.getpid()}") as cluster:
-        for method, link, steps in plan:
-            results["runs"].append(run_once(cluster, method, link, steps, out, tuple(args.set), args.fresh,
-                                            timeout_s=4 * 3600))
-            write_results(results, out, markdown)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    write_results(results, out, markdown)
-    print(f"[sites] wrote {out / 'results.json'} and {out / 'results.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results["runs"]) else 1
 
 

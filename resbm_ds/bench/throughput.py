@@ -37,7 +37,8 @@ from ..wire.link import link_bound_tokens_per_s
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..system import free_port
-from .runner import children_cpu_s, log_tail, machine_info, run_env, run_logged
+from . import engine
+from .runner import children_cpu_s, log_tail, machine_info, run_env
 
 
 # ---- suite definitions -------------------------------------------------------------------------
@@ -170,16 +171,6 @@ def check_available(spec: RunSpec, suite: Suite) -> tuple[str, str, Config | Non
 UNAVAILABLE_IN_LOG = re.compile(r"invalid config: (bottleneck\.method|train\.optimizer|wire\.codec)=")
 
 
-def launch(spec: RunSpec, suite: Suite, run_dir: Path, timeout_s: int) -> tuple[int, float, float, str]:
-    """Train one configuration in `suite.nprocs` real processes; -> (exit code, wall s, CPU s, log tail)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={suite.nprocs}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "resbm_ds.train",
-           "--config", suite.config, f"train.out_dir={run_dir}", *spec.overrides(suite)]
-    cpu0 = children_cpu_s()
-    rc, wall = run_logged(cmd, run_dir, timeout_s, run_env())
-    return rc, wall, children_cpu_s() - cpu0, log_tail(run_dir)
-
-
 def analyse(run_dir: Path, cfg: Config, link: Link) -> dict:
     """The numbers of one finished run, from its metrics.jsonl."""
     steps, vals = read_metrics(run_dir)
@@ -232,72 +223,78 @@ def val_at_time(metrics: dict, t: float) -> tuple[float, float]:
 
 # ---- the suite ---------------------------------------------------------------------------------
 
+class Throughput(engine.Suite):
+    """A throughput suite on the engine: its runs one at a time, each in `suite.nprocs` processes; a
+    run the code cannot configure is reported as unavailable or invalid, not launched."""
+
+    def __init__(self, suite: Suite, out: Path, specs: list[RunSpec], fresh: bool, keep_checkpoints: bool,
+                 command: str):
+        super().__init__(out, [engine.Spec(s.name, s) for s in specs], fresh)
+        self.suite, self.keep_checkpoints, self.command = suite, keep_checkpoints, command
+
+    def entry(self, spec, done):
+        s, link = spec.run, self.suite.links[spec.run.link]
+        entry = dict(name=s.name, label=s.label, link=link.label, link_mbps=link.mbps,
+                     link_latency_ms=link.latency_ms, method=s.method, ratio=s.ratio,
+                     optimizer=s.optimizer, codec=s.codec, codec_backward=s.codec_backward,
+                     overrides=s.overrides(self.suite))
+        status, why, _ = check_available(s, self.suite)
+        if status != "ok":
+            entry["status"], entry["error"] = status, why
+        return entry
+
+    def launch(self, spec, entry, launcher):
+        """Train one configuration in `suite.nprocs` real processes, and analyse it."""
+        s, suite, run_dir = spec.run, self.suite, self.run_dir(spec)
+        cfg = check_available(s, suite)[2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={suite.nprocs}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "resbm_ds.train",
+               "--config", suite.config, f"train.out_dir={run_dir}", *s.overrides(suite)]
+        cpu0 = children_cpu_s()
+        rc, wall = launcher.run(cmd, run_dir, suite.timeout_s, run_env())
+        entry["wall_s"], entry["cpu_s"] = wall, children_cpu_s() - cpu0
+        tail = log_tail(run_dir)
+        if rc != 0 or not (run_dir / METRICS_FILE).exists():
+            entry["status"] = "unavailable" if UNAVAILABLE_IN_LOG.search(tail) else "failed"
+            entry["error"] = tail[-3000:]
+            first = entry["error"].strip().splitlines()[-1] if entry["error"].strip() else ""
+            self.say(f"{s.name}: {entry['status']}: {first[:300]}")
+            return entry
+        entry["status"] = "ok"
+        entry["metrics"] = m = analyse(run_dir, cfg, suite.links[s.link])
+        entry["parameters"] = parameter_counts(cfg.spec, num_stages=1).total
+        entry["config_ratio"] = cfg.compression_ratio()
+        if not self.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        bound = f", link bound {m['link_bound_tokens_per_s']:,.0f} tok/s" if "link_bound_tokens_per_s" in m else ""
+        self.say(f"{s.name}: done in {wall:.0f} s ({entry['cpu_s']:.0f} CPU s): val loss {m['final_val_loss']:.4f}, "
+                 f"{m['tokens_per_s']:,.0f} tok/s{bound}, {m['wire_bytes_per_boundary_per_step']:,} wire bytes/step "
+                 f"({m['measured_compression']:.1f}x)")
+        return entry
+
+    def header(self):
+        return dict(suite=self.suite.name, description=self.suite.description, base_config=self.suite.config,
+                    command=self.command, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
+                    runs=[])
+
+    def publish(self, results):
+        write_outputs(results, self.suite, self.out)
+
+    def finish(self, results):
+        results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def run_suite(suite: Suite, out: Path, only: str | None = None, fresh: bool = False,
               keep_checkpoints: bool = False, steps: int | None = None, command: str = "",
-              settings: tuple[str, ...] = ()) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    specs = [s for s in suite.runs if not only or re.search(only, s.name)]
+              settings: tuple[str, ...] = (), show_plan: bool = False) -> dict | None:
     extra = [f"train.steps={steps}", f"train.eval_every={max(1, steps // 6)}",
              f"train.warmup_steps={max(1, steps // 10)}"] if steps else []
     extra += list(settings)
+    specs = suite.runs
     if extra:   # e.g. a shorter run for timing: every run gets the same changes
         specs = [RunSpec(**{**asdict(s), "extra": tuple(s.extra) + tuple(extra)}) for s in specs]
-    results = dict(suite=suite.name, description=suite.description, base_config=suite.config,
-                   command=command, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
-                   runs=[])
-    print(f"[bench] suite {suite.name}: {len(specs)} runs -> {out}", flush=True)
-    for i, spec in enumerate(specs, 1):
-        link = suite.links[spec.link]
-        entry = dict(name=spec.name, label=spec.label, link=link.label, link_mbps=link.mbps,
-                     link_latency_ms=link.latency_ms, method=spec.method, ratio=spec.ratio,
-                     optimizer=spec.optimizer, codec=spec.codec, codec_backward=spec.codec_backward,
-                     overrides=spec.overrides(suite))
-        status, why, cfg = check_available(spec, suite)
-        run_dir = out / "runs" / spec.name
-        cached = run_dir / "result.json"
-        if status == "ok" and not fresh and cached.exists():
-            old = json.loads(cached.read_text())
-            if old.get("overrides") == entry["overrides"] and old.get("status") == "ok":
-                results["runs"].append(old)
-                print(f"[bench] {i}/{len(specs)} {spec.name}: reused from {run_dir}", flush=True)
-                continue
-        if status == "ok":
-            print(f"[bench] {i}/{len(specs)} {spec.name} ({spec.label} @ {link.label}) ...", flush=True)
-            rc, wall, cpu, tail = launch(spec, suite, run_dir, suite.timeout_s)
-            entry["wall_s"], entry["cpu_s"] = wall, cpu
-            if rc == 0 and (run_dir / METRICS_FILE).exists():
-                entry["status"] = "ok"
-                entry["metrics"] = analyse(run_dir, cfg, link)
-                entry["parameters"] = parameter_counts(cfg.spec, num_stages=1).total
-                entry["config_ratio"] = cfg.compression_ratio()
-                if not keep_checkpoints:
-                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            else:
-                status = "unavailable" if UNAVAILABLE_IN_LOG.search(tail) else "failed"
-                entry["status"], entry["error"] = status, tail[-3000:]
-        else:
-            entry["status"], entry["error"] = status, why
-        if entry["status"] == "ok":
-            m = entry["metrics"]
-            bound = (f", link bound {m['link_bound_tokens_per_s']:,.0f} tok/s" if "link_bound_tokens_per_s" in m
-                     else "")
-            print(f"[bench] {i}/{len(specs)} {spec.name}: done in {entry['wall_s']:.0f} s "
-                  f"({entry.get('cpu_s', 0):.0f} CPU s): val loss "
-                  f"{m['final_val_loss']:.4f}, {m['tokens_per_s']:,.0f} tok/s{bound}, "
-                  f"{m['wire_bytes_per_boundary_per_step']:,} wire bytes/step "
-                  f"({m['measured_compression']:.1f}x)", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(entry, indent=1))
-        else:
-            first = entry["error"].strip().splitlines()[-1] if entry["error"].strip() else ""
-            print(f"[bench] {i}/{len(specs)} {spec.name}: {entry['status']}: {first[:300]}", flush=True)
-        results["runs"].append(entry)
-        write_outputs(results, suite, out)   # after every run: an interrupted suite leaves a report
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    write_outputs(results, suite, out)
-    print(f"[bench] wrote {out / 'results.json'}, {out / 'results.md'} and plots", flush=True)
-    return results
+    return engine.run(Throughput(suite, out, specs, fresh, keep_checkpoints, command), only=only,
+                      show_plan=show_plan)
 
 
 def summarise(results: dict, suite: Suite):

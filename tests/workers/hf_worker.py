@@ -19,7 +19,8 @@ import torch.distributed as dist
 import yaml
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine, close_distributed, validate_before_launch
+from resbm_ds.engine import build_engine, close_distributed
+from resbm_ds.launch import check_config
 
 
 def random_batches(cfg, dp_rank, seed=0):
@@ -38,7 +39,7 @@ def logits_of(rt, ids):
 
 def run_job(job, out: Path):
     cfg = load_config(job.get("config"), job.get("overrides", []))
-    rt = build_engine(validate_before_launch(cfg))
+    rt = build_engine(check_config(cfg))
     rank = dist.get_rank()
     report = {"rank": rank, "stage": rt.stage, "dp_rank": rt.dp_rank,
               "local_layers": [type(f).__name__ if isinstance(f, torch.nn.Module) else "tied_head"

@@ -14,7 +14,6 @@ own: singular values for the Muon matrices, |update| / lr for the AdamW paramete
 import faulthandler
 import json
 import math
-import os
 import signal
 import sys
 
@@ -25,11 +24,11 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-from pipe_worker import synthetic_batches  # noqa: E402
+from pipe_worker import synthetic_batches   # a sibling script: its directory is on sys.path (run as a script, or pytest's pythonpath)
 
 from resbm_ds.config import load_config  # noqa: E402
-from resbm_ds.engine import build_engine, close_distributed, validate_before_launch  # noqa: E402
+from resbm_ds.engine import build_engine, close_distributed
+from resbm_ds.launch import check_config  # noqa: E402
 from resbm_ds.model.layers import lm_loss  # noqa: E402
 from resbm_ds.optim import decay_groups, muon_matrices  # noqa: E402
 from resbm_ds.model.pipeline import layer_specs  # noqa: E402
@@ -151,7 +150,7 @@ def main():
     save = next((a[len("--save="):] for a in args if a.startswith("--save=")), None)
     args = [a for a in args if not a.startswith("--save=")]
     cfg = load_config(None, args)
-    rt = build_engine(validate_before_launch(cfg))
+    rt = build_engine(check_config(cfg))
     t = cfg.train
     local = dict(rt.module.named_parameters())
     muon_ids = {id(p) for p in muon_matrices(rt.module)} if t.optimizer == "muon" else set()

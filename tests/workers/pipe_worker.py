@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from resbm_ds.config import load_config
-from resbm_ds.engine import build_engine, close_distributed, validate_before_launch
+from resbm_ds.engine import build_engine, close_distributed
+from resbm_ds.launch import check_config
 from resbm_ds.model.boundary import LocalIdsReader
 
 
@@ -72,7 +73,7 @@ def run(out, steps, overrides):
         flags[key], overrides = value, overrides[1:]
     load, save, steps = flags.get("load"), flags.get("save"), int(flags.get("steps", steps))
     cfg = load_config(None, overrides)
-    rt = build_engine(validate_before_launch(cfg))
+    rt = build_engine(check_config(cfg))
     if load:
         rt.engine.load_checkpoint(load, load_module_only=True, load_optimizer_states=False,
                                   load_lr_scheduler_states=False)

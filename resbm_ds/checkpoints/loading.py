@@ -1,4 +1,4 @@
-"""DeepSpeed pipeline checkpoints as files: where a tag's layer files are, and reading them safely.
+"""Reading checkpoints' weights safely: where a tag's layer files are, and loading them.
 
 A pipeline checkpoint holds one file per layer, named by the layer's global index,
 `<checkpoints>/<tag>/layer_XX-model_00-model_states.pt`, whatever the number of stages and
@@ -6,14 +6,12 @@ data-parallel replicas (each layer is written once; a tied head writes no file, 
 embedding). So a model can be read from any checkpoint into any layout, layer by layer. Files are
 read with `torch.load(weights_only=True)`: tensors only, no code from the file runs; DeepSpeed's
 own loads (--resume) are switched to the same (`load_deepspeed_checkpoints_safely`). Before any
-file is read, the tag's files are checked against its manifest (manifest.py).
+file is read, the tag's files are checked against its manifest (store.py).
 """
 from __future__ import annotations
 
-import errno
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,53 +21,11 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from . import compat
-from .cli import UserError
-from .manifest import previous_offer, sibling_tags, tag_dir, verify
+from .. import compat
+from ..cli import UserError
+from .store import previous_offer
 
 LAYER_FILE = re.compile(r"layer_(\d+)-(.*)model_states\.pt$")
-
-
-def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Path:
-    """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
-    directory (tag from its `latest` file), or the tag directory itself; its files checked against
-    its manifest (manifest.py; `use` says how to name the previous complete tag instead)."""
-    p = Path(path)
-    if any(p.glob("layer_*-model_states.pt")):
-        verify(p, use)
-        return p
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    given = use.format(tag="").strip()
-    if tag is None:
-        latest = p / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
-        tag, given = latest.read_text().strip(), f"{latest} names"
-        if not tag_dir(p, tag, given).is_dir():
-            raise FileNotFoundError(f"{latest} names {tag!r}, which is missing; tags in {p}: "
-                                    f"{sibling_tags(p) or 'none'} (pass one: {use.format(tag='TAG')})")
-    d = tag_dir(p, tag, given)
-    if not any(d.glob("layer_*-model_states.pt")):
-        raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
-    verify(d, use)
-    return d
-
-
-def out_of_space(path: Path, error: BaseException) -> str | None:
-    """When `error`, met writing under `path`, comes from a full filesystem: a phrase saying so (torch
-    reports ENOSPC in a zip writer as "unexpected pos" or an "iostream error", without errno)."""
-    text = str(error).lower()
-    full = (getattr(error, "errno", None) == errno.ENOSPC or "no space left" in text
-            or "unexpected pos" in text or "iostream error" in text)
-    if not full:
-        return None
-    base = next((d for d in (Path(path), *Path(path).parents) if d.exists()), Path("/"))
-    return f"no space left on the filesystem of {base} ({shutil.disk_usage(base).free:,} bytes free)"
-
-
-def tag_bytes(tag_dir: Path) -> int:
-    return sum(f.stat().st_size for f in Path(tag_dir).rglob("*") if f.is_file())
 
 
 def layer_files(tag_dir: Path) -> dict[int, Path]:

@@ -1,30 +1,46 @@
-"""A checkpoint's manifest: the sha256 and size of every file in its tag directory, written last at
-save time and checked on every read (--resume, export, spectrum, train.init_from).
+"""The checkpoint store: a run's `checkpoints/` directory, with one rule for each of its facts.
 
-    <checkpoints>/<tag>/manifest.json   {"format": 1, "files": {"layer_00-model_00-model_states.pt":
-                                         {"bytes": N, "sha256": "..."}, ...}}
+    <checkpoints>/step<N>/            a tag: DeepSpeed's files of the state after step N (`tag_for`)
+    <checkpoints>/step<N>/manifest.json   {"format": 1, "files": {"layer_00-model_00-model_states.pt":
+                                      {"bytes": N, "sha256": "..."}, ...}}
+    <checkpoints>/latest              the newest complete tag's name (`read_latest`, `point_latest`)
 
-It is written after DeepSpeed has written the tag's files and before `latest` moves to the tag, by
-write + rename, so a manifest exists only for a checkpoint that was saved whole. On a read, a
-listed file that is missing, has another size or other bytes refuses the checkpoint in one line
-that names the file and the newest earlier tag that verifies. A tag without a manifest is refused
-when its siblings have one (its save was cut short); a run with no manifests at all (written
-before manifests existed) is read with a warning.
+A save writes the tag's files, then its manifest, then moves `latest` to it, each by write + rename
+(`publish`), so a manifest exists only for a checkpoint that was saved whole and `latest` only ever
+names one; `prune` keeps the newest train.keep_last. On a read, a listed file that is missing, has
+another size or other bytes refuses the checkpoint in one line that names the file and the newest
+earlier tag that verifies. A tag without a manifest is refused when its siblings have one (its save
+was cut short); a run with no manifests at all (written before manifests existed) is read with a
+warning. A tag is always the name of a directory in the checkpoints directory, never a path.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
-from .cli import UserError
-from .system import sha256_file
+from ..cli import UserError
+from ..system import sha256_file
 
 MANIFEST = "manifest.json"
-TAG = re.compile(r"step(\d+)$")   # the trainer's checkpoint tags: step<N>
+LATEST = "latest"
+TAG = re.compile(r"step(\d+)$")   # the one tag rule: step<N>, the state after step N
 
+
+def tag_for(step: int) -> str:
+    return f"step{step}"
+
+
+def step_of(tag: str) -> int:
+    """The step a tag was saved after (a tag the trainer wrote: step<N>)."""
+    m = TAG.match(tag)
+    if m is None:
+        raise ValueError(f"{tag!r} is not a checkpoint tag (step<N>)")
+    return int(m.group(1))
 
 class TagError(UserError):
     """A tag that names no checkpoint of the run."""
@@ -136,3 +152,87 @@ def verify(tag_dir: Path, use: str = "--resume-from {tag}") -> None:
         print(f"[resbm] warning: {tag_dir} has no {MANIFEST} (saved before manifests existed): its files "
               "cannot be checked for truncation or modification", file=sys.stderr, flush=True)
     _verified.add(key)
+
+
+# ---- latest, saving, pruning ------------------------------------------------------------------
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None when there is no `latest` file."""
+    latest = Path(ckpt_dir) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def point_latest(ckpt_dir: Path, tag: str) -> None:
+    """Move `latest` to `tag`, atomically (write + rename)."""
+    tmp = Path(ckpt_dir) / (LATEST + ".tmp")
+    tmp.write_text(tag)
+    os.replace(tmp, Path(ckpt_dir) / LATEST)
+
+
+def publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """After every rank has written the tag's files: its manifest, then `latest`, then pruning."""
+    write_manifest(Path(ckpt_dir) / tag)
+    point_latest(ckpt_dir, tag)
+    prune(ckpt_dir, keep_last)
+
+
+def discard(ckpt_dir: Path, tag: str) -> None:
+    """Remove what a save that failed left (the tag's files, a half-moved `latest`)."""
+    shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)
+    (Path(ckpt_dir) / (LATEST + ".tmp")).unlink(missing_ok=True)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """train.keep_last: delete all but the newest `keep_last` tags (never the one `latest` names)."""
+    if keep_last < 1:
+        return []
+    latest = read_latest(ckpt_dir)
+    old = [t for t in sibling_tags(ckpt_dir)[:-keep_last] if t != latest]
+    for t in old:
+        shutil.rmtree(Path(ckpt_dir) / t, ignore_errors=True)
+    return old
+
+
+def tag_bytes(tag_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(tag_dir).rglob("*") if f.is_file())
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+def checkpoint_dir(path, tag: str | None = None, use: str = "--tag {tag}") -> Path:
+    """The `<checkpoints>/<tag>` directory holding layer files, from a run directory, a checkpoints
+    directory (tag from its `latest` file), or the tag directory itself; its files checked against
+    its manifest (`verify`; `use` says how to name the previous complete tag instead)."""
+    p = Path(path)
+    if any(p.glob("layer_*-model_states.pt")):
+        verify(p, use)
+        return p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    given = use.format(tag="").strip()
+    if tag is None:
+        latest = p / LATEST
+        tag = read_latest(p)
+        if tag is None:
+            raise FileNotFoundError(f"{p}: no 'latest' file; pass the checkpoint tag (--tag)")
+        given = f"{latest} names"
+        if not tag_dir(p, tag, given).is_dir():
+            raise FileNotFoundError(f"{latest} names {tag!r}, which is missing; tags in {p}: "
+                                    f"{sibling_tags(p) or 'none'} (pass one: {use.format(tag='TAG')})")
+    d = tag_dir(p, tag, given)
+    if not any(d.glob("layer_*-model_states.pt")):
+        raise FileNotFoundError(f"{d}: no DeepSpeed pipeline layer files (layer_XX-*model_states.pt)")
+    verify(d, use)
+    return d
+
+
+def out_of_space(path: Path, error: BaseException) -> str | None:
+    """When `error`, met writing under `path`, comes from a full filesystem: a phrase saying so (torch
+    reports ENOSPC in a zip writer as "unexpected pos" or an "iostream error", without errno)."""
+    text = str(error).lower()
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "no space left" in text
+            or "unexpected pos" in text or "iostream error" in text)
+    if not full:
+        return None
+    base = next((d for d in (Path(path), *Path(path).parents) if d.exists()), Path("/"))
+    return f"no space left on the filesystem of {base} ({shutil.disk_usage(base).free:,} bytes free)"
