@@ -1,5 +1,6 @@
-"""What every command line of the package shares: user errors as one line and exit status 2, and
-argument types that check ranges and the kind of a path before anything runs.
+"""What every command line of the package shares: user errors (`UserError`, `ConfigError`, `DataError`)
+as one line and exit status 2, and argument types that check ranges and the kind of a path before
+anything runs.
 
 Light on purpose (no torch, no DeepSpeed): `--help` and a bad option answer at once.
 """
@@ -22,6 +23,27 @@ QUIET_RANK_PAUSE_S = 3.0
 class UserError(ValueError):
     """Bad input from the user (a config value, a data file, a run directory): the message alone says
     what is wrong and what is allowed, so `cli` prints it as one line, without a traceback."""
+
+
+class ConfigError(UserError):
+    """An invalid configuration value: says which key, what value, and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid config: {key}={_short(value)}: {allowed}")
+
+
+class DataError(UserError):
+    """A data file (or the text in it) the run cannot use: names the file and the config key."""
+
+    def __init__(self, key: str, path, problem: str):
+        self.key, self.path = key, path
+        super().__init__(f"{key}={str(path)!r}: {problem}")
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def one_line(e: BaseException) -> str:

@@ -1,73 +1,111 @@
 """One typed configuration object for a ResBM run, loaded from YAML/JSON with `key=value` overrides.
 
 The config is data (GPT-NeoX style): `Config` groups the model, the bottleneck, the pipeline layout,
-training and data settings, plus the DeepSpeed JSON it is launched with. `Config.validate()` checks
-every value *before* any process group starts and raises `ConfigError` naming the key, the value and
-what is allowed.
+training and data settings, plus the DeepSpeed JSON it is launched with. Each section is a pydantic
+model (`Section`): types, ranges (`Field(ge=...)`) and choices (`Literal[...]`) are the schema,
+checked as a config is built; `Config.validate()` checks them again, then the keys against each other
+and what the machine must have, all *before* any process group starts. Every error is one
+`ConfigError` naming the key, the value and what is allowed; `config_error` is the one translation of
+a pydantic error (ours or DeepSpeed's) into it.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
-from .cli import UserError
+from .cli import ConfigError
 from .system import is_, path_kind
+from .wire_bytes import (CODEC_BITS, DENSE_REFERENCE, DTYPES, boundary_bytes_per_token, dense_bytes_per_token,
+                         id_dtype, id_wire_bytes)
 
 PRESET_DIR = Path(__file__).parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 
 
-class ConfigError(UserError):
-    """An invalid configuration value: says which key, what value, and what is allowed."""
+class Section(BaseModel):
+    """A config section: typed keys, no unknown ones, and types checked as strictly as YAML allows.
 
-    def __init__(self, key: str, value, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config: {key}={_short(value)}: {allowed}")
+    Strict: an int key takes an int (not True, not "3", not 2.0), a str key a str, a bool key a bool.
+    Two exceptions, both what YAML needs: a float key also takes an int or a number written as text
+    (YAML 1.1 reads `3e-4` as a string), and a tuple key takes a list. Ranges (`Field(ge=...)`) and
+    choices (`Literal[...]`) are checked as the section is built; what one key cannot say alone (one
+    key against another, files, installed packages) is `Config.validate`'s.
+
+    Assignment is not validated (`cfg.data.tokenizer = "hf"` just sets it): `Config.validate` checks
+    every key again, so a config changed after loading is checked once, with the same messages."""
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_yaml_reads_it(cls, value, info):
+        hint = _bare(cls.model_fields[info.field_name].annotation)
+        if hint is float:
+            return _float(value)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_float(v) if a is float else v for v, a in zip(value, args))
+        return value
 
 
-class DataError(UserError):
-    """A data file (or the text in it) the run cannot use: names the file and the config key."""
+def _float(value):
+    """A float key's value: ints (not bools) and numbers written as text become floats."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
-    def __init__(self, key: str, path, problem: str):
-        self.key, self.path = key, path
-        super().__init__(f"{key}={str(path)!r}: {problem}")
+
+def _bare(hint):
+    """The annotation without Optional: `int | None` -> int."""
+    args = typing.get_args(hint)
+    if type(None) in args and typing.get_origin(hint) is not typing.Literal:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return hint
 
 
-def _short(value, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def allowed_values(section: type[BaseModel], key: str) -> list:
+    """The values a choice key allows (its Literal's), None first where it may be empty."""
+    hint = section.model_fields[key].annotation
+    values = list(typing.get_args(_bare(hint)))
+    return [None, *values] if type(None) in typing.get_args(hint) else values
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """A Llama-style decoder-only transformer."""
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None        # grouped-query attention; None = num_heads
-    intermediate_size: int | None = None   # SwiGLU width; None = 8/3 * hidden, rounded up to 64
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = Field(4096, ge=1)
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, description="grouped-query attention; None = num_heads")
+    intermediate_size: int | None = Field(None, description="SwiGLU width; None = 8/3 * hidden, rounded up to 64")
+    max_seq_len: int = Field(256, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, json_schema_extra={"hint": " (RMSNorm divides by sqrt(mean + eps))"})
     tie_embeddings: bool = False
-    init_std: float = 0.02
-    # N(0, embed_std) token embedding; None = init_std. At 0.02 the tokens' own directions (norm
-    # ~0.3 at H=256) are swamped within ~10 AdamW steps by the one direction every row moves in while
-    # the unigram is learned, and a boundary that reads the stream only through a norm (no identity
-    # path) then sends one constant code: resbm_ds/model/boundary.py, init.
-    embed_std: float | None = None
-    attention_bias: bool = False           # biases on q/k/v_proj (Qwen2); o_proj never has one
-    init_from_hf: str | None = None        # a transformers save_pretrained dir: load its weights
+    init_std: float = Field(0.02, ge=0)
+    embed_std: float | None = Field(
+        None, ge=0, json_schema_extra={"hint": ", or empty (= model.init_std)"},
+        description="N(0, embed_std) token embedding; None = init_std. At 0.02 the tokens' own directions (norm "
+        "~0.3 at H=256) are swamped within ~10 AdamW steps by the one direction every row moves in while "
+        "the unigram is learned, and a boundary that reads the stream only through a norm (no identity "
+        "path) then sends one constant code: resbm_ds/model/boundary.py, init.")
+    attention_bias: bool = Field(False, description="biases on q/k/v_proj (Qwen2); o_proj never has one")
+    init_from_hf: str | None = Field(None, description="a transformers save_pretrained dir: load its weights")
 
     @property
     def kv_heads(self) -> int:
@@ -82,43 +120,10 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
-BOUNDARY_METHODS = ("resbm", "none", "bottleneck-noskip", "subspace")   # the last two: model/baselines.py
-IDENTITY_PATHS = ("slice", "orthonormal", "none")
-BOUNDARY_INITS = ("identity", "normal")
-DECODERS = ("linear", "mlp")
-DECODER_NORMS = ("rms", "none")
-TOKEN_CHANNELS = ("auto", "none", "learned", "frozen", "lowrank", "hashed")
-TOKEN_ID_TRANSPORTS = ("sent", "local")
-OPTIMIZERS = ("adamw", "muon", "sgd")   # sgd: plain SGD, linear in the gradient (tests/test_sync.py)
-DATA_SOURCES = ("local", "hub")
-TOKENIZERS = ("sentencepiece-train", "sentencepiece", "hf")
-MUON_NS_METHODS = ("standard", "gram")
-
-# The one table of wire dtypes: name -> bytes per value ("model" = the model's own dtype).
-# The one dtype table: names in configs -> torch dtypes (bytes: `.itemsize`).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WIRE_DTYPES = ("model", *DTYPES)
-DENSE_REFERENCE = "bf16"     # headline ratios compare with a dense bf16 boundary, as the paper's do
 ID_CHANNEL_METHODS = ("subspace",)   # methods whose boundary always sends the token ids
-INT16_MAX_VOCAB = 2 ** 15             # ids below this cross as int16, larger vocabularies as int32
-CODEC_SCALE_BYTES = 2                 # a codec's per-token scale (bf16; wire/codecs.py)
-CODEC_BITS = {"int8": 8, "fp8": 8, "int4": 4, "int2": 2}   # bits per code value of each wire codec
 
 
-def codec_row_bytes(width: int, codec: str) -> int:
-    """Bytes on the wire for one row (one token) of `width` values under a wire codec: the values
-    packed (two 4-bit / four 2-bit values a byte, the last byte padded), then the row's scale. The
-    one formula behind `Config.wire_bytes_per_token` and the codecs' payload shape (wire/codecs.py)."""
-    return -(-width * CODEC_BITS[codec] // 8) + CODEC_SCALE_BYTES
-
-
-def id_wire_bytes(vocab_size: int) -> int:
-    """Bytes per token id on the wire: int16 where the vocabulary fits, else int32."""
-    return 2 if vocab_size <= INT16_MAX_VOCAB else 4
-
-
-@dataclass
-class BottleneckConfig:
+class BottleneckConfig(Section):
     """What sits at every segment boundary (and so at every pipeline stage boundary).
 
     `segments` is a property of the model: the layers are split into this many segments with a
@@ -127,76 +132,160 @@ class BottleneckConfig:
     model/boundary.py. The defaults are what the convergence suite measured best (docs/results.md); the paper's
     form is init=normal token_channel=none.
     """
-    method: str = "resbm"          # resbm | none (uncompressed: the full hidden state crosses)
-    #                                | bottleneck-noskip (SWARM) | subspace (Subspace Models); model/baselines.py
-    segments: int = 2
-    width: int | None = None       # h, the code width; None = hidden_size // ratio
-    ratio: int = 32                # H / h, used when width is None
-    identity: str = "slice"        # low-rank identity path: slice | orthonormal | none (ablation)
-    wire_dtype: str = "model"      # dtype of the code on the wire; "model" = the model's dtype
-    init: str = "identity"         # identity: a fresh boundary is P^T P x | normal: N(0, init_std) (paper)
-    decoder: str = "linear"        # linear: W_d norm(b) | mlp: W_2 silu(W_1 norm(b))
-    decoder_width: int | None = None   # mlp hidden width; None = model.hidden_size
-    decoder_norm: str = "rms"      # rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))
-    token_channel: str = "auto"    # auto (resbm: learned, others: none) | none | learned | frozen | lowrank | hashed:
-    #                                the ids cross too and a table local to the receiving stage adds T[ids]
-    token_rank: int = 32           # rank of the lowrank token table
-    token_buckets: int = 4096      # rows of the hashed token table (B x H, whatever the vocabulary)
-    # zero: a learned table starts at 0 under init=identity (the boundary starts as exactly P^T P x)
-    # | normal: N(0, init_std), so the next segment's stream starts full-rank (measured: the zero table
-    # feeds a rank-h stream to the next RMSNorm, pre-clip grad norm 73 in the first 10 steps vs 3.9)
-    table_init: str = "zero"
-    token_ids: str = "sent"        # how the token channel's decoders get the ids: sent (they cross every
-    #                                stage boundary with the code) | local (each stage reads them from its
-    #                                own copy of the data: 0 bytes on the wire; model/local_ids.py)
+    method: Literal["resbm", "none", "bottleneck-noskip", "subspace"] = Field(
+        "resbm", description="resbm | none (uncompressed: the full hidden state crosses) | bottleneck-noskip (SWARM) "
+        "| subspace (Subspace Models); model/baselines.py")
+    segments: int = Field(2, ge=1)
+    width: int | None = Field(None, description="h, the code width; None = hidden_size // ratio")
+    ratio: int = Field(32, ge=1, description="H / h, used when width is None")
+    identity: Literal["slice", "orthonormal", "none"] = Field(
+        "slice", description="low-rank identity path: slice | orthonormal | none (ablation)")
+    wire_dtype: Literal["model", "fp32", "bf16", "fp16"] = Field(
+        "model", description='dtype of the code on the wire; "model" = the model\'s dtype')
+    init: Literal["identity", "normal"] = Field(
+        "identity", description="identity: a fresh boundary is P^T P x | normal: N(0, init_std) (paper)")
+    decoder: Literal["linear", "mlp"] = Field("linear", description="linear: W_d norm(b) | mlp: W_2 silu(W_1 norm(b))")
+    decoder_width: int | None = Field(None, ge=1, json_schema_extra={"hint": ", or empty"},
+                                      description="mlp hidden width; None = model.hidden_size")
+    decoder_norm: Literal["rms", "none"] = Field(
+        "rms", description="rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))")
+    token_channel: Literal["auto", "none", "learned", "frozen", "lowrank", "hashed"] = Field(
+        "auto", description="auto (resbm: learned, others: none) | none | learned | frozen | lowrank | hashed: "
+        "the ids cross too and a table local to the receiving stage adds T[ids]")
+    token_rank: int = Field(32, description="rank of the lowrank token table")
+    token_buckets: int = Field(4096, description="rows of the hashed token table (B x H, whatever the vocabulary)")
+    table_init: Literal["zero", "normal"] = Field(
+        "zero", description="zero: a learned table starts at 0 under init=identity (the boundary starts as exactly "
+        "P^T P x) | normal: N(0, init_std), so the next segment's stream starts full-rank (measured: the zero "
+        "table feeds a rank-h stream to the next RMSNorm, pre-clip grad norm 73 in the first 10 steps vs 3.9)")
+    token_ids: Literal["sent", "local"] = Field(
+        "sent", description="how the token channel's decoders get the ids: sent (they cross every stage boundary "
+        "with the code) | local (each stage reads them from its own copy of the data: 0 bytes on the wire; "
+        "model/local_ids.py)")
 
 
-@dataclass
-class PipelineConfig:
-    stages: int = 2
+class ModelSpec(BaseModel):
+    """What the network is, and nothing about how it is trained or launched (as nanoGPT's GPTConfig,
+    torchtitan's model args): the model and bottleneck sections, the seed its layers initialise from
+    and the dtype it computes in, with the values model code derives from them. Model code
+    (resbm_ds/model/, hf/, export.py) takes this, never the run's `Config`, which gives it as
+    `Config.spec`; a transformers export stores only this. Frozen, and built from copies of the
+    sections: a config changed later does not change the spec of a model already built."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # the dtype the model computes in (DTYPES)
+
+    @property
+    def code_width(self) -> int:
+        """h: the number of values per token that cross each boundary."""
+        if self.bottleneck.method == "none":
+            return self.model.hidden_size
+        return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
+
+    @property
+    def token_channel(self) -> str:
+        """bottleneck.token_channel with `auto` resolved: learned for ResBM, none for the others."""
+        b = self.bottleneck
+        if b.token_channel == "auto":
+            return "learned" if b.method == "resbm" else "none"
+        return b.token_channel
+
+    @property
+    def sends_token_ids(self) -> bool:
+        """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
+        b = self.bottleneck
+        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        """The code's dtype on the wire (bottleneck.wire_dtype); None = the model's dtype."""
+        return DTYPES.get(self.bottleneck.wire_dtype)
+
+    @property
+    def id_dtype(self) -> torch.dtype:
+        """The token ids' dtype on the wire: `id_wire_bytes` wide."""
+        return id_dtype(self.model.vocab_size)
+
+    @property
+    def model_elem_bytes(self) -> int:
+        return self.model_dtype.itemsize
+
+    @property
+    def wire_elem_bytes(self) -> int:
+        """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
+        return (self.wire_dtype or self.model_dtype).itemsize
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelSpec":
+        """A spec from `to_dict()`'s output, or from a whole `Config.to_dict()` (exports written
+        before the spec existed carry the run's whole config), checked key by key."""
+        if not isinstance(raw, dict) or set(raw) <= set(cls.model_fields):
+            try:
+                return cls.model_validate(raw)
+            except ValidationError as e:
+                raise config_error(e, cls) from None
+        return config_from_dict(raw).spec
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 200
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
+class PipelineConfig(Section):
+    stages: int = Field(2, ge=1)
+
+
+class TrainConfig(Section):
+    steps: int = Field(200, ge=1)
+    optimizer: Literal["adamw", "muon", "sgd"] = Field(
+        "adamw", description="sgd: plain SGD, linear in the gradient (tests/test_sync.py)")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    # optimizer=muon: Muon for the hidden matrices (block and bottleneck Linear weights), AdamW with
-    # lr/betas/weight_decay above for everything else. Defaults are Keller Jordan's Muon
-    # (github.com/KellerJordan/Muon, also torch.optim.Muon's "original" scaling): lr 0.02 in units of
-    # spectral norm per step, times sqrt(max(1, rows/cols)); Nesterov momentum 0.95; 5 Newton-Schulz
-    # steps with coefficients (3.4445, -4.7750, 2.0315); no weight decay.
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    muon_ns_method: str = "standard"   # standard (Keller Jordan's quintic) | gram (DeepSpeed's Gram NS)
-    eval_every: int = 50
-    eval_batches: int = 4          # micro-batches per evaluation; 0: the whole validation split (local text)
-    save_every: int = 100
-    log_every: int = 1
+    muon_lr: float = Field(
+        0.02, gt=0,
+        description="optimizer=muon: Muon for the hidden matrices (block and bottleneck Linear weights), AdamW "
+        "with lr/betas/weight_decay above for everything else. Defaults are Keller Jordan's Muon "
+        "(github.com/KellerJordan/Muon, also torch.optim.Muon's \"original\" scaling): lr 0.02 in units of "
+        "spectral norm per step, times sqrt(max(1, rows/cols)); Nesterov momentum 0.95; 5 Newton-Schulz "
+        "steps with coefficients (3.4445, -4.7750, 2.0315); no weight decay.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0)
+    muon_ns_method: Literal["standard", "gram"] = Field(
+        "standard", description="standard (Keller Jordan's quintic) | gram (DeepSpeed's Gram NS)")
+    eval_every: int = Field(50, ge=1, json_schema_extra={"says": "must be an integer >= 1"})
+    eval_batches: int = Field(4, ge=0, json_schema_extra={"hint": " (0: the whole validation split)"},
+                              description="micro-batches per evaluation; 0: the whole validation split (local text)")
+    save_every: int = Field(100, ge=1, json_schema_extra={"says": "must be an integer >= 1"})
+    log_every: int = Field(1, ge=1, json_schema_extra={"says": "must be an integer >= 1"})
     out_dir: str = "runs/default"
-    keep_last: int = 0             # checkpoints to keep (the newest N); 0 keeps all
-    # A step whose loss or gradient norm is not finite is never applied (no rank steps its optimizer)
-    # and never saved: `skip` goes on, up to max_skipped_steps such steps in a row, then stops; `stop`
-    # stops at the first. A loss >= ln(vocab_size) with a zero gradient norm for divergence_steps
-    # steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too, as
-    # does a parameter RMS above max_param_rms (exploding weights; a healthy model stays near its
-    # init, 0.02-1; 0 turns the check off).
-    nonfinite: str = "skip"
-    max_skipped_steps: int = 3
-    divergence_steps: int = 3
-    max_param_rms: float = 1000.0
-    # Weights only, from another run: RUN_DIR (its latest checkpoint) or RUN_DIR/checkpoints/TAG,
-    # into any stage / data-parallel layout of the same model; the optimizer and step start fresh.
-    init_from: str | None = None
+    keep_last: int = Field(0, ge=0, json_schema_extra={"hint": " (0 keeps every checkpoint)"},
+                           description="checkpoints to keep (the newest N); 0 keeps all")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="A step whose loss or gradient norm is not finite is never applied (no rank steps its "
+        "optimizer) and never saved: `skip` goes on, up to max_skipped_steps such steps in a row, then stops; "
+        "`stop` stops at the first. A loss >= ln(vocab_size) with a zero gradient norm for divergence_steps "
+        "steps in a row (a diverged model: saturated, nothing left to learn from) stops the run too, as does a "
+        "parameter RMS above max_param_rms (exploding weights; a healthy model stays near its init, 0.02-1; 0 "
+        "turns the check off).")
+    max_skipped_steps: int = Field(3, ge=1, json_schema_extra={"says": "must be an integer >= 1"})
+    divergence_steps: int = Field(3, ge=1, json_schema_extra={"says": "must be an integer >= 1"})
+    max_param_rms: float = Field(1000.0, ge=0, json_schema_extra={"hint": " (0 turns the check off)"})
+    init_from: str | None = Field(
+        None, description="Weights only, from another run: RUN_DIR (its latest checkpoint) or "
+        "RUN_DIR/checkpoints/TAG, into any stage / data-parallel layout of the same model; the optimizer and "
+        "step start fresh.")
 
 
-@dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
     """Experiment trackers, all on the training-step axis, logged from rank 0 through each library's
     own API: TensorBoard (torch.utils.tensorboard, in OUT/tensorboard), Weights & Biases and MLflow
     (`pip install 'resbm-ds[track]'`). Each gets the resolved config, the git commit and the package
@@ -205,66 +294,61 @@ class TrackingConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "resbm-ds"
-    wandb_mode: str | None = None       # online | offline | disabled; None: wandb's default / WANDB_MODE
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="online | offline | disabled; None: wandb's default / WANDB_MODE")
     mlflow: bool = False
-    mlflow_uri: str | None = None       # None: sqlite:///OUT/mlflow.db
-    experiment: str = "resbm-ds"        # MLflow experiment
-    run_name: str | None = None         # None: the name of train.out_dir
+    mlflow_uri: str | None = Field(None, description="None: sqlite:///OUT/mlflow.db")
+    experiment: str = Field("resbm-ds", description="MLflow experiment")
+    run_name: str | None = Field(None, description="None: the name of train.out_dir")
 
 
-@dataclass
-class DataConfig:
-    source: str = "local"          # local | hub
-    train_path: str | None = None  # local: file(s); None = the fetched default corpus
+class DataConfig(Section):
+    source: Literal["local", "hub"] = Field("local", description="local | hub")
+    train_path: str | None = Field(None, description="local: file(s); None = the fetched default corpus")
     val_path: str | None = None
     hub_name: str = "allenai/c4"
     hub_config: str | None = "en"
-    hub_revision: str | None = None          # a dataset commit / tag / branch to pin (None: the default branch)
+    hub_revision: str | None = Field(
+        None, description="a dataset commit / tag / branch to pin (None: the default branch)")
     hub_split: str = "train"
     hub_val_split: str = "validation"
     text_field: str = "text"
-    seq_len: int = 128
-    tokenizer: str = "sentencepiece-train"   # sentencepiece-train | sentencepiece | hf
+    seq_len: int = Field(128, ge=1)
+    tokenizer: Literal["sentencepiece-train", "sentencepiece", "hf"] = Field(
+        "sentencepiece-train", description="sentencepiece-train | sentencepiece | hf")
     tokenizer_path: str | None = None
-    tokenizer_revision: str | None = None    # tokenizer=hf from the hub: the revision to pin
+    tokenizer_revision: str | None = Field(None, description="tokenizer=hf from the hub: the revision to pin")
 
 
-WIRE_CODECS = ("none", *CODEC_BITS)
-
-
-@dataclass
-class WireConfig:
+class WireConfig(Section):
     """What happens on the wire between pipeline stages: a codec (resbm_ds/wire/codecs.py) and an emulated
     slow link (resbm_ds/wire/link.py). Both work at DeepSpeed's p2p layer, under any boundary method."""
-    codec: str = "none"            # none | int8 | fp8 (e4m3 bits in uint8) | int4 | int2 (packed):
-    #                                per-row (per token) scaled
-    codec_backward: bool = False   # also encode the gradients sent back (default: forward only)
-    link_bandwidth_mbps: float | None = None   # emulated link in Mbit/s (1e6 bit/s); None = unlimited
-    link_latency_ms: float = 0.0   # one-way latency added to every transfer
-    link_full_duplex: bool = False  # False: both directions share the bandwidth (the paper's accounting)
+    codec: Literal["none", "int8", "fp8", "int4", "int2"] = Field(
+        "none", description="none | int8 | fp8 (e4m3 bits in uint8) | int4 | int2 (packed): per-row (per token) scaled")
+    codec_backward: bool = Field(False, description="also encode the gradients sent back (default: forward only)")
+    link_bandwidth_mbps: float | None = Field(
+        None, gt=0, json_schema_extra={"hint": " (Mbit/s), or empty for an unlimited link"},
+        description="emulated link in Mbit/s (1e6 bit/s); None = unlimited")
+    link_latency_ms: float = Field(0.0, ge=0, json_schema_extra={"hint": " (milliseconds)"},
+                                   description="one-way latency added to every transfer")
+    link_full_duplex: bool = Field(
+        False, description="False: both directions share the bandwidth (the paper's accounting)")
 
     @property
     def link_emulated(self) -> bool:
         return self.link_bandwidth_mbps is not None or self.link_latency_ms > 0
 
-    def validate(self):
-        _choice("wire.codec", self.codec, WIRE_CODECS)
-        if self.link_bandwidth_mbps is not None and not self.link_bandwidth_mbps > 0:
-            raise ConfigError("wire.link_bandwidth_mbps", self.link_bandwidth_mbps,
-                              "must be > 0 (Mbit/s), or empty for an unlimited link")
-        if not self.link_latency_ms >= 0:
-            raise ConfigError("wire.link_latency_ms", self.link_latency_ms, "must be >= 0 (milliseconds)")
 
+# the choices that name the dtype and codec tables: one list of names
+assert allowed_values(BottleneckConfig, "wire_dtype") == ["model", *DTYPES]
+assert allowed_values(WireConfig, "codec") == ["none", *CODEC_BITS]
 
-SYNC_METHODS = ("allreduce", "diloco", "sparseloco")
-SYNC_BITS = (2, 4, 8)
 # outer lr / momentum when sync.outer_lr / sync.outer_momentum are empty: DiLoCo's Nesterov SGD
 # (arXiv 2311.08105), SparseLoCo's plain step, error feedback in place of momentum (arXiv 2508.15706)
 SYNC_OUTER_DEFAULTS = {"diloco": (0.7, 0.9), "sparseloco": (1.0, 0.0)}
 
 
-@dataclass
-class SyncConfig:
+class SyncConfig(Section):
     """Data parallelism across sites (resbm_ds/sync.py). A site is one complete pipeline, launched as
     its own DeepSpeed world; sync.sites > 1 joins the same (stage, data-parallel rank) of every site
     in an outer loop that talks only every `inner_steps` steps. `allreduce` is one site, ZeRO inside.
@@ -272,20 +356,22 @@ class SyncConfig:
     diloco: the pseudo-gradient theta_start - theta averaged over sites, then an outer (Nesterov) SGD
     step. sparseloco: the same with error feedback, each site sending only the top `topk` values of
     every `chunk` of its pseudo-gradient, quantised to `bits` bits."""
-    method: str = "allreduce"          # allreduce | diloco | sparseloco
-    sites: int = 1
-    site_rank: int = 0                 # this site's index, 0 .. sites-1
-    master_addr: str = "127.0.0.1"     # where site 0's first rank listens for the sites' rendezvous
-    master_port: int = 29400
-    inner_steps: int = 30              # H: optimizer steps between outer syncs
-    outer_lr: float | None = None      # None: diloco 0.7, sparseloco 1.0
-    outer_momentum: float | None = None   # None: diloco 0.9, sparseloco 0.0
+    method: Literal["allreduce", "diloco", "sparseloco"] = Field(
+        "allreduce", description="allreduce | diloco | sparseloco")
+    sites: int = Field(1, ge=1)
+    site_rank: int = Field(0, description="this site's index, 0 .. sites-1")
+    master_addr: str = Field("127.0.0.1", description="where site 0's first rank listens for the sites' rendezvous")
+    master_port: int = Field(29400, gt=0, lt=65536, json_schema_extra={"says": "must be a TCP port, 1..65535"})
+    inner_steps: int = Field(30, ge=1, description="H: optimizer steps between outer syncs")
+    outer_lr: float | None = Field(None, gt=0, description="None: diloco 0.7, sparseloco 1.0")
+    outer_momentum: float | None = Field(None, ge=0, lt=1, description="None: diloco 0.9, sparseloco 0.0")
     nesterov: bool = True
-    chunk: int = 4096                  # sparseloco: values per chunk (<= 65536: uint16 indices)
-    topk: int = 64                     # sparseloco: values kept per chunk (64 / 4096 = 1.6%)
-    bits: int = 2                      # sparseloco: bits per kept value (2 | 4 | 8)
-    error_decay: float = 0.95          # sparseloco: error feedback e <- error_decay * e + delta
-    timeout_s: int | None = None       # each outer collective; None: runtime.dist_timeout_s
+    chunk: int = Field(4096, ge=1, description="sparseloco: values per chunk (<= 65536: uint16 indices)")
+    topk: int = Field(64, ge=1, description="sparseloco: values kept per chunk (64 / 4096 = 1.6%)")
+    bits: Literal[2, 4, 8] = Field(2, description="sparseloco: bits per kept value (2 | 4 | 8)")
+    error_decay: float = Field(0.95, ge=0, le=1, description="sparseloco: error feedback e <- error_decay * e + delta")
+    timeout_s: int | None = Field(None, ge=1, json_schema_extra={"hint": " (seconds), or empty"},
+                                  description="each outer collective; None: runtime.dist_timeout_s")
 
     def outer(self) -> tuple[float, float]:
         """(outer lr, outer momentum), the method's defaults where empty."""
@@ -294,31 +380,16 @@ class SyncConfig:
                 mom if self.outer_momentum is None else self.outer_momentum)
 
     def validate(self):
-        _choice("sync.method", self.method, SYNC_METHODS)
-        for key in ("sites", "inner_steps", "chunk", "topk"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"sync.{key}", getattr(self, key), "must be >= 1")
+        """What one key cannot say alone (the ranges and choices are checked as the section is built)."""
         if not 0 <= self.site_rank < self.sites:
             raise ConfigError("sync.site_rank", self.site_rank, f"must be in [0, sync.sites={self.sites})")
         if self.method == "allreduce" and self.sites > 1:
             raise ConfigError("sync.method", self.method, f"allreduce is one site; with sync.sites={self.sites} "
                               "use diloco or sparseloco")
-        if not 0 < self.master_port < 65536:
-            raise ConfigError("sync.master_port", self.master_port, "must be a TCP port, 1..65535")
-        lr, mom = self.outer()
-        if not lr > 0:
-            raise ConfigError("sync.outer_lr", self.outer_lr, "must be > 0")
-        if not 0 <= mom < 1:
-            raise ConfigError("sync.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.chunk > 65536:
             raise ConfigError("sync.chunk", self.chunk, "must be <= 65536 (indices cross as uint16)")
         if self.topk > self.chunk:
             raise ConfigError("sync.topk", self.topk, f"must be <= sync.chunk ({self.chunk})")
-        _choice("sync.bits", self.bits, SYNC_BITS)
-        if not 0 <= self.error_decay <= 1:
-            raise ConfigError("sync.error_decay", self.error_decay, "must be in [0, 1]")
-        if self.timeout_s is not None and self.timeout_s < 1:
-            raise ConfigError("sync.timeout_s", self.timeout_s, "must be >= 1 (seconds), or empty")
 
 
 # The runtime keys an environment variable may set (Slurm templates and netem set them for every rank).
@@ -326,18 +397,19 @@ RUNTIME_ENV = {"dist_timeout_s": "RESBM_DIST_TIMEOUT", "strict_layout": "RESBM_S
                "net_iface": "RESBM_NET_IFACE"}
 
 
-@dataclass
-class RuntimeConfig:
+class RuntimeConfig(Section):
     """How a run meets its machines; nothing here changes what it trains, so --resume may change it.
     Each key may also come from its environment variable (RESBM_DIST_TIMEOUT, RESBM_STRICT_LAYOUT,
     RESBM_NET_IFACE: RUNTIME_ENV), checked as the key is, which wins over the config file; a command-line override wins over both. The resolved values are written to config.yaml."""
-    dist_timeout_s: int = 300      # how long a rank waits for its peers: rendezvous, each collective, each step
-    strict_layout: bool = False    # Slurm: a node holding several stages, or a stage spanning nodes, is an error
-    net_iface: str = ""            # record this interface's kernel byte counters per step (netem.py)
+    dist_timeout_s: int = Field(
+        300, ge=1, json_schema_extra={"hint": " (seconds)"},
+        description="how long a rank waits for its peers: rendezvous, each collective, each step")
+    strict_layout: bool = Field(
+        False, description="Slurm: a node holding several stages, or a stage spanning nodes, is an error")
+    net_iface: str = Field("", description="record this interface's kernel byte counters per step (netem.py)")
 
-    def validate(self):
-        if self.dist_timeout_s < 1:
-            raise ConfigError(_runtime_key("dist_timeout_s"), self.dist_timeout_s, "must be >= 1 (seconds)")
+    def validate_here(self):
+        """What this machine must have: the network interface named by net_iface."""
         if self.net_iface and not (Path("/sys/class/net") / self.net_iface).is_dir():
             have = sorted(p.name for p in Path("/sys/class/net").iterdir()) if Path("/sys/class/net").is_dir() else []
             raise ConfigError(_runtime_key("net_iface"), self.net_iface, f"no such network interface here (have: {have})")
@@ -349,7 +421,8 @@ def _runtime_key(name: str) -> str:
 
 
 def _runtime_from_env(raw: dict):
-    """Put the runtime keys set in the environment into `raw`, parsed as their override would be."""
+    """Put the runtime keys set in the environment into `raw`, parsed as their override would be and
+    checked for their type here (their range with the rest of the config)."""
     for name, env in RUNTIME_ENV.items():
         text = os.environ.get(env)
         if text is None or text.strip() == "":
@@ -357,28 +430,33 @@ def _runtime_from_env(raw: dict):
         value = read_yaml(text.strip(), env, text) if name != "net_iface" else text.strip()
         if name == "strict_layout" and value in (0, 1):
             value = bool(value)
-        value = _coerce(value, typing.get_type_hints(RuntimeConfig)[name], f"{env} (runtime.{name})")
+        hint = RuntimeConfig.model_fields[name].annotation
+        try:
+            TypeAdapter(hint, config=ConfigDict(strict=True)).validate_python(value)
+        except ValidationError as e:
+            raise config_error(e, key=f"{env} (runtime.{name})", field=RuntimeConfig.model_fields[name]) from None
         section = raw.setdefault("runtime", {})
         if not isinstance(section, dict):
             raise ConfigError("runtime", section, "must be a mapping")
         section[name] = value
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    wire: WireConfig = field(default_factory=WireConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    seed: int = 1234
-    # The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict.
-    # Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.
-    deepspeed: typing.Any = "ds_configs/cpu_fp32.json"
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    wire: WireConfig = Field(default_factory=WireConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    seed: int = Field(1234, ge=0, json_schema_extra={"says": "must be an integer >= 0"})
+    deepspeed: typing.Any = Field(
+        "ds_configs/cpu_fp32.json",
+        description="The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict. "
+        "Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.")
+    _checked_world_size: int | None = PrivateAttr(None)   # set by engine.validate_before_launch
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -407,35 +485,17 @@ class Config:
         return int(self.ds.get("gradient_accumulation_steps", 1))
 
     @property
-    def code_width(self) -> int:
-        """h: the number of values per token that cross each boundary."""
-        if self.bottleneck.method == "none":
-            return self.model.hidden_size
-        return self.bottleneck.width or self.model.hidden_size // self.bottleneck.ratio
+    def spec(self) -> ModelSpec:
+        """The model alone (model, bottleneck, seed, precision): what model code is built from."""
+        return ModelSpec(model=self.model.model_copy(deep=True), bottleneck=self.bottleneck.model_copy(deep=True),
+                         seed=self.seed, precision=self.precision)
 
-    @property
-    def model_elem_bytes(self) -> int:
-        return DTYPES[self.precision].itemsize
-
-    @property
-    def wire_elem_bytes(self) -> int:
-        """Bytes of one code value on the wire: bottleneck.wire_dtype, else the model's dtype."""
-        w = self.bottleneck.wire_dtype
-        return DTYPES[w].itemsize if w in DTYPES else self.model_elem_bytes
-
-    @property
-    def sends_token_ids(self) -> bool:
-        """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
-        b = self.bottleneck
-        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
-
-    @property
-    def token_channel(self) -> str:
-        """bottleneck.token_channel with `auto` resolved: learned for ResBM, none for the others."""
-        b = self.bottleneck
-        if b.token_channel == "auto":
-            return "learned" if b.method == "resbm" else "none"
-        return b.token_channel
+    # the model's own derived values, as the spec computes them
+    code_width = property(lambda self: self.spec.code_width, doc=ModelSpec.code_width.__doc__)
+    token_channel = property(lambda self: self.spec.token_channel, doc=ModelSpec.token_channel.__doc__)
+    sends_token_ids = property(lambda self: self.spec.sends_token_ids, doc=ModelSpec.sends_token_ids.__doc__)
+    model_elem_bytes = property(lambda self: self.spec.model_elem_bytes)
+    wire_elem_bytes = property(lambda self: self.spec.wire_elem_bytes, doc=ModelSpec.wire_elem_bytes.__doc__)
 
     @property
     def wire_bytes_per_token(self) -> tuple[int, int]:
@@ -443,17 +503,16 @@ class Config:
         counts them: the code (h values in the wire dtype, or under a wire codec `codec_row_bytes`),
         plus the token ids forward where they cross (no gradient comes back for them; none cross with
         bottleneck.token_ids=local). The one
-        prediction that tests/test_wire_bytes.py checks against the meter."""
-        h, w = self.code_width, self.wire
-        dense_code = h * self.wire_elem_bytes
-        coded = codec_row_bytes(h, w.codec) if w.codec != "none" else dense_code
-        ids = id_wire_bytes(self.model.vocab_size) if self.sends_token_ids else 0
-        return coded + ids, (coded if w.codec_backward else dense_code)
+        prediction that tests/test_wire_bytes.py checks against the meter (wire_bytes.py)."""
+        spec = self.spec
+        ids = id_wire_bytes(spec.model.vocab_size) if spec.sends_token_ids else 0
+        return boundary_bytes_per_token(spec.code_width, spec.wire_elem_bytes, self.wire.codec,
+                                        self.wire.codec_backward, ids)
 
     def dense_bytes_per_token(self, reference: str = DENSE_REFERENCE) -> int:
         """Bytes per token per direction of an uncompressed boundary: H values in `reference`
         ("model" = the model's own dtype)."""
-        return self.model.hidden_size * (DTYPES[reference].itemsize if reference in DTYPES else self.model_elem_bytes)
+        return dense_bytes_per_token(self.model.hidden_size, reference, self.model_elem_bytes)
 
     def compression_ratio(self, reference: str = DENSE_REFERENCE, per_token=None) -> float:
         """Dense bytes per token per direction / bytes sent per token in the busier direction:
@@ -463,11 +522,14 @@ class Config:
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "Config":
-        """Reject every invalid value with a message naming the key; returns self."""
+        """Reject every invalid value with a message naming the key; returns self. Each key alone
+        (type, range, choice: the schema) is checked again, then the keys against each other, then
+        what this machine must have (`_validate_here`)."""
+        try:
+            type(self).model_validate(self.model_dump())
+        except ValidationError as e:
+            raise _invalid(e) from None
         m, b, S = self.model, self.bottleneck, self.pipeline.stages
-        _positive(self, ["model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
-                         "model.max_seq_len", "bottleneck.segments", "bottleneck.ratio",
-                         "pipeline.stages", "train.steps", "data.seq_len"])
         if m.hidden_size % m.num_heads:
             raise ConfigError("model.hidden_size", m.hidden_size,
                               f"must be divisible by model.num_heads ({m.num_heads})")
@@ -477,15 +539,6 @@ class Config:
         if m.num_kv_heads is not None and (m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads):
             raise ConfigError("model.num_kv_heads", m.num_kv_heads,
                               f"must be >= 1 and divide model.num_heads ({m.num_heads})")
-        _choice("bottleneck.method", b.method, BOUNDARY_METHODS)
-        _choice("bottleneck.identity", b.identity, IDENTITY_PATHS)
-        _choice("bottleneck.wire_dtype", b.wire_dtype, WIRE_DTYPES)
-        _choice("bottleneck.init", b.init, BOUNDARY_INITS)
-        _choice("bottleneck.decoder", b.decoder, DECODERS)
-        _choice("bottleneck.decoder_norm", b.decoder_norm, DECODER_NORMS)
-        _choice("bottleneck.token_channel", b.token_channel, TOKEN_CHANNELS)
-        _choice("bottleneck.table_init", b.table_init, ("zero", "normal"))
-        _choice("bottleneck.token_ids", b.token_ids, TOKEN_ID_TRANSPORTS)
         self._validate_boundary_switches()
         if b.method != "none":
             if b.width is not None and not 1 <= b.width < m.hidden_size:
@@ -521,75 +574,51 @@ class Config:
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len ({m.max_seq_len})")
-        self.wire.validate()
         self.sync.validate()
-        self.runtime.validate()
-        self._validate_model_numbers()
         self._validate_data()
         self._validate_train()
         self._validate_tracking()
         self._validate_deepspeed(world_size)
         self._validate_optimizer()
+        self._validate_here()
         return self
 
-    def _validate_model_numbers(self):
-        m = self.model
-        if not m.norm_eps > 0:
-            raise ConfigError("model.norm_eps", m.norm_eps, "must be > 0 (RMSNorm divides by sqrt(mean + eps))")
-        if not m.init_std >= 0:
-            raise ConfigError("model.init_std", m.init_std, "must be >= 0")
-        if m.embed_std is not None and not m.embed_std >= 0:
-            raise ConfigError("model.embed_std", m.embed_std, "must be >= 0, or empty (= model.init_std)")
-        if not m.rope_theta > 0:
-            raise ConfigError("model.rope_theta", m.rope_theta, "must be > 0")
-        if self.seed < 0:
-            raise ConfigError("seed", self.seed, "must be an integer >= 0")
-
-    def _validate_data(self):
+    def _validate_here(self):
+        """What this machine must have: files and directories the config names, the packages of the
+        trackers it turns on, the network interface it counts. The only checks that look outside
+        the config (the rest of `validate` is the config alone)."""
+        self.runtime.validate_here()
         d = self.data
-        _choice("data.source", d.source, DATA_SOURCES)
-        _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
-        if d.tokenizer != "sentencepiece-train" and not d.tokenizer_path:
-            raise ConfigError("data.tokenizer_path", d.tokenizer_path,
-                              f"data.tokenizer={d.tokenizer} needs it: "
-                              + ("the .model file" if d.tokenizer == "sentencepiece"
-                                 else "a local transformers directory or a hub name"))
         if d.tokenizer == "sentencepiece" and not Path(d.tokenizer_path).expanduser().is_file():
             raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such sentencepiece .model file")
         if d.tokenizer == "hf" and d.tokenizer_path.startswith(("/", "./", "../", "~")) \
                 and not Path(d.tokenizer_path).expanduser().is_dir():
             raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such transformers tokenizer directory")
+        t = self.train
+        if t.init_from is not None and not Path(t.init_from).exists():
+            raise ConfigError("train.init_from", t.init_from,
+                              "no such run or checkpoint directory (RUN_DIR or RUN_DIR/checkpoints/TAG)")
+        for flag, module, extra in (("wandb", "wandb", "track"), ("mlflow", "mlflow", "track")):
+            if getattr(self.tracking, flag):
+                if importlib.util.find_spec(module) is None:
+                    raise ConfigError(f"tracking.{flag}", True,
+                                      f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
+
+    def _validate_data(self):
+        d = self.data
+        if d.tokenizer != "sentencepiece-train" and not d.tokenizer_path:
+            raise ConfigError("data.tokenizer_path", d.tokenizer_path,
+                              f"data.tokenizer={d.tokenizer} needs it: "
+                              + ("the .model file" if d.tokenizer == "sentencepiece"
+                                 else "a local transformers directory or a hub name"))
 
     def _validate_train(self):
         t = self.train
         if not all(0 <= b < 1 for b in t.betas):
             raise ConfigError("train.betas", list(t.betas), "both must be in [0, 1)")
-        for key in ("eval_every", "save_every", "log_every", "max_skipped_steps", "divergence_steps"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key}", getattr(t, key), "must be an integer >= 1")
-        if t.eval_batches < 0:
-            raise ConfigError("train.eval_batches", t.eval_batches, "must be >= 0 (0: the whole validation split)")
-        if t.keep_last < 0:
-            raise ConfigError("train.keep_last", t.keep_last, "must be >= 0 (0 keeps every checkpoint)")
-        if not t.max_param_rms >= 0:
-            raise ConfigError("train.max_param_rms", t.max_param_rms, "must be >= 0 (0 turns the check off)")
-        _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-        if t.warmup_steps < 0:
-            raise ConfigError("train.warmup_steps", t.warmup_steps, "must be >= 0")
-        if t.init_from is not None and not Path(t.init_from).exists():
-            raise ConfigError("train.init_from", t.init_from,
-                              "no such run or checkpoint directory (RUN_DIR or RUN_DIR/checkpoints/TAG)")
 
     def _validate_tracking(self):
-        k = self.tracking
-        _choice("tracking.wandb_mode", k.wandb_mode, (None, "online", "offline", "disabled"))
-        for flag, module, extra in (("wandb", "wandb", "track"), ("mlflow", "mlflow", "track")):
-            if getattr(k, flag):
-                if importlib.util.find_spec(module) is None:
-                    raise ConfigError(f"tracking.{flag}", True,
-                                      f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
+        """DeepSpeed's own monitors are refused: the trackers of `tracking.*` replace them."""
         for key in ("wandb", "tensorboard", "csv_monitor", "comet"):
             section = self.ds.get(key)
             if isinstance(section, dict) and section.get("enabled"):
@@ -658,18 +687,7 @@ class Config:
 
     def _validate_optimizer(self):
         """Muon only where DeepSpeed really runs it (measured in tests/test_optim.py)."""
-        t = self.train
-        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
-        for key in ("lr", "muon_lr"):
-            if not getattr(t, key) > 0:
-                raise ConfigError(f"train.{key}", getattr(t, key), "must be > 0")
-        for key in ("weight_decay", "muon_weight_decay"):
-            if getattr(t, key) < 0:
-                raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
-        if not 0 <= t.muon_momentum < 1:
-            raise ConfigError("train.muon_momentum", t.muon_momentum, "must be in [0, 1)")
-        _choice("train.muon_ns_method", t.muon_ns_method, MUON_NS_METHODS)
-        if t.optimizer != "muon":
+        if self.train.optimizer != "muon":
             return
         ds = self.ds
         if self.precision == "bf16" and self.zero_stage == 0:
@@ -725,7 +743,8 @@ class Config:
 
     # ---- loading ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key with its value (plain, JSON-able values; betas a tuple), sections as dicts."""
+        return self.model_dump()
 
 
 def load_ds_json(path: str) -> dict:
@@ -775,7 +794,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not sep or not key or "" in key.split("."):
             raise ConfigError("override", item, "must look like section.key=value")
         _set_nested(raw, key.split("."), read_yaml(value, key, value), key)
-    cfg = _build(Config, raw, "")
+    cfg = _from_raw(raw)
     if isinstance(cfg.deepspeed, str):   # freeze the DeepSpeed JSON into the config object
         cfg.deepspeed = load_ds_json(cfg.deepspeed)
     return cfg
@@ -797,13 +816,13 @@ def read_yaml(source, key: str, shown: str):
 
 def config_from_dict(raw: dict) -> Config:
     """A Config from `Config.to_dict()`'s output (as saved in exports), checked key by key."""
-    return _build(Config, raw, "")
+    return _from_raw(raw)
 
 
 def _set_nested(raw: dict, keys: list[str], value, full_key: str):
     if keys[0] == "deepspeed" and len(keys) > 1 and isinstance(raw.get("deepspeed", "x"), str):
         # Override inside the DeepSpeed JSON: load it first so the rest of the file is kept.
-        raw["deepspeed"] = load_ds_json(raw.get("deepspeed", Config.deepspeed))
+        raw["deepspeed"] = load_ds_json(raw.get("deepspeed", Config.model_fields["deepspeed"].default))
     node = raw
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -812,65 +831,96 @@ def _set_nested(raw: dict, keys: list[str], value, full_key: str):
     node[keys[-1]] = value
 
 
-def _build(cls, raw, prefix):
+def _from_raw(raw) -> Config:
     if not isinstance(raw, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", raw, "must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        k = sorted(unknown)[0]
-        raise ConfigError(prefix + k, raw[k], f"unknown key; allowed in this section: {sorted(names)}")
-    kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, prefix + name)
-    return cls(**kwargs)
+        raise ConfigError("config", raw, "must be a mapping")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _invalid(e) from None
 
 
-def _coerce(value, hint, key):
-    if hint is typing.Any:
-        return value
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(key, value, f"must not be empty (type {_tname(hint)})")
-    if type(None) in args:   # Optional[X]
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(key, value, f"must be a list of {len(args)} values")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):   # YAML reads 3e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(key, value, f"must be of type {_tname(hint)}")
+def _invalid(e: ValidationError) -> ConfigError:
+    """Our schema's error: a runtime key names its environment variable where that is set."""
+    return config_error(e, Config, rename=lambda key: _runtime_key(key.split(".", 1)[1])
+                        if key.startswith("runtime.") and key.split(".", 1)[1] in RUNTIME_ENV else key)
 
 
-def _tname(hint) -> str:
+# ---- the one translator: pydantic's ValidationError -> our one-line ConfigError ----------------
+RANGE_KINDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def config_error(e: ValidationError, schema: type[BaseModel] | None = None, *, prefix: str = "",
+                 note: str = "", key: str | None = None, field: FieldInfo | None = None,
+                 rename=None) -> ConfigError:
+    """The first error of a pydantic ValidationError as `invalid config: KEY=VALUE: ALLOWED`: the key
+    from its `loc` (list indices dropped, after `prefix`), the value it got, and what is allowed,
+    read from the field of `schema` it names: "allowed: [...]" for a Literal, "must be >= 1" for
+    Field(ge=1) (a field's json_schema_extra "says" replaces that text, "hint" is added to it), "must be
+    of type int", "must be a list of 2 values", "must not be empty (type int)", "must be a mapping",
+    "unknown key; allowed in this section: [...]". Without a schema (DeepSpeed's models) the text is
+    pydantic's own message, then `note`. `key` and `field` name the key and field directly (a value
+    checked on its own); `rename` rewrites the key."""
+    err = e.errors(include_url=False)[0]
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    # our keys drop list indices (train.betas); DeepSpeed's keep every step of the path
+    names = [p for p in loc if isinstance(p, str)] if schema or field else [str(p) for p in loc]
+    element = bool(loc) and isinstance(loc[-1], int)    # an item of a list / tuple
+    owner = schema
+    for name in names[:-1]:
+        inner = _bare(owner.model_fields[name].annotation) if owner and name in owner.model_fields else None
+        owner = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    if field is None and owner is not None and names:
+        field = owner.model_fields.get(names[-1])
+    key = key or prefix + ".".join(names) or "config"
+    return ConfigError(rename(key) if rename else key, value, _allowed_text(kind, value, field, owner, element, err, note))
+
+
+def _allowed_text(kind, value, field, owner, element, err, note) -> str:
+    if kind == "extra_forbidden" and owner is not None:
+        return f"unknown key; allowed in this section: {sorted(owner.model_fields)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a mapping"
+    if field is None:
+        return f"{err['msg']}{note}"
+    hint = field.annotation
+    if value is None and not element and type(None) not in typing.get_args(hint):
+        return f"must not be empty (type {_type_name(hint)})"
+    bare = _bare(hint)
+    if kind in RANGE_KINDS:
+        return _range_text(field)
+    if typing.get_origin(bare) is typing.Literal:
+        values = typing.get_args(bare)
+        types = tuple({type(v) for v in values})
+        if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+            return f"allowed: {[None, *values] if bare is not hint else list(values)}"
+    if typing.get_origin(bare) is tuple:
+        args = typing.get_args(bare)
+        if element:
+            return f"must be of type {_type_name(args[min(err['loc'][-1], len(args) - 1)])}"
+        return f"must be a list of {len(args)} values"
+    return f"must be of type {_type_name(bare)}"
+
+
+def _type_name(hint) -> str:
+    hint = _bare(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        hint = type(typing.get_args(hint)[0])
     return getattr(hint, "__name__", str(hint))
 
 
-def _positive(cfg: Config, keys: list[str]):
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < 1:
-            raise ConfigError(key, value, "must be >= 1")
-
-
-def _choice(key, value, allowed):
-    if value not in allowed:
-        raise ConfigError(key, value, f"allowed: {list(allowed)}")
+def _range_text(field: FieldInfo) -> str:
+    """"must be >= 1", "must be in [0, 1)", ... from the field's bounds; its "says" / "hint" extras."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "says" in extra:
+        return extra["says"]
+    bounds = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    low = next(((op, bounds[op]) for op in ("ge", "gt") if op in bounds), None)
+    high = next(((op, bounds[op]) for op in ("le", "lt") if op in bounds), None)
+    symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    if low and high:
+        text = f"must be in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    else:
+        op, bound = low or high
+        text = f"must be {symbol[op]} {bound}"
+    return text + extra.get("hint", "")

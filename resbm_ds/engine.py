@@ -160,8 +160,8 @@ def build_engine(plan: LaunchPlan, extra_ds: dict | None = None, lr_scheduler=No
     S = cfg.pipeline.stages
     dp = world // S
     topology = PipeModelDataParallelTopology(num_pp=S, num_mp=1, num_dp=dp)
-    module = ResBMPipeline(cfg, topology)
-    init_pipeline_from_hf(module, cfg)   # model.init_from_hf: this stage's transformers weights
+    module = ResBMPipeline(cfg.spec, topology)
+    init_pipeline_from_hf(module, cfg.spec)   # model.init_from_hf: this stage's transformers weights
     if cfg.train.init_from:              # weights of another run, any layout (before the optimizer copies them)
         tag_dir = checkpoint_dir(cfg.train.init_from, use=INIT_FROM_USE)
         init_pipeline_from_checkpoint(module, tag_dir, use=INIT_FROM_USE)

@@ -7,8 +7,9 @@ same order, so file XX is `layers.XX` and consolidating is a loop over files. It
 
 `ResBMForCausalLM` (model/causal_lm.py) is the pipeline's single-process twin.
 An exported model is a directory: `model.safetensors` (keys `layers.XX.*`), `config.yaml` (the
-run's Config) and `tokenizer/` (the run's tokenizer, also in transformers format), loadable with
-`load_model(dir)`.
+run's Config, whose `ModelSpec` builds the model and whose data settings are `generate`'s defaults)
+and `tokenizer/` (the run's tokenizer, also in transformers format), loadable with `load_model(dir)`.
+The transformers export (`--hf`) keeps only the `ModelSpec`.
 
     python -m resbm_ds.export RUN_DIR [--tag step200] [--out DIR] [--hf HF_DIR]
 
@@ -30,7 +31,7 @@ import yaml
 from .checkpoints.loading import load_layers
 from .checkpoints.store import checkpoint_dir, out_of_space
 from .cli import ArgumentParser, UserError, cli, existing_file, output_dir
-from .config import Config, load_config
+from .config import Config, ModelSpec, load_config, read_yaml
 from .data.tokenizer import load_saved_tokenizer, save_transformers_tokenizer
 from .hf.weights import is_plain_transformer, save_hf
 from .model.causal_lm import ResBMForCausalLM
@@ -52,8 +53,7 @@ def run_config(path) -> Config:
 def consolidate(path, tag: str | None = None, cfg: Config | None = None) -> ResBMForCausalLM:
     """One ResBMForCausalLM from a pipeline checkpoint of any stage / data-parallel layout."""
     ckpt = checkpoint_dir(path, tag)
-    cfg = cfg or run_config(ckpt)
-    model = ResBMForCausalLM(cfg)
+    model = trained_model(cfg or run_config(ckpt))
     dtype = load_layers(dict(enumerate(model.layers)), ckpt, len(model.layers))
     return model.to(dtype)   # the dtype the run trained in (bf16 weights stay bf16)
 
@@ -76,7 +76,8 @@ def save_model(model: ResBMForCausalLM, out_dir, tokenizer_from=None) -> Path:
     try:
         tmp.chmod(0o755)
         save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt", "class": "ResBMForCausalLM"})
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(model.config.to_dict(), sort_keys=False))
+        saved = model.trained_with.to_dict() if model.trained_with is not None else model.spec.to_dict()
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
         if tokenizer_from is not None and Path(tokenizer_from).is_dir():
             shutil.copytree(tokenizer_from, tmp / TOKENIZER_DIR)
             save_transformers_tokenizer(load_saved_tokenizer(tmp / TOKENIZER_DIR), tmp / TOKENIZER_DIR)
@@ -107,9 +108,25 @@ def load_model(path, tag: str | None = None) -> ResBMForCausalLM:
         return consolidate(path, tag)
     from safetensors.torch import load_file
 
-    model = ResBMForCausalLM(load_config(str(Path(path) / CONFIG_FILE)))
+    model = model_from_config_file(Path(path) / CONFIG_FILE)
     sd = load_file(str(Path(path) / MODEL_FILE))
     model.to(next(iter(sd.values())).dtype).load_state_dict(sd)
+    return model
+
+
+def model_from_config_file(path: Path) -> ResBMForCausalLM:
+    """A fresh model from an export's config.yaml: a run's whole Config (then `trained_with`), or a
+    ModelSpec alone (a model saved without its run)."""
+    raw = read_yaml(path, "--config", str(path))
+    if isinstance(raw, dict) and raw and set(raw) <= set(ModelSpec.model_fields):
+        return ResBMForCausalLM(ModelSpec.from_dict(raw))
+    return trained_model(load_config(str(path)))
+
+
+def trained_model(cfg: Config) -> ResBMForCausalLM:
+    """A fresh model of a run's config, which it keeps as `trained_with`."""
+    model = ResBMForCausalLM(cfg.spec)
+    model.trained_with = cfg
     return model
 
 

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .cli import ArgumentParser, cli, existing_file, float_in, int_at_least
-from .config import DTYPES, Config, ConfigError
+from .cli import ArgumentParser, ConfigError, cli, existing_file, float_in, int_at_least
+from .config import Config
 from .data.batches import TextSource, validation_batches
+from .data.sources import text_sources
 from .data.tokenizer import build_tokenizer, load_saved_tokenizer
 from .export import is_exported, load_model, tokenizer_dir
-from .hf.modeling import ResBMHFConfig, ResBMHFForCausalLM
+from .hf.modeling import ResBMHFForCausalLM
 from .model.causal_lm import ResBMForCausalLM
-from .data.sources import text_sources
+from .wire_bytes import DTYPES
 
 
 def load_tokenizer(path):
@@ -51,15 +52,13 @@ def is_transformers_dir(path) -> bool:
 
 def load_transformers_model(path, tag: str | None = None) -> tuple[PreTrainedModel, Config | None]:
     """A run, an export or a transformers directory as a transformers model, and the resbm-ds
-    Config it was trained with (None for a foreign transformers model)."""
+    Config it was trained with (None for a transformers directory: it keeps the model, not the run)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such run, export or transformers directory")
     if is_transformers_dir(path):
-        model = AutoModelForCausalLM.from_pretrained(str(path))
-        cfg = model.config.resbm_config() if isinstance(model.config, ResBMHFConfig) else None
-        return model, cfg
+        return AutoModelForCausalLM.from_pretrained(str(path)), None
     twin = load_model(path, tag)
-    return ResBMHFForCausalLM.from_resbm(twin), twin.config
+    return ResBMHFForCausalLM.from_resbm(twin), twin.trained_with
 
 
 def as_transformers(model) -> PreTrainedModel:
@@ -73,9 +72,11 @@ def evaluate(model, tokenizer, text, max_chunks: int | None = None, seq_len: int
     of `text` (a file path or a TextSource). `model`: a ResBMForCausalLM or a transformers model."""
     model = as_transformers(model)
     if seq_len is None:
-        if not isinstance(model.config, ResBMHFConfig):
-            raise ConfigError("--seq-len", None, "needed for a transformers model not trained by resbm-ds")
-        seq_len = model.config.resbm_config().data.seq_len
+        run = model.resbm.trained_with if isinstance(model, ResBMHFForCausalLM) else None
+        if run is None:
+            raise ConfigError("--seq-len", None, "needed for a transformers model (a transformers directory keeps "
+                                                 "the model, not the run's data.seq_len)")
+        seq_len = run.data.seq_len
     source = text if isinstance(text, TextSource) else TextSource.local(str(text))
     batches = validation_batches(source, tokenizer, seq_len, micro_batch)
     model.eval()
@@ -122,7 +123,8 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature:
 def default_text(cfg: Config | None) -> TextSource:
     """The run's validation text: data.val_path, the default corpus' val.txt, or the hub split."""
     if cfg is None:
-        raise ConfigError("--text", None, "needed for a transformers model not trained by resbm-ds")
+        raise ConfigError("--text", None, "needed for a transformers model (a transformers directory keeps the "
+                                          "model, not the run's validation text)")
     try:
         return text_sources(cfg)[1]
     except (ConfigError, FileNotFoundError) as e:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from .cli import ArgumentParser, cli, existing_file, int_at_least, output_dir
-from .config import Config, ConfigError
+from .cli import ArgumentParser, ConfigError, cli, existing_file, int_at_least, output_dir
+from .config import Config
 from .data.batches import TextSource, iter_documents
 from .export import run_config
 from .generate import default_text, is_transformers_dir
-from .hf.modeling import ResBMHFConfig
 
 TASK = "resbm_lastword"
 # A sentence end: a word of letters followed by . ! or ?, then whitespace.
@@ -84,14 +83,9 @@ def make_task(out_dir, source: TextSource, examples: int, context_words: int) ->
 
 
 def trained_config(path) -> Config | None:
-    """The resbm-ds Config of a run, an export or a `resbm` transformers directory (None for a
-    foreign transformers model), read without loading any weights."""
-    if not is_transformers_dir(path):
-        return run_config(path)
-    from transformers import AutoConfig
-
-    hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return hf.resbm_config() if isinstance(hf, ResBMHFConfig) else None
+    """The resbm-ds Config of a run or an export (None for a transformers directory, which keeps the
+    model, not the run), read without loading any weights."""
+    return None if is_transformers_dir(path) else run_config(path)
 
 
 def make_task_main(argv) -> int:

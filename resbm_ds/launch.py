@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from . import compat
 from .checkpoints.store import checkpoint_dir
-from .cli import UserError
-from .config import Config, ConfigError, load_config
+from .cli import ConfigError, UserError
+from .config import Config, config_error, load_config
 from .data.batches import TextSource, check_hub_reachable
 from .data.sources import check_enough_text, make_tokenizer, text_sources
 from .data.tokenizer import Tokenizer
@@ -63,7 +63,7 @@ class LaunchPlan:
         val = "on the training text (no data.val_path)" if val == self.train_src.describe() else val
         return (f"[resbm] plan: {S} stages x {self.dp_size} data-parallel on {world} processes; "
                 f"{cfg.bottleneck.method} boundary h={cfg.code_width}, {fwd} / {bwd} bytes per token forward / "
-                f"backward ({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg)}; "
+                f"backward ({cfg.compression_ratio():.3g}x vs dense bf16); {cost_summary(cfg.spec, cfg.pipeline.stages)}; "
                 f"{cfg.train.steps} steps x {tokens:,} tokens; {start}; data {self.train_src.describe()}, "
                 f"validation {val}; out_dir {self.run.out}{describe_sites(cfg)}")
 
@@ -136,11 +136,11 @@ def check_deepspeed_schema(cfg: Config) -> None:
     try:
         DeepSpeedConfig(ds)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        section = next((s for s, v in ds.items() if isinstance(v, dict) and err["loc"] and err["loc"][0] in v), None)
-        key = "deepspeed." + (f"{section}." if section else "") + field
-        raise ConfigError(key, err.get("input"), f"{err['msg']} (DeepSpeed's {e.title})") from None
+        # DeepSpeed validates each section on its own, so `loc` starts inside one: find which
+        loc = e.errors()[0]["loc"]
+        section = next((s for s, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+        raise config_error(e, prefix="deepspeed." + (f"{section}." if section else ""),
+                           note=f" (DeepSpeed's {e.title})") from None
     except AssertionError as e:
         raise ConfigError("deepspeed", "...", f"DeepSpeed refuses the config: {e}") from None
 

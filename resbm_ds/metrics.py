@@ -12,7 +12,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from .config import REPO_ROOT, Config, ConfigError
+from .cli import ConfigError
+from .config import REPO_ROOT, Config
 from .system import unreachable
 
 METRICS_FILE = "metrics.jsonl"

@@ -13,7 +13,6 @@ and its checkpoint tags. Everything here runs before the process group, so a ref
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -24,8 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import UserError
-from .config import Config, ConfigError, SyncConfig, read_yaml
+from .cli import ConfigError, UserError
+from .config import Config, SyncConfig, read_yaml
 from .data.tokenizer import Tokenizer, load_saved_tokenizer
 from .checkpoints.store import LATEST, read_latest, sibling_tags, step_of, tag_dir, verify
 from .metrics import METRICS_FILE, TRACKER_IDS, flatten
@@ -205,7 +204,7 @@ def plan_run(cfg: Config, resume: bool, resume_from: str | None, overwrite: bool
     plan = RunPlan(out, tag, overwrite=overwrite and tag is None)
     saved = _saved_config(out)
     if saved is not None and "sync" not in saved:   # a run from before sync.*: it was one site
-        saved["sync"] = dataclasses.asdict(SyncConfig())
+        saved["sync"] = SyncConfig().model_dump()
     if tag is not None and saved is not None:
         # the data order and ZeRO's optimizer partitions follow the data-parallel size too
         refused = {**config_changes(saved, cfg.to_dict(), allowed=RESUMABLE), **_layout_change(out, cfg, world)}

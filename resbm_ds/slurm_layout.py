@@ -23,7 +23,7 @@ import sys
 
 import torch.distributed as dist
 
-from .config import ConfigError
+from .cli import ConfigError
 
 
 def node_name() -> str:

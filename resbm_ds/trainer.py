@@ -4,7 +4,6 @@ the engine, and owns the loop with its signals, health checks, evaluations and c
 closing summary."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import resource
@@ -285,7 +284,7 @@ class Trainer:
         for key, (old, new) in self.plan.run.changes.items():
             note = ""
             if key == "train.steps":
-                before = dataclasses.replace(t, steps=old)
+                before = t.model_copy(update={"steps": old})
                 note = (f": the cosine schedule now ends at step {new}; the lr at step {start + 1} is "
                         f"{rt.engine.get_lr()[0]:.3g} (it would have been {t.lr * lr_factor(start, before):.3g})")
             print(f"[resbm] resume: {key} {old!r} -> {new!r}{note}", flush=True)

@@ -21,6 +21,11 @@ DECODER = h * H + h                       # W_d and the RMSNorm over the code
 PER_STAGE_BLOCKS = LAYERS // STAGES
 
 
+
+def counts(cfg):
+    """The counts of a run config's model, cut into its pipeline.stages."""
+    return parameter_counts(cfg.spec, cfg.pipeline.stages)
+
 def expected(V):
     table = V * H                         # the default side channel: a learned V x H table per decoder
     first = V * H + PER_STAGE_BLOCKS * BLOCK + ENCODER
@@ -35,7 +40,7 @@ def test_paper_shape_counts_are_exact_fast_and_allocate_nothing(V):
     cfg = load_config("paper-2b", [f"model.vocab_size={V}"]).validate()
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.pipeline.stages, cfg.code_width) == (H, LAYERS, STAGES, h)
     rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-    c = parameter_counts(cfg)
+    c = counts(cfg)
     seconds, grown_mb = time.perf_counter() - t0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     want = expected(V)
     assert c.stages == want["stages"]
@@ -49,11 +54,11 @@ def test_paper_shape_counts_are_exact_fast_and_allocate_nothing(V):
 def test_frozen_tables_are_counted_apart_and_a_tied_embedding_once():
     small = ["model.hidden_size=64", "model.vocab_size=256", "model.num_heads=4", "model.num_layers=2",
              "bottleneck.width=4", "pipeline.stages=2"]
-    learned = parameter_counts(load_config(None, small).validate())
-    frozen = parameter_counts(load_config(None, [*small, "bottleneck.token_channel=frozen"]).validate())
+    learned = counts(load_config(None, small).validate())
+    frozen = counts(load_config(None, [*small, "bottleneck.token_channel=frozen"]).validate())
     assert learned.side_channel == 256 * 64 and frozen.side_channel == 0 and frozen.frozen == 256 * 64
     assert learned.total - frozen.total == 256 * 64
-    tied = parameter_counts(load_config(None, [*small, "model.tie_embeddings=true"]).validate())
+    tied = counts(load_config(None, [*small, "model.tie_embeddings=true"]).validate())
     assert tied.total == learned.total - 256 * 64                  # the head reuses the embedding
     assert sum(tied.stages) == tied.total + 256 * 64                # but both stages hold it
 
@@ -77,7 +82,7 @@ def test_dry_run_prints_the_counts_in_seconds():
 def test_a_hashed_side_channel_costs_the_same_at_any_vocabulary(V):
     """bottleneck.token_channel=hashed: 4,096 x H per decoder instead of V x H; at the paper shape
     boundary + side channel stay under 5% of a stage at both vocabularies (issue #23's budget)."""
-    c = parameter_counts(load_config("paper-2b", [f"model.vocab_size={V}",
+    c = counts(load_config("paper-2b", [f"model.vocab_size={V}",
                                                   "bottleneck.token_channel=hashed"]).validate())
     table = 4096 * H
     assert c.side_channel == (STAGES - 1) * table and c.boundary == expected(V)["boundary"]

@@ -10,7 +10,8 @@ from conftest import run_pipe_worker, run_pipe_worker_cases
 from resbm_ds.model.baselines import (NoSkipDecoder, NoSkipEncoder, SubspaceBlock, SubspaceDecoder, SubspaceEmbedding,
                                 SubspaceLinear, off_subspace)
 from resbm_ds.model.boundary import BottleneckDecoder, BottleneckEncoder
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.model.layers import TransformerBlock, lm_loss
 from resbm_ds.optim import build_optimizer, muon_matrices
 from resbm_ds.model.pipeline import layer_specs, stage_parts
@@ -30,7 +31,7 @@ def config(method, *extra):
 
 
 def build_layers(cfg):
-    specs, segment_ends = layer_specs(cfg)
+    specs, segment_ends = layer_specs(cfg.spec)
     torch.manual_seed(0)
     return nn.ModuleList(spec.build() for spec in specs), segment_ends
 
@@ -86,12 +87,12 @@ def test_invalid_baseline_configs(overrides, key, phrase):
 @pytest.mark.parametrize("method", ["bottleneck-noskip", "subspace"])
 def test_same_layout_and_stage_cuts_right_after_each_encoder(method):
     cfg = config(method, "bottleneck.segments=4")
-    specs, _ = layer_specs(cfg)
+    specs, _ = layer_specs(cfg.spec)
     names = [s.typename.__name__ for s in specs]
     enc, dec = ("SubspaceEncoder", "SubspaceDecoder") if method == "subspace" else ("NoSkipEncoder", "NoSkipDecoder")
     assert names.count(enc) == names.count(dec) == 3
     for S in (1, 2, 4):
-        parts = stage_parts(cfg, S)
+        parts = stage_parts(cfg.spec, S)
         assert parts[0] == 0 and parts[-1] == len(specs)
         for cut in parts[1:-1]:
             assert names[cut - 1] == enc and names[cut] == dec
@@ -133,7 +134,8 @@ def test_counting_on_the_meta_device_first_leaves_the_real_model_on_the_cpu():
     from resbm_ds.model import baselines
     baselines._basis.cache_clear()
     baselines._table.cache_clear()
-    parameter_counts(config("subspace", "bottleneck.segments=4", "seed=4321"))
+    cfg = config("subspace", "bottleneck.segments=4", "seed=4321")
+    parameter_counts(cfg.spec, cfg.pipeline.stages)
     _, layers, _ = subspace_layers("bottleneck.segments=4", "seed=4321")
     tensors = [t for m in layers.modules() for t in m.buffers()]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
@@ -202,7 +204,7 @@ def test_subspace_outputs_stay_in_span_after_optimizer_steps():
 def test_noskip_is_swarm_shaped_and_has_no_identity_path():
     cfg = config("bottleneck-noskip", "bottleneck.identity=orthonormal")   # identity is ignored
     torch.manual_seed(0)
-    enc, dec = NoSkipEncoder(cfg, 0), NoSkipDecoder(cfg, 0)
+    enc, dec = NoSkipEncoder(cfg.spec, 0), NoSkipDecoder(cfg.spec, 0)
     assert enc.identity is None and dec.identity is None
     assert isinstance(enc.norm, nn.LayerNorm) and isinstance(dec.norm, nn.LayerNorm)
     assert enc.proj.weight.shape == (K, H) and enc.proj.bias is not None and dec.proj.weight.shape == (H, K)
@@ -225,7 +227,7 @@ def test_noskip_is_swarm_shaped_and_has_no_identity_path():
     assert torch.allclose(y, dec(enc(torch.randn(2, 5, H))))
     # contrast: ResBM's identity path carries a gradient with W_e = 0 (test_bottleneck.py)
     rcfg = config("resbm", "bottleneck.token_channel=none")
-    renc, rdec = BottleneckEncoder(rcfg, 0), BottleneckDecoder(rcfg, 0)
+    renc, rdec = BottleneckEncoder(rcfg.spec, 0), BottleneckDecoder(rcfg.spec, 0)
     with torch.no_grad():
         renc.proj.weight.zero_()
     x.grad = None

@@ -11,7 +11,7 @@ def boundary(identity, wire="model", H=64, h=8, *extra):
     cfg = load_config(None, [f"model.hidden_size={H}", f"bottleneck.width={h}", f"bottleneck.identity={identity}",
                              f"bottleneck.wire_dtype={wire}", "bottleneck.token_channel=none", *extra]).validate()
     torch.manual_seed(0)
-    return BottleneckEncoder(cfg, 0), BottleneckDecoder(cfg, 0)
+    return BottleneckEncoder(cfg.spec, 0), BottleneckDecoder(cfg.spec, 0)
 
 
 def rank_h_identity(enc, x):
@@ -135,7 +135,7 @@ def test_identity_none_ablation_is_not_a_dead_boundary():
 def hashed_table(boundary_id, V, buckets, *extra):
     cfg = load_config(None, [f"model.vocab_size={V}", "model.hidden_size=64", "bottleneck.token_channel=hashed",
                              f"bottleneck.token_buckets={buckets}", *extra]).validate()
-    return TokenTable(cfg, boundary_id)
+    return TokenTable(cfg.spec, boundary_id)
 
 
 def test_hashed_token_table_is_B_by_H_whatever_the_vocabulary():

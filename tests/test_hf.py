@@ -18,7 +18,8 @@ from conftest import REPO, launch
 from resbm_ds import export, generate
 from resbm_ds.hf import configs as hf_configs, weights as hf_weights
 from resbm_ds.hf.__main__ import main as hf_main
-from resbm_ds.config import ConfigError, ModelConfig, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import ModelConfig, load_config
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 

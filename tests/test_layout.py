@@ -18,8 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "resbm_ds"
 
 LAYERS = [
     {"system"},                                   # system: path kinds, file hashes, free ports, CPU env
-    {"cli", "compat"},                            # cli: one-line user errors, checked argument types;
-                                                  # compat: every patch of DeepSpeed / torch internals
+    {"cli", "compat", "wire_bytes"},              # cli: one-line user errors, checked argument types;
+                                                  # compat: every patch of DeepSpeed / torch internals;
+                                                  # wire_bytes: the dtype table, the wire-bytes formulas
     {"config"},                                   # config: schema and validation, the dtype table
     {"model", "wire", "data", "metrics", "checkpoints"},   # parts: the network, the wire chain, data,
                                                   # metrics.jsonl, the checkpoint store

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from conftest import launch, rows, run_pipe_worker_cases, train_args
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
 
@@ -85,7 +86,7 @@ def test_the_single_process_model_computes_the_same_function():
     for mode in ("sent", "local"):
         cfg = load_config(None, [*SMALL, "model.num_layers=3", "bottleneck.segments=3", "pipeline.stages=3",
                                  "bottleneck.init=normal", f"bottleneck.token_ids={mode}"]).validate()
-        logits[mode] = ResBMForCausalLM(cfg)(ids)
+        logits[mode] = ResBMForCausalLM(cfg.spec)(ids)
     assert torch.equal(logits["sent"], logits["local"])
 
 

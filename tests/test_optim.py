@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from conftest import REPO, launch
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.optim import build_optimizer, muon_matrices
 from resbm_ds.model.layers import TransformerBlock
 from resbm_ds.model.pipeline import layer_specs
@@ -224,7 +225,7 @@ def test_defaults_from_the_muon_literature():
 
 def test_routing_is_by_module_role():
     cfg = load_config(None, [*SMALL, *MUON, "model.attention_bias=true"])
-    model = nn.Sequential(*[spec.build() for spec in layer_specs(cfg)[0]])
+    model = nn.Sequential(*[spec.build() for spec in layer_specs(cfg.spec)[0]])
     muon = {id(p) for p in muon_matrices(model)}
     names = {n for n, p in model.named_parameters() if id(p) in muon}
     suffixes = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from conftest import REPO, free_port, launch
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.checkpoints.store import verify, write_manifest
 from resbm_ds.run_dir import RunDirError, plan_run
 from resbm_ds.sync import decode_sparse, encode_sparse, sparse_payload_bytes

@@ -4,7 +4,8 @@ codec, baseline and boundary variant; and the traffic between stages outside p2p
 import pytest
 
 from conftest import run_pipe_worker, run_pipe_worker_cases
-from resbm_ds.config import ConfigError, load_config
+from resbm_ds.cli import ConfigError
+from resbm_ds.config import load_config
 from resbm_ds.model.accounting import parameter_counts
 
 pytestmark = pytest.mark.slow   # real launches: out of the fast lane (pytest -m 'not slow')
@@ -59,7 +60,7 @@ def test_predicted_bytes_and_ratio_equal_the_meter(case, case_reports):
     assert cfg.compression_ratio() == 2 * H / busier        # against dense bf16 (REFERENCE 8)
     assert s1["losses"][-1] < s1["losses"][0], s1["losses"]
     # the meta-device count of each stage is what that stage's DeepSpeed engine really trains
-    assert [s0["parameters"], s1["parameters"]] == list(parameter_counts(cfg).stages), case
+    assert [s0["parameters"], s1["parameters"]] == list(parameter_counts(cfg.spec, cfg.pipeline.stages).stages), case
 
 
 def test_ratios_in_bytes():

@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..cli import ConfigError
+from ..config import load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..run_dir import config_changes
@@ -245,7 +246,7 @@ def describe(run: Run, cfg, lr: float, settings=()) -> dict:
                 method=cfg.bottleneck.method, code_width=cfg.code_width,
                 wire_bytes_per_token_fwd=fwd, wire_bytes_per_token_bwd=bwd,
                 ratio_vs_bf16=cfg.compression_ratio("bf16"), ratio_vs_model=cfg.compression_ratio("model"),
-                parameters=parameter_counts(cfg, num_stages=1).total)
+                parameters=parameter_counts(cfg.spec, num_stages=1).total)
 
 
 class Convergence(Suite):

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import netem
-from ..config import REPO_ROOT, ConfigError, load_config
+from ..cli import ConfigError
+from ..config import REPO_ROOT, load_config
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
 from ..system import free_port
@@ -89,7 +90,7 @@ def analyse(site_dirs: list[Path]) -> dict:
 def allreduce_bytes_per_step(cfg) -> int:
     """A ring all-reduce of the fp32 gradients over 2 ranks: each sends 2 (n-1)/n x 4 bytes per
     parameter, both ranks together 4 bytes per parameter x 2 (the meter's sum over sites)."""
-    c = parameter_counts(cfg, num_stages=1)
+    c = parameter_counts(cfg.spec, num_stages=1)
     return 2 * 4 * (c.total - c.frozen)
 
 

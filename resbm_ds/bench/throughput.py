@@ -31,7 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import Config, ConfigError, load_config
+from ..cli import ConfigError
+from ..config import Config, load_config
 from ..wire.link import link_bound_tokens_per_s
 from ..metrics import METRICS_FILE, read_metrics
 from ..model.accounting import parameter_counts
@@ -261,7 +262,7 @@ class Throughput(engine.Suite):
             return entry
         entry["status"] = "ok"
         entry["metrics"] = m = analyse(run_dir, cfg, suite.links[s.link])
-        entry["parameters"] = parameter_counts(cfg, num_stages=1).total
+        entry["parameters"] = parameter_counts(cfg.spec, num_stages=1).total
         entry["config_ratio"] = cfg.compression_ratio()
         if not self.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

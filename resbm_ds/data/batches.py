@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from ..system import is_, path_kind, unreachable
-from ..config import Config, DataError
+from ..cli import DataError
+from ..config import Config
 from ..system import sha256_file
 from .cache import cache_root, file_lock
 from .corpus import DOC_SEPARATOR

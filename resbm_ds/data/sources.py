@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import UserError
-from ..config import Config, ConfigError, DataError
+from ..cli import ConfigError, DataError, UserError
+from ..config import Config
 from .batches import EvalPart, TextSource, check_local_file, eval_parts, tokenize_to_array
 from .corpus import default_dir, ensure_corpus, val_sources
 from .tokenizer import Tokenizer, build_tokenizer

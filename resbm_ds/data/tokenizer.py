@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import DataError
+from ..cli import DataError
 from ..system import sha256_file
 from .cache import cache_root, file_lock
 

@@ -2,13 +2,12 @@
 refuse what our network would compute differently (see the package docstring)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from ..cli import UserError
-from ..config import Config, ConfigError, ModelConfig, load_config
+from ..cli import ConfigError, UserError
+from ..config import Config, ModelConfig, ModelSpec, load_config
 
 FAMILIES = ("llama", "qwen2", "mistral")
 # Keys a config may carry beyond its class defaults without changing the network.
@@ -122,7 +121,7 @@ def config_from_hf(path, base: Config | None = None, overrides=()) -> Config:
     cfg = base if base is not None else load_config(None, list(overrides))
     path = Path(path).resolve()
     model = model_config_from_hf(path, seq_len=cfg.data.seq_len, init_std=cfg.model.init_std)
-    cfg.model = dataclasses.replace(model, init_from_hf=str(path))
+    cfg.model = model.model_copy(update={"init_from_hf": str(path)})
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         cfg.data.tokenizer, cfg.data.tokenizer_path = "hf", str(path)
     return cfg
@@ -149,26 +148,26 @@ def check_model_matches_hf(m: ModelConfig, path, seq_len: int | None = None) -> 
 
 # ---- out -------------------------------------------------------------------------------------
 
-def family_of(cfg: Config, family: str | None) -> str:
+def family_of(spec: ModelSpec, family: str | None) -> str:
     """The family asked for, else the one the run started from, else Qwen2 (biases) or Llama."""
-    src = cfg.model.init_from_hf
+    src = spec.model.init_from_hf
     if family is None and src and (Path(src) / "config.json").is_file():
         family = load_hf_config(src).model_type
-    family = family or ("qwen2" if cfg.model.attention_bias else "llama")
+    family = family or ("qwen2" if spec.model.attention_bias else "llama")
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: allowed: {list(FAMILIES)}")
-    if cfg.model.attention_bias and family != "qwen2":
+    if spec.model.attention_bias and family != "qwen2":
         raise ValueError(f"q/k/v biases (model.attention_bias) exist only in the qwen2 family, not {family}")
     return family
 
 
-def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = torch.float32):
+def hf_config_for(spec: ModelSpec, family: str | None = None, dtype: torch.dtype = torch.float32):
     """The transformers config of our (uncompressed) model: the original one when the run started
     from a transformers directory of the same family (keeping its token ids etc.), else a fresh one."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    family = family_of(cfg, family)
-    m = cfg.model
+    family = family_of(spec, family)
+    m = spec.model
     src = m.init_from_hf
     fresh = not (src and (Path(src) / "config.json").is_file() and load_hf_config(src).model_type == family)
     hf = CONFIG_MAPPING[family]() if fresh else AutoConfig.from_pretrained(src, local_files_only=True)
@@ -191,5 +190,5 @@ def hf_config_for(cfg: Config, family: str | None = None, dtype: torch.dtype = t
         hf.layer_types = hf.layer_types[:m.num_layers] + ["full_attention"] * missing
     hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
     hf.dtype = dtype
-    check_hf_config(hf, seq_len=cfg.data.seq_len)
+    check_hf_config(hf, seq_len=m.max_seq_len)   # a run's data.seq_len is at most this
     return hf

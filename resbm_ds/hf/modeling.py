@@ -7,8 +7,9 @@ once `resbm_ds.hf` is imported (no `trust_remote_code`, no code in the export di
     tok = AutoTokenizer.from_pretrained("runs/x/hf")
     out = model.generate(**tok("The President said", return_tensors="pt"), max_new_tokens=20)
 
-`ResBMHFConfig` carries the run's whole resbm-ds `Config` (key `resbm`), so every boundary method
-and switch rebuilds exactly; the usual transformers fields (hidden_size, num_hidden_layers, ...)
+`ResBMHFConfig` carries the model's `ModelSpec` (key `resbm`: the model and bottleneck sections, the
+seed and the precision; not the run's paths, trackers or DeepSpeed settings), so every boundary
+method and switch rebuilds exactly; the usual transformers fields (hidden_size, num_hidden_layers, ...)
 are filled from it for tools that read them (lm-eval reads max_position_embeddings). The network
 is the pipeline's single-process twin (`ResBMForCausalLM`, weights `resbm.layers.XX.*`), so
 `from_pretrained` gives the consolidated model's logits. For `generate()` the attention layers
@@ -24,7 +25,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, Pre
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import Config, config_from_dict
+from ..config import ModelSpec
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import Attention, decoding
 
@@ -37,8 +38,10 @@ class ResBMHFConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, resbm: dict | None = None, **kwargs):
-        self.resbm = resbm or Config().to_dict()
-        m = config_from_dict(self.resbm).model
+        # a spec, or (an export written before the spec existed) a run's whole config: the spec is kept
+        spec = ModelSpec.from_dict(resbm) if resbm else ModelSpec()
+        self.resbm = spec.to_dict()
+        m = spec.model
         for key, value in dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
                                num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                                num_key_value_heads=m.kv_heads, intermediate_size=m.ffn_size,
@@ -51,8 +54,8 @@ class ResBMHFConfig(PretrainedConfig):
         self.use_cache = kwargs.pop("use_cache", True)
         super().__init__(**kwargs)
 
-    def resbm_config(self) -> Config:
-        return config_from_dict(self.resbm)
+    def resbm_spec(self) -> ModelSpec:
+        return ModelSpec.from_dict(self.resbm)
 
 
 class ResBMHFForCausalLM(PreTrainedModel, GenerationMixin):
@@ -64,14 +67,14 @@ class ResBMHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: ResBMHFConfig, model: ResBMForCausalLM | None = None):
         super().__init__(config)
-        self.resbm = model if model is not None else ResBMForCausalLM(config.resbm_config())
+        self.resbm = model if model is not None else ResBMForCausalLM(config.resbm_spec())
         self.attentions = [m for m in self.resbm.modules() if isinstance(m, Attention)]
         self.post_init()
 
     @classmethod
     def from_resbm(cls, model: ResBMForCausalLM) -> "ResBMHFForCausalLM":
         """Wrap a consolidated model (its weights, its dtype) without copying them."""
-        config = ResBMHFConfig(resbm=model.config.to_dict())
+        config = ResBMHFConfig(resbm=model.spec.to_dict())
         config.dtype = model.dtype
         return cls(config, model)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cli import UserError
-from ..config import Config, ConfigError, ModelConfig
+from ..cli import ConfigError, UserError
+from ..config import Config, ModelConfig, ModelSpec
 from ..model.causal_lm import ResBMForCausalLM
 from ..model.layers import FinalNorm, LMHead, TokenEmbedding, TransformerBlock
 from .configs import family_of, config_from_hf, hf_config_for
@@ -107,12 +107,12 @@ def load_hf_weights(layers, path) -> list[str]:
     return wanted
 
 
-def init_pipeline_from_hf(module, cfg: Config) -> None:
+def init_pipeline_from_hf(module, spec: ModelSpec) -> None:
     """build_engine's hook: with model.init_from_hf set, load this stage's layers from it.
 
     A tied LM head on the last stage is a second copy of the embedding (DeepSpeed keeps tied copies
     in `tied_modules` and syncs them only at construction), so it is loaded here as well."""
-    path = cfg.model.init_from_hf
+    path = spec.model.init_from_hf
     if not path:
         return
     local = [f for f in module.forward_funcs if isinstance(f, nn.Module)] + list(module.tied_modules.values())
@@ -123,7 +123,7 @@ def from_hf(path, base: Config | None = None, overrides=()):
     """The network of a transformers directory on one process: (ResBMForCausalLM, Config). With
     bottleneck.method=none it computes the transformers model's logits."""
     cfg = config_from_hf(path, base, overrides)
-    model = ResBMForCausalLM(cfg)
+    model = ResBMForCausalLM(cfg.spec)
     load_hf_weights(model.layers, path)
     return model, cfg
 
@@ -161,16 +161,15 @@ def save_hf(model: ResBMForCausalLM, out_dir, family: str | None = None, eos_tok
     if not is_plain_transformer(model):
         if family is not None:
             raise ConfigError("--family", family, f"only uncompressed models take a family: this model "
-                              f"(bottleneck.method={model.config.bottleneck.method}) exports as model_type 'resbm'")
+                              f"(bottleneck.method={model.spec.bottleneck.method}) exports as model_type 'resbm'")
         hf_model = ResBMHFForCausalLM.from_resbm(model)
         if eos_token_id is not None:
             hf_model.config.eos_token_id = hf_model.generation_config.eos_token_id = eos_token_id
         hf_model.save_pretrained(str(out))
         return out
-    cfg = model.config
-    family = family_of(cfg, family)
+    family = family_of(model.spec, family)
     dtype = next(model.parameters()).dtype
-    hf = hf_config_for(cfg, family, dtype)
+    hf = hf_config_for(model.spec, family, dtype)
     if eos_token_id is not None:
         hf.eos_token_id = eos_token_id
     out.mkdir(parents=True, exist_ok=True)

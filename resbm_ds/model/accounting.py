@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from deepspeed.pipe import TiedLayerSpec
 
-from ..config import Config
+from ..config import ModelSpec
 from .boundary import TokenTable
 from .pipeline import boundary_layers, layer_specs, stage_parts
 
@@ -46,54 +46,53 @@ def _trainable(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def parameter_counts(cfg: Config, num_stages: int | None = None) -> ParameterCounts:
-    """Count `cfg`'s model on the meta device, cut into `num_stages` (default pipeline.stages)."""
-    num_stages = num_stages or cfg.pipeline.stages
-    specs, _ = layer_specs(cfg)
-    kit = boundary_layers(cfg)
+def parameter_counts(spec: ModelSpec, num_stages: int) -> ParameterCounts:
+    """Count `spec`'s model on the meta device, cut into `num_stages` (a run's pipeline.stages)."""
+    specs, _ = layer_specs(spec)
+    kit = boundary_layers(spec)
     boundary_types = {t for t in (kit.encoder, kit.decoder) if t is not None}
-    parts = stage_parts(cfg, num_stages)
+    parts = stage_parts(spec, num_stages)
     stages, overhead = [0] * num_stages, [0] * num_stages
     total = boundary = side = frozen = 0
     seen_tied = set()
-    for i, spec in enumerate(specs):
+    for i, layer_spec in enumerate(specs):
         with torch.device("meta"):
-            layer = spec.build()
+            layer = layer_spec.build()
         n = _trainable(layer)
         tables = sum(_trainable(m) for m in layer.modules() if isinstance(m, TokenTable))
-        own = n - tables if spec.typename in boundary_types else 0
+        own = n - tables if layer_spec.typename in boundary_types else 0
         stage = next(s for s in range(num_stages) if parts[s] <= i < parts[s + 1])
         stages[stage] += n
         overhead[stage] += own + tables
-        if isinstance(spec, TiedLayerSpec):
-            if spec.key in seen_tied:
+        if isinstance(layer_spec, TiedLayerSpec):
+            if layer_spec.key in seen_tied:
                 continue
-            seen_tied.add(spec.key)
+            seen_tied.add(layer_spec.key)
         total, boundary, side = total + n, boundary + own, side + tables
         frozen += sum(b.numel() for b in layer.buffers())
     return ParameterCounts(total, tuple(stages), boundary, side, frozen, tuple(overhead))
 
 
-def cost_lines(cfg: Config) -> list[str]:
+def cost_lines(spec: ModelSpec, num_stages: int, wire_bytes_per_token: tuple[int, int], dense_bytes: int) -> list[str]:
     """The pre-launch accounting, exact: parameters (`parameter_counts`) and wire bytes per token
-    per boundary (`Config.wire_bytes_per_token`)."""
-    c = parameter_counts(cfg)
-    fwd, bwd = cfg.wire_bytes_per_token
+    per boundary (the run's `Config.wire_bytes_per_token`, and `dense_bytes` of a dense bf16 one)."""
+    c = parameter_counts(spec, num_stages)
+    fwd, bwd = wire_bytes_per_token
     frozen = f"; {c.frozen:,} values in frozen buffers" if c.frozen else ""
-    S = cfg.pipeline.stages
+    S = num_stages
     where = (f"at each of the {S - 1} boundaries between stages" if S > 1 else
              "at a boundary between stages (none with 1 stage)")
     return [f"parameters: {c.total:,} total (counted on the meta device); per stage "
             f"{', '.join(f'{n:,}' for n in c.stages)}; boundary encoders/decoders {c.boundary:,}; "
-            f"side channel ({cfg.token_channel} token tables) {c.side_channel:,}; boundary + side channel "
+            f"side channel ({spec.token_channel} token tables) {c.side_channel:,}; boundary + side channel "
             f"= +{100 * c.overhead_share:.1f}% of the stage that holds the most{frozen}",
             f"wire: {fwd:,} bytes per token forward, {bwd:,} backward, {where} "
-            f"(dense bf16: {cfg.dense_bytes_per_token():,})"]
+            f"(dense bf16: {dense_bytes:,})"]
 
 
-def cost_summary(cfg: Config) -> str:
+def cost_summary(spec: ModelSpec, num_stages: int) -> str:
     """One clause for the plan line: the counts in millions."""
-    c = parameter_counts(cfg)
+    c = parameter_counts(spec, num_stages)
     return (f"{c.total / 1e6:,.1f}M parameters ({' / '.join(f'{n / 1e6:,.1f}' for n in c.stages)}M per stage; "
             f"boundary {c.boundary / 1e6:,.2f}M, side channel {c.side_channel / 1e6:,.2f}M, "
             f"+{100 * c.overhead_share:.1f}% of a stage)")

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .boundary import BottleneckDecoder, BottleneckEncoder, id_torch_dtype, orthonormal_rows, wire_torch_dtype
-from ..config import DTYPES, Config
+from .boundary import BottleneckDecoder, BottleneckEncoder, orthonormal_rows
+from ..config import ModelSpec
 from .layers import TransformerBlock, init_linear
 
 BASELINE_METHODS = ("bottleneck-noskip", "subspace")
@@ -72,26 +72,26 @@ class NoSkipEncoder(BottleneckEncoder):
     inherits the forward (`proj(norm(x))`, cast to the wire dtype) and the optimizer routing
     (its weight is a hidden matrix for Muon, like ResBM's)."""
 
-    def __init__(self, cfg: Config, boundary: int):
-        super().__init__(cfg, boundary)
-        H, h = cfg.model.hidden_size, cfg.code_width
-        self.norm = nn.LayerNorm(H, eps=cfg.model.norm_eps)
+    def __init__(self, spec: ModelSpec, boundary: int):
+        super().__init__(spec, boundary)
+        H, h = spec.model.hidden_size, spec.code_width
+        self.norm = nn.LayerNorm(H, eps=spec.model.norm_eps)
         self.proj = nn.Linear(H, h, bias=True)
-        init_linear(self.proj, cfg.model.init_std)
+        init_linear(self.proj, spec.model.init_std)
         self.identity = None
 
 
 class NoSkipDecoder(BottleneckDecoder):
     """First layer of the next segment: code -> LayerNorm -> Linear h->H (with bias)."""
 
-    def __init__(self, cfg: Config, boundary: int):
-        super().__init__(cfg, boundary)
-        H, h = cfg.model.hidden_size, cfg.code_width
+    def __init__(self, spec: ModelSpec, boundary: int):
+        super().__init__(spec, boundary)
+        H, h = spec.model.hidden_size, spec.code_width
         # SWARM's LayerNorm over the h code values keeps h - 1 degrees of freedom (at h=2: one bit per
         # token); decoder_norm=none reads the code itself
-        self.norm = nn.LayerNorm(h, eps=cfg.model.norm_eps) if cfg.bottleneck.decoder_norm == "rms" else nn.Identity()
+        self.norm = nn.LayerNorm(h, eps=spec.model.norm_eps) if spec.bottleneck.decoder_norm == "rms" else nn.Identity()
         self.proj = nn.Linear(h, H, bias=True)
-        init_linear(self.proj, cfg.model.init_std)
+        init_linear(self.proj, spec.model.init_std)
         self.identity = None
 
 
@@ -111,14 +111,14 @@ def _table(vocab: int, hidden: int, seed: int) -> torch.Tensor:
         return torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(seed))
 
 
-def subspace_basis(cfg: Config) -> torch.Tensor:
+def subspace_basis(spec: ModelSpec) -> torch.Tensor:
     """U [H, k]: the one orthonormal basis every constrained layer of the model uses (a fresh copy)."""
-    return _basis(cfg.model.hidden_size, cfg.code_width, cfg.seed + BASIS_SEED_OFFSET).clone()
+    return _basis(spec.model.hidden_size, spec.code_width, spec.seed + BASIS_SEED_OFFSET).clone()
 
 
-def fixed_table(cfg: Config) -> torch.Tensor:
+def fixed_table(spec: ModelSpec) -> torch.Tensor:
     """F [V, H]: the frozen random full-rank token table added to the stream (a fresh copy)."""
-    return _table(cfg.model.vocab_size, cfg.model.hidden_size, cfg.seed + TABLE_SEED_OFFSET).clone()
+    return _table(spec.model.vocab_size, spec.model.hidden_size, spec.seed + TABLE_SEED_OFFSET).clone()
 
 
 def off_subspace(matrix: torch.Tensor, basis: torch.Tensor) -> float:
@@ -157,14 +157,14 @@ class SubspaceLinear(nn.Linear):
 class SubspaceEmbedding(nn.Module):
     """Token ids [B, T] -> (x0 = U Z_E[tok] + F[tok] [B, T, H], ids as int32 [B, T])."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        m = cfg.model
-        self.weight = nn.Parameter(torch.empty(m.vocab_size, cfg.code_width))   # Z_E
+        m = spec.model
+        self.weight = nn.Parameter(torch.empty(m.vocab_size, spec.code_width))   # Z_E
         nn.init.normal_(self.weight, mean=0.0, std=m.init_std)
-        self.register_buffer("basis", subspace_basis(cfg))
-        self.register_buffer("fixed", fixed_table(cfg))
-        self.id_dtype = id_torch_dtype(cfg)
+        self.register_buffer("basis", subspace_basis(spec))
+        self.register_buffer("fixed", fixed_table(spec))
+        self.id_dtype = spec.id_dtype
 
     def forward(self, ids):
         z = F.embedding(ids, self.weight)
@@ -181,10 +181,10 @@ class SubspaceBlock(TransformerBlock):
     """A Llama block of a constrained segment, on (hidden, ids) tuples: o_proj and down_proj are
     `SubspaceLinear`s and each sublayer output passes a gain-less RMSNorm before it joins the stream."""
 
-    def __init__(self, cfg: Config, layer_id: int = 0):
-        super().__init__(cfg.model, layer_id)
-        m = cfg.model
-        basis = subspace_basis(cfg)
+    def __init__(self, spec: ModelSpec, layer_id: int = 0):
+        super().__init__(spec.model, layer_id)
+        m = spec.model
+        basis = subspace_basis(spec)
         out_std = m.init_std / math.sqrt(2 * m.num_layers)   # as TransformerBlock's output projections
         self.self_attn.o_proj = SubspaceLinear(m.num_heads * m.head_dim, basis, out_std)
         self.mlp.down_proj = SubspaceLinear(m.ffn_size, basis, out_std)
@@ -204,13 +204,13 @@ class SubspaceEncoder(nn.Module):
     Encoder and decoder compute in their buffers' dtype (DeepSpeed keeps buffers fp32 when it casts
     the parameters to bf16) and cast the result, so the round trip adds no bf16 rounding of F."""
 
-    def __init__(self, cfg: Config, boundary: int):
+    def __init__(self, spec: ModelSpec, boundary: int):
         super().__init__()
         self.boundary = boundary
-        basis = subspace_basis(cfg)
+        basis = subspace_basis(spec)
         self.register_buffer("basis", basis)
-        self.register_buffer("fixed_coords", fixed_table(cfg) @ basis)   # F U [V, k]
-        self.wire_dtype = wire_torch_dtype(cfg)   # None = model dtype
+        self.register_buffer("fixed_coords", fixed_table(spec) @ basis)   # F U [V, k]
+        self.wire_dtype = spec.wire_dtype   # None = model dtype
 
     def forward(self, inputs):
         x, ids = inputs
@@ -222,14 +222,14 @@ class SubspaceDecoder(nn.Module):
     """First layer of the next segment: (c, ids) -> x = U c + F[tok]; the last boundary's decoder
     returns x alone (the unconstrained last segment needs no ids), the others (x, ids)."""
 
-    def __init__(self, cfg: Config, boundary: int):
+    def __init__(self, spec: ModelSpec, boundary: int):
         super().__init__()
         self.boundary = boundary
-        self.last = boundary == cfg.bottleneck.segments - 2
-        self.register_buffer("basis", subspace_basis(cfg))
-        self.register_buffer("fixed", fixed_table(cfg))
+        self.last = boundary == spec.bottleneck.segments - 2
+        self.register_buffer("basis", subspace_basis(spec))
+        self.register_buffer("fixed", fixed_table(spec))
         # The stream's dtype: the code's, unless bottleneck.wire_dtype changed it on the way.
-        self.stream_dtype = None if cfg.bottleneck.wire_dtype == "model" else DTYPES[cfg.precision]
+        self.stream_dtype = None if spec.wire_dtype is None else spec.model_dtype
 
     def forward(self, inputs):
         c, ids = inputs
@@ -240,11 +240,11 @@ class SubspaceDecoder(nn.Module):
 
 # ---- layer lists ---------------------------------------------------------------------------------
 
-def baseline_layers(cfg: Config) -> dict:
+def baseline_layers(spec: ModelSpec) -> dict:
     """The layer classes a baseline method puts into `pipeline.layer_specs`' layout (same cuts)."""
-    if cfg.bottleneck.method == "subspace":
+    if spec.bottleneck.method == "subspace":
         return dict(encoder=SubspaceEncoder, decoder=SubspaceDecoder, embedding=SubspaceEmbedding,
                     block=SubspaceBlock)
-    if cfg.bottleneck.method == "bottleneck-noskip":
+    if spec.bottleneck.method == "bottleneck-noskip":
         return dict(encoder=NoSkipEncoder, decoder=NoSkipDecoder)
-    raise ValueError(f"bottleneck.method={cfg.bottleneck.method!r} is not a baseline method {BASELINE_METHODS}")
+    raise ValueError(f"bottleneck.method={spec.bottleneck.method!r} is not a baseline method {BASELINE_METHODS}")

@@ -72,20 +72,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DTYPES, Config, id_wire_bytes
+from ..config import ModelSpec
 from .layers import TokenEmbedding, TransformerBlock
 
 TABLE_SEED_OFFSET = 611_953      # frozen token tables: randn from (seed + this + boundary)
 HASH_PRIME = 2_147_483_647       # 2^31 - 1, above any vocabulary: the hashed table's modulus
-
-
-def wire_torch_dtype(cfg: Config):
-    """The code's dtype on the wire; None = the model's dtype."""
-    return DTYPES.get(cfg.bottleneck.wire_dtype)
-
-
-def id_torch_dtype(cfg: Config) -> torch.dtype:
-    return torch.int16 if id_wire_bytes(cfg.model.vocab_size) == 2 else torch.int32
 
 
 def orthonormal_rows(h: int, H: int, seed: int) -> torch.Tensor:
@@ -116,38 +107,38 @@ class IdentityPath(nn.Module):
         return b @ self.basis.to(b.dtype)
 
 
-def _identity(cfg: Config, boundary: int) -> IdentityPath | None:
-    kind = cfg.bottleneck.identity
+def _identity(spec: ModelSpec, boundary: int) -> IdentityPath | None:
+    kind = spec.bottleneck.identity
     if kind == "none":
         return None
-    return IdentityPath(kind, cfg.model.hidden_size, cfg.code_width, seed=cfg.seed + 7919 * (boundary + 1))
+    return IdentityPath(kind, spec.model.hidden_size, spec.code_width, seed=spec.seed + 7919 * (boundary + 1))
 
 
-def _init_weight(weight: torch.Tensor, cfg: Config, table: bool = False):
+def _init_weight(weight: torch.Tensor, spec: ModelSpec, table: bool = False):
     """The weight that writes into the code or the stream: zero under init=identity (if there is an
     identity path to start from; see the module docstring), unless it is a token table and
     bottleneck.table_init=normal."""
-    b = cfg.bottleneck
+    b = spec.bottleneck
     if b.init == "identity" and b.identity != "none" and not (table and b.table_init == "normal"):
         nn.init.zeros_(weight)
     else:
-        nn.init.normal_(weight, std=cfg.model.init_std)
+        nn.init.normal_(weight, std=spec.model.init_std)
 
 
 class BottleneckEncoder(nn.Module):
     """Last layer of a segment: hidden state [B, T, H] -> code [B, T, h] in the wire dtype
     (with a token channel: (x, ids) -> (code, ids))."""
 
-    def __init__(self, cfg: Config, boundary: int):
+    def __init__(self, spec: ModelSpec, boundary: int):
         super().__init__()
-        H, h = cfg.model.hidden_size, cfg.code_width
+        H, h = spec.model.hidden_size, spec.code_width
         self.boundary = boundary
-        self.norm = nn.RMSNorm(H, eps=cfg.model.norm_eps)
+        self.norm = nn.RMSNorm(H, eps=spec.model.norm_eps)
         self.proj = nn.Linear(H, h, bias=False)
-        _init_weight(self.proj.weight, cfg)
-        self.identity = _identity(cfg, boundary)
-        self.wire_dtype = wire_torch_dtype(cfg)
-        self.carries_ids = cfg.sends_token_ids
+        _init_weight(self.proj.weight, spec)
+        self.identity = _identity(spec, boundary)
+        self.wire_dtype = spec.wire_dtype
+        self.carries_ids = spec.sends_token_ids
 
     def encode(self, x):
         b = self.proj(self.norm(x))
@@ -165,27 +156,27 @@ class BottleneckEncoder(nn.Module):
 class TokenTable(nn.Module):
     """T[ids] [B, T, H] for the token channel, local to the receiving stage (see module docstring)."""
 
-    def __init__(self, cfg: Config, boundary: int):
+    def __init__(self, spec: ModelSpec, boundary: int):
         super().__init__()
-        m, kind = cfg.model, cfg.token_channel
+        m, kind = spec.model, spec.token_channel
         self.kind = kind
         if kind == "learned":
             self.weight = nn.Parameter(torch.empty(m.vocab_size, m.hidden_size))
-            _init_weight(self.weight, cfg, table=True)
+            _init_weight(self.weight, spec, table=True)
         elif kind == "frozen":
-            g = torch.Generator().manual_seed(cfg.seed + TABLE_SEED_OFFSET + boundary)
+            g = torch.Generator().manual_seed(spec.seed + TABLE_SEED_OFFSET + boundary)
             self.register_buffer("weight", torch.randn(m.vocab_size, m.hidden_size, generator=g) * m.init_std)
         elif kind == "lowrank":
-            r = cfg.bottleneck.token_rank
+            r = spec.bottleneck.token_rank
             self.coords = nn.Parameter(torch.randn(m.vocab_size, r) / r ** 0.5)
             self.basis = nn.Parameter(torch.empty(r, m.hidden_size))
-            _init_weight(self.basis, cfg, table=True)
+            _init_weight(self.basis, spec, table=True)
         elif kind == "hashed":
-            self.buckets = cfg.bottleneck.token_buckets
-            draw = random.Random(cfg.seed + TABLE_SEED_OFFSET + boundary)
+            self.buckets = spec.bottleneck.token_buckets
+            draw = random.Random(spec.seed + TABLE_SEED_OFFSET + boundary)
             self.hash_a, self.hash_c = draw.randrange(1, HASH_PRIME), draw.randrange(HASH_PRIME)
             self.weight = nn.Parameter(torch.empty(self.buckets, m.hidden_size))
-            _init_weight(self.weight, cfg, table=True)
+            _init_weight(self.weight, spec, table=True)
         else:
             raise ValueError(f"bottleneck.token_channel={kind!r}")
 
@@ -209,9 +200,9 @@ class LocalIdsReader(nn.Module):
 
     local_ids = None
 
-    def __init__(self, cfg: Config):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.reads_local_ids = cfg.token_channel != "none" and cfg.bottleneck.token_ids == "local"
+        self.reads_local_ids = spec.token_channel != "none" and spec.bottleneck.token_ids == "local"
 
     def split_ids(self, inputs):
         """(stream, ids): the ids from the input tuple, or those of the micro-batch being computed."""
@@ -228,25 +219,25 @@ class BottleneckDecoder(LocalIdsReader):
     (with a token channel: (code, ids) -> (x, ids), or x alone after the last boundary; with local
     ids: code -> x)."""
 
-    def __init__(self, cfg: Config, boundary: int):
-        super().__init__(cfg)
-        b = cfg.bottleneck
-        H, h = cfg.model.hidden_size, cfg.code_width
+    def __init__(self, spec: ModelSpec, boundary: int):
+        super().__init__(spec)
+        b = spec.bottleneck
+        H, h = spec.model.hidden_size, spec.code_width
         self.boundary = boundary
         # RMSNorm over the h code values keeps only their direction: for h=1 that is sign(b), for h=2 an
         # angle. decoder_norm=none hands D the code itself (the identity path always carries b).
-        self.norm = nn.RMSNorm(h, eps=cfg.model.norm_eps) if b.decoder_norm == "rms" else nn.Identity()
+        self.norm = nn.RMSNorm(h, eps=spec.model.norm_eps) if b.decoder_norm == "rms" else nn.Identity()
         if b.decoder == "mlp":
             width = b.decoder_width or H
             self.up = nn.Linear(h, width, bias=False)
-            nn.init.normal_(self.up.weight, std=cfg.model.init_std)
+            nn.init.normal_(self.up.weight, std=spec.model.init_std)
             self.proj = nn.Linear(width, H, bias=False)
         else:
             self.up = None
             self.proj = nn.Linear(h, H, bias=False)
-        _init_weight(self.proj.weight, cfg)
-        self.identity = _identity(cfg, boundary)
-        self.tokens = TokenTable(cfg, boundary) if cfg.token_channel != "none" else None
+        _init_weight(self.proj.weight, spec)
+        self.identity = _identity(spec, boundary)
+        self.tokens = TokenTable(spec, boundary) if spec.token_channel != "none" else None
         self.last = boundary == b.segments - 2 or self.reads_local_ids   # local: no ids to pass on
 
     def decode(self, b):
@@ -270,9 +261,9 @@ class BottleneckDecoder(LocalIdsReader):
 class EmbeddingWithIds(TokenEmbedding):
     """Token ids [B, T] -> (x0 [B, T, H], ids in the wire's id dtype)."""
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg.model)
-        self.id_dtype = id_torch_dtype(cfg)
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec.model)
+        self.id_dtype = spec.id_dtype
 
     def forward(self, ids):
         return super().forward(ids), ids.to(self.id_dtype)
@@ -281,8 +272,8 @@ class EmbeddingWithIds(TokenEmbedding):
 class BlockWithIds(TransformerBlock):
     """A Llama block on (hidden, ids) tuples: the ids pass through untouched."""
 
-    def __init__(self, cfg: Config, layer_id: int = 0):
-        super().__init__(cfg.model, layer_id)
+    def __init__(self, spec: ModelSpec, layer_id: int = 0):
+        super().__init__(spec.model, layer_id)
 
     def forward(self, inputs):
         x, ids = inputs
@@ -293,11 +284,11 @@ class TokenTableLayer(LocalIdsReader):
     """The control for the token channel on an uncompressed model (method=none): at each boundary
     position the stream gets the same local table, x + T[ids], and nothing is compressed."""
 
-    def __init__(self, cfg: Config, boundary: int):
-        super().__init__(cfg)
+    def __init__(self, spec: ModelSpec, boundary: int):
+        super().__init__(spec)
         self.boundary = boundary
-        self.tokens = TokenTable(cfg, boundary)
-        self.last = boundary == cfg.bottleneck.segments - 2 or self.reads_local_ids
+        self.tokens = TokenTable(spec, boundary)
+        self.last = boundary == spec.bottleneck.segments - 2 or self.reads_local_ids
 
     def forward(self, inputs):
         x, ids = self.split_ids(inputs)

@@ -11,7 +11,7 @@ import torch
 from deepspeed.pipe import TiedLayerSpec
 from torch import nn
 
-from ..config import Config
+from ..config import ModelSpec
 from .layers import tied_lm_head
 from .local_ids import attach_local_ids
 from .pipeline import layer_specs
@@ -24,21 +24,24 @@ class ResBMForCausalLM(nn.Module):
     computed with the embedding's weight, so the weight exists (and is saved) once.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.config = cfg
+        self.spec = spec
+        # the run's Config where a loader knows it (export.load_model / consolidate): tools read its
+        # data settings (generate's default text and seq_len); the layers never do
+        self.trained_with = None
         self.tied_head: int | None = None
         layers = []
         with torch.random.fork_rng():
-            for i, spec in enumerate(layer_specs(cfg)[0]):
-                # The pipeline's per-layer seeds (seed_layers, base_seed=cfg.seed): a fresh model
+            for i, layer_spec in enumerate(layer_specs(spec)[0]):
+                # The pipeline's per-layer seeds (seed_layers, base_seed=spec.seed): a fresh model
                 # starts from the same weights as a fresh pipeline.
-                torch.manual_seed(cfg.seed + i)
-                if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                torch.manual_seed(spec.seed + i)
+                if isinstance(layer_spec, TiedLayerSpec) and layer_spec.forward_fn is not None:
                     self.tied_head = i
                     layers.append(nn.Identity())
                 else:
-                    layers.append(spec.build())
+                    layers.append(layer_spec.build())
         self.layers = nn.ModuleList(layers)
         self.local_ids = attach_local_ids(self)   # bottleneck.token_ids=local: the decoders read `ids`
 

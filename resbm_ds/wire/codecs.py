@@ -20,7 +20,7 @@ code vector: its codes, then its scale):
     error bounds below hold exactly. An all-zero row decodes to zeros. fp8 dtypes are
     not in DeepSpeed's handshake dtype table (PipelineEngine.ID_TO_DTYPE), hence the uint8 carrier.
 
-Bytes per row: `config.codec_row_bytes` (the one formula, which `Config.wire_bytes_per_token` uses
+Bytes per row: `wire_bytes.codec_row_bytes` (the one formula, which `Config.wire_bytes_per_token` uses
 too): ceil(h * bits / 8) + 2, e.g. fp32 h=8 -> 32 bytes dense, 10 int8, 6 int4, 4 int2.
 
 Error bounds (per element, s = the row's bf16 scale): int8, int4 and int2 |x - x'| <= s/2 (at 4 and
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import CODEC_BITS, CODEC_SCALE_BYTES, codec_row_bytes
+from ..wire_bytes import CODEC_BITS, CODEC_SCALE_BYTES, codec_row_bytes
 from .chain import Hook, Transfer
 
 QMAX = {"int8": 127.0, "fp8": 448.0}     # largest magnitude of the code (e4m3fn: 448)

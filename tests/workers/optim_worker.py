@@ -40,7 +40,7 @@ def reference_model(cfg, dtype):
     """The full layer list, built with the seeds DeepSpeed's PipelineModule uses (base_seed + index),
     rounded to the engine's dtype as the engine's master weights are, then kept in fp32."""
     layers = []
-    for idx, spec in enumerate(layer_specs(cfg)[0]):
+    for idx, spec in enumerate(layer_specs(cfg.spec)[0]):
         ds_utils.set_random_seed(cfg.seed + idx)
         layers.append(spec.build())
     model = nn.Sequential(*layers)
