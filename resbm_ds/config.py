@@ -10,7 +10,6 @@ a pydantic error (ours or DeepSpeed's) into it.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import typing
@@ -408,14 +407,9 @@ class RuntimeConfig(Section):
         False, description="Slurm: a node holding several stages, or a stage spanning nodes, is an error")
     net_iface: str = Field("", description="record this interface's kernel byte counters per step (netem.py)")
 
-    def validate_here(self):
-        """What this machine must have: the network interface named by net_iface."""
-        if self.net_iface and not (Path("/sys/class/net") / self.net_iface).is_dir():
-            have = sorted(p.name for p in Path("/sys/class/net").iterdir()) if Path("/sys/class/net").is_dir() else []
-            raise ConfigError(_runtime_key("net_iface"), self.net_iface, f"no such network interface here (have: {have})")
 
-
-def _runtime_key(name: str) -> str:
+def runtime_key(name: str) -> str:
+    """How an error names a runtime key: with its environment variable when that set it."""
     env = RUNTIME_ENV[name]
     return f"runtime.{name} ({env})" if env in os.environ else f"runtime.{name}"
 
@@ -523,8 +517,8 @@ class Config(Section):
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: int | None = None) -> "Config":
         """Reject every invalid value with a message naming the key; returns self. Each key alone
-        (type, range, choice: the schema) is checked again, then the keys against each other, then
-        what this machine must have (`_validate_here`)."""
+        (type, range, choice: the schema) is checked again, then the keys against each other. The
+        config alone: what the machine must have (files, packages, interfaces) is launch.check_machine's."""
         try:
             type(self).model_validate(self.model_dump())
         except ValidationError as e:
@@ -580,29 +574,7 @@ class Config(Section):
         self._validate_tracking()
         self._validate_deepspeed(world_size)
         self._validate_optimizer()
-        self._validate_here()
         return self
-
-    def _validate_here(self):
-        """What this machine must have: files and directories the config names, the packages of the
-        trackers it turns on, the network interface it counts. The only checks that look outside
-        the config (the rest of `validate` is the config alone)."""
-        self.runtime.validate_here()
-        d = self.data
-        if d.tokenizer == "sentencepiece" and not Path(d.tokenizer_path).expanduser().is_file():
-            raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such sentencepiece .model file")
-        if d.tokenizer == "hf" and d.tokenizer_path.startswith(("/", "./", "../", "~")) \
-                and not Path(d.tokenizer_path).expanduser().is_dir():
-            raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such transformers tokenizer directory")
-        t = self.train
-        if t.init_from is not None and not Path(t.init_from).exists():
-            raise ConfigError("train.init_from", t.init_from,
-                              "no such run or checkpoint directory (RUN_DIR or RUN_DIR/checkpoints/TAG)")
-        for flag, module, extra in (("wandb", "wandb", "track"), ("mlflow", "mlflow", "track")):
-            if getattr(self.tracking, flag):
-                if importlib.util.find_spec(module) is None:
-                    raise ConfigError(f"tracking.{flag}", True,
-                                      f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
 
     def _validate_data(self):
         d = self.data
@@ -842,7 +814,7 @@ def _from_raw(raw) -> Config:
 
 def _invalid(e: ValidationError) -> ConfigError:
     """Our schema's error: a runtime key names its environment variable where that is set."""
-    return config_error(e, Config, rename=lambda key: _runtime_key(key.split(".", 1)[1])
+    return config_error(e, Config, rename=lambda key: runtime_key(key.split(".", 1)[1])
                         if key.startswith("runtime.") and key.split(".", 1)[1] in RUNTIME_ENV else key)
 
 

@@ -1,7 +1,8 @@
 """The launch plan: every check a run makes before any process group exists, in one order, and the
 frozen `LaunchPlan` that `engine.build_engine` takes.
 
-    check_config(cfg, world_size)   the config's own checks, DeepSpeed's schema, the installed
+    check_config(cfg, world_size)   the config's own checks, what the machine must have (files,
+                                    packages, interfaces), DeepSpeed's schema, the installed
                                     DeepSpeed, model.init_from_hf and train.init_from
     plan_launch(...)                the above, then trackers and the hub reachable, the text, the run
                                     directory (lock, resume tag, what may change), the tokenizer and
@@ -11,13 +12,15 @@ A bad value fails here in one line (cli.UserError), before any rank waits for an
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import compat
 from .checkpoints.store import checkpoint_dir
 from .cli import ConfigError, UserError
-from .config import Config, config_error, load_config
+from .config import Config, config_error, load_config, runtime_key
 from .data.batches import TextSource, check_hub_reachable
 from .data.sources import check_enough_text, make_tokenizer, text_sources
 from .data.tokenizer import Tokenizer
@@ -90,6 +93,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> LaunchPlan:
     (model.init_from_hf must match the model; train.init_from must be a checkpoint of it)."""
     world_size = world_size or world_size_from_env()
     cfg.validate(world_size=world_size)
+    check_machine(cfg)
     check_deepspeed_schema(cfg)
     if cfg.bottleneck.token_ids == "local" and (problem := compat.deepspeed_version_problem()):
         raise ConfigError("bottleneck.token_ids", "local", problem)
@@ -103,6 +107,28 @@ def check_config(cfg: Config, world_size: int | None = None) -> LaunchPlan:
             raise ConfigError("train.init_from", cfg.train.init_from, str(e)) from None
         check_init_from(cfg)
     return LaunchPlan(cfg, world_size)
+
+
+def check_machine(cfg: Config) -> None:
+    """What this machine must have for the config: the files and directories it names, the packages
+    of the trackers it turns on, the network interface it counts."""
+    iface = cfg.runtime.net_iface
+    if iface and not (Path("/sys/class/net") / iface).is_dir():
+        have = sorted(p.name for p in Path("/sys/class/net").iterdir()) if Path("/sys/class/net").is_dir() else []
+        raise ConfigError(runtime_key("net_iface"), iface, f"no such network interface here (have: {have})")
+    d = cfg.data
+    if d.tokenizer == "sentencepiece" and not Path(d.tokenizer_path).expanduser().is_file():
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such sentencepiece .model file")
+    if d.tokenizer == "hf" and d.tokenizer_path.startswith(("/", "./", "../", "~")) \
+            and not Path(d.tokenizer_path).expanduser().is_dir():
+        raise ConfigError("data.tokenizer_path", d.tokenizer_path, "no such transformers tokenizer directory")
+    t = cfg.train
+    if t.init_from is not None and not Path(t.init_from).exists():
+        raise ConfigError("train.init_from", t.init_from,
+                          "no such run or checkpoint directory (RUN_DIR or RUN_DIR/checkpoints/TAG)")
+    for flag, module, extra in (("wandb", "wandb", "track"), ("mlflow", "mlflow", "track")):
+        if getattr(cfg.tracking, flag) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"tracking.{flag}", True, f"needs the {module} package: pip install 'resbm-ds[{extra}]'")
 
 
 def plan_launch(config: str | None, overrides=(), *, resume: bool = False, resume_from: str | None = None,

@@ -102,9 +102,10 @@ def test_stage_cuts_fall_right_after_encoders():
     ("RESBM_NET_IFACE", "no-such-if0", ["runtime.net_iface (RESBM_NET_IFACE)", "no such network interface", "'lo'"]),
 ])
 def test_environment_settings_are_checked_like_config_keys(monkeypatch, env, value, phrases):
+    from resbm_ds.launch import check_config
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError) as e:
-        load_config(None, []).validate()
+        check_config(load_config(None, []), 2)     # the interface: what the machine has (launch.check_machine)
     for phrase in phrases:
         assert phrase in str(e.value), (phrase, str(e.value))
 
