@@ -22,7 +22,7 @@ Patches, and who calls them:
   own_stage / stage_to_global /   p2p._grid and its _topo, read                      (wire/chain.py,
     stages_of_ranks                                                                     wire/link.py)
   PipelineModuleCutAt             PipelineModule._partition_layers / _set_bounds      (model/pipeline.py)
-  stage_layer_specs               PipelineModule._layer_specs / _local_start, read     (checkpoints.py)
+  stage_layer_specs               PipelineModule._layer_specs / _local_start, read     (checkpoints/loading.py)
   load_on_every_stage             PipelineEngine._INSTRUCTION_MAP, set_dataiterator    (model/local_ids.py)
   tag_model_parallel              Parameter.model_parallel (clip_grad_norm_ reads it)  (optim.py)
   tag_use_muon                    Parameter.use_muon (ZeRO-1 reads it)                 (optim.py)
@@ -31,7 +31,7 @@ Patches, and who calls them:
     take_or_skip_step               .check_grad_overflow, .check_overflow
   zero_gradient_partitions        ZeRO-1's averaged_gradients, read                    (engine.py)
   shm_allreduce_off               LOCAL_SIZE hidden from the environment               (engine.py)
-  replace_checkpoint_load         engine.checkpoint_engine.load                        (checkpoints.py)
+  replace_checkpoint_load         engine.checkpoint_engine.load                        (checkpoints/loading.py)
   set_last_lr                     torch LRScheduler._last_lr                           (trainer.py)
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ PATCH_POINTS = (
                mentions="self.averaged_gradients = {}", used_by="zero_gradient_partitions"),
     PatchPoint("deepspeed.comm.torch", "TorchBackend", mentions="self.shm_comm_op.initialize(",
                used_by="shm_allreduce_off (csrc/cpu/comm/shm_interface.cpp reads LOCAL_SIZE there)"),
-    # checkpoints.py: the checkpoint loader
+    # checkpoints/loading.py: the checkpoint loader
     PatchPoint("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "TorchCheckpointEngine.load",
                ("self", "path", "map_location"), used_by="replace_checkpoint_load"),
     PatchPoint("deepspeed.runtime.engine", "DeepSpeedEngine._load_checkpoint",
@@ -274,7 +274,7 @@ def stages_of_ranks(ranks) -> set[int] | None:
     return {grid._topo.get_coord(r).pipe for r in ranks}
 
 
-# ---- model/pipeline.py and checkpoints.py: the stage cuts and the layers of a stage --------------
+# ---- model/pipeline.py and checkpoints/loading.py: the stage cuts and the layers of a stage ------
 class PipelineModuleCutAt(PipelineModule):
     """A `PipelineModule` cut where `stage_parts()` says. DeepSpeed's partition methods (uniform,
     parameters, type:) cannot express "cut after the encoder"; its private `_partition_layers` is
@@ -416,7 +416,7 @@ def shm_allreduce_off(backend: str):
             os.environ["LOCAL_SIZE"] = saved
 
 
-# ---- checkpoints.py: the checkpoint loader -------------------------------------------------------
+# ---- checkpoints/loading.py: the checkpoint loader ---------------------------------------------
 def replace_checkpoint_load(engine, load) -> None:
     """Make DeepSpeed's checkpoint engine load every file (model, optimizer, ZeRO and layer states)
     with `load(path, map_location=None)` instead of its torch.load(weights_only=False)."""

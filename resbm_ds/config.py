@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
 from .cli import ConfigError
@@ -450,7 +450,6 @@ class Config(Section):
         "ds_configs/cpu_fp32.json",
         description="The DeepSpeed config: a path to a JSON file (e.g. ds_configs/cpu_fp32.json) or a dict. "
         "Precision, ZeRO stage, micro-batch size, gradient accumulation and clipping live here.")
-    _checked_world_size: int | None = PrivateAttr(None)   # set by engine.validate_before_launch
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """Consolidate a pipeline checkpoint into one single-process model: `ResBMForCausalLM` + its config.
 
 A DeepSpeed pipeline checkpoint holds one file per layer, named by the layer's *global* index
-(checkpoints.py). `ResBMForCausalLM` holds the same layers, built from the same `layer_specs`, in the
+(checkpoints/loading.py). `ResBMForCausalLM` holds the same layers, built from the same `layer_specs`, in the
 same order, so file XX is `layers.XX` and consolidating is a loop over files. It is a plain
 `nn.Module`: no DeepSpeed engine or process group is needed to load or run it.
 
