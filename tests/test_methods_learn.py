@@ -28,8 +28,8 @@ from resbm_ds.model.layers import TransformerBlock
 pytestmark = pytest.mark.slow   # real runs: out of the fast lane
 
 _RUNS = {r.name: r for r in conv.RUNS}
-METHODS = {**{f: conv.LR_FAMILIES[f][1] for f in ("none", "none-tok", "resbm", "resbm-tok", "noskip")},
-           **{name: _RUNS[name].overrides for name in ("resbm-128x-noid", "subspace-128x")}}
+METHODS = {**{f: conv.LR_FAMILIES[f][1] for f in ("none", "none-tok", "resbm", "resbm-tok", "noskip", "noid")},
+           "subspace-128x": _RUNS["subspace-128x"].overrides}
 SMALL = ["model.hidden_size=64", "model.max_seq_len=64", "data.seq_len=64", "train.steps=250",
          "train.warmup_steps=10", "train.eval_every=250", "train.save_every=250", "train.eval_batches=0",
          "train.lr=1e-3", "deepspeed.train_micro_batch_size_per_gpu=16", "deepspeed.gradient_accumulation_steps=1"]

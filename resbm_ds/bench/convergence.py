@@ -11,7 +11,7 @@ The evaluation is the whole validation split (about 158k tokens of every source 
 carries its size, its unigram and bigram cross-entropies (bench/reference.py) and a loss per source.
 
 Phases, in the order they run (an interrupted suite has the early phases first):
-  sweep   each family (LR_FAMILIES) at every lr of LRS, seed 1234, the short horizon (600 steps,
+  sweep   each family (LR_FAMILIES) at every lr of LRS (and EXTRA_LRS), seed 1234, the short horizon (600 steps,
           1.23M tokens). A family's tuned lr is the sweep's best; later runs of the family use it,
           and wait for it.
   long    the headline trio at 3,000 steps (6.1M tokens): the uncompressed model with the same
@@ -58,9 +58,10 @@ from .runner import log_tail, machine_info, run_env
 
 CONFIG = "bench-convergence"
 LRS = (1e-3, 2e-3, 4e-3)
-# Families whose sweep goes lower too: no-skip collapses to the unigram loss from 2e-3 up (its only
-# path across a boundary is the h=2 code), which leaves 1e-3 at the grid's edge.
-EXTRA_LRS = {"noskip": (5e-4,)}
+# Families whose sweep goes lower too: the boundaries without an identity path collapse to the
+# unigram loss from 2e-3 up (their only path across a boundary is the h=2 code), which leaves 1e-3 at
+# the grid's edge.
+EXTRA_LRS = {"noskip": (5e-4,), "noid": (5e-4,)}
 
 
 def family_lrs(family: str) -> tuple[float, ...]:
@@ -100,6 +101,8 @@ LR_FAMILIES = {
     "resbm": ("ResBM 128x without ids (h=2)", resbm(2)),
     "none": ("uncompressed", ()),
     "noskip": ("no-skip bottleneck 128x (h=2)", noskip(2)),
+    "noid": ("ResBM 128x (h=2), identity=none, decoder reads b",
+             resbm(2, "bottleneck.identity=none", "bottleneck.decoder_norm=none", *NO_IDENTITY)),
 }
 HEADLINE = ("none-tok", "resbm-tok", "resbm", "none")     # the families of the headline pairs
 LONG = ("none-tok", "resbm-tok", "resbm")                # the long-horizon trio
@@ -169,8 +172,6 @@ def _runs() -> list[Run]:
         Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, learned table)", "rest",
             "resbm-tok", resbm(4, *TOKENS, "bottleneck.token_ids=local", "wire.codec=int4", *four_bytes)),
         *[Run(f"resbm-{256 // w}x", f"ResBM {256 // w}x (h={w})", "rest", "resbm", resbm(w)) for w in (4, 8, 16, 32)],
-        Run("resbm-128x-noid", "ResBM 128x (h=2), identity=none, decoder reads b", "rest", "resbm",
-            resbm(2, "bottleneck.identity=none", "bottleneck.decoder_norm=none", *NO_IDENTITY)),
         Run("noskip-32x", "no-skip bottleneck 32x (h=8)", "rest", "noskip", noskip(8)),
         Run("subspace-128x", "Subspace 128x (k=1 + token ids)", "rest", "resbm-tok",
             ("bottleneck.method=subspace", "bottleneck.width=1", "bottleneck.wire_dtype=bf16")),
