@@ -61,11 +61,11 @@ def run(args) -> int:
     import torch.distributed as dist
     import yaml
 
+    from .checkpoints.loading import UnsafeCheckpoint
     from .cli import ConfigError
     from .config import load_config
     from .engine import close_distributed
     from .launch import plan_launch
-    from .checkpoints.loading import UnsafeCheckpoint
     from .model.accounting import cost_lines
     from .sync import SiteError
     from .trainer import Stopped, Trainer, TrainingError
@@ -74,7 +74,8 @@ def run(args) -> int:
         # What the model costs needs the config alone: printed in seconds, before the checks of the
         # launch (world size, data, tokenizer, run directory) that a paper-shape config may not pass here.
         cfg = load_config(args.config, args.overrides).validate()
-        print("[resbm] " + "\n[resbm] ".join(cost_lines(cfg.spec, cfg.pipeline.stages, cfg.wire_bytes_per_token, cfg.dense_bytes_per_token())), flush=True)
+        lines = cost_lines(cfg.spec, cfg.pipeline.stages, cfg.wire_bytes_per_token, cfg.dense_bytes_per_token())
+        print("[resbm] " + "\n[resbm] ".join(lines), flush=True)
     # bad input: one line, exit 2 (cli.cli)
     plan = plan_launch(args.config, args.overrides, resume=args.resume, resume_from=args.resume_from,
                        overwrite=args.overwrite, dry_run=args.dry_run, config_only=args.print_config)
