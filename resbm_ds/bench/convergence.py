@@ -111,12 +111,20 @@ PAIRS = (("resbm-tok", "none-tok", "default ResBM 128x against the fair control 
          ("resbm", "none", "ResBM 128x without ids against the uncompressed model"),
          ("resbm-tok", "none", "default ResBM 128x against the uncompressed model without tables (not fair)"),
          ("none-tok", "none", "what the token tables alone do to the uncompressed model"))
-# Side-channel candidates for the default (issue #23) at the short horizon, each with seeds 2 and 3 (runs
-# named <run>-s<seed>): (compressed, control, what the comparison says).
+# Side-channel and code candidates for the default (issue #23) at the short horizon, each with seeds 2
+# and 3 (runs named <run>-s<seed>): (compressed, control, what the comparison says). A control that is
+# a tuned family (LR_FAMILIES) uses that family's seeds.
 CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
                   "ResBM 128x, hashed 512-row tables, ids read locally, against the same tables uncompressed"),
                  ("resbm-128x-hashed512", "none-hashed512",
-                  "ResBM 128x, hashed 512-row tables, ids sent, against the same tables uncompressed"))
+                  "ResBM 128x, hashed 512-row tables, ids sent, against the same tables uncompressed"),
+                 ("resbm-128x-int4-local", "none-hashed512",
+                  "ResBM 128x, h=4 int4 both ways + hashed 512-row tables with ids read locally, against the same "
+                  "tables uncompressed"),
+                 ("resbm-128x-local", "none-tok",
+                  "ResBM 128x, h=2 + learned tables with ids read locally, against the same tables uncompressed"),
+                 ("resbm-128x-int4", "none", "ResBM 128x, h=4 int4 both ways, no ids, against the uncompressed model"),
+                 ("resbm-128x-int2", "none", "ResBM 128x, h=8 int2 both ways, no ids, against the uncompressed model"))
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,8 @@ def _runs() -> list[Run]:
             ("bottleneck.method=none", *HASHED512)),
         Run("resbm-128x-int4", "ResBM 128x (h=4 int4 + scale)", "rest", "resbm", resbm(4, "wire.codec=int4", *four_bytes)),
         Run("resbm-128x-int2", "ResBM 128x (h=8 int2 + scale)", "rest", "resbm", resbm(8, "wire.codec=int2", *four_bytes)),
-        Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, learned table)", "rest",
-            "resbm-tok", resbm(4, *TOKENS, "bottleneck.token_ids=local", "wire.codec=int4", *four_bytes)),
+        Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, hashed 512-row table)",
+            "rest", "resbm-tok", resbm(4, *HASHED512, "bottleneck.token_ids=local", "wire.codec=int4", *four_bytes)),
         *[Run(f"resbm-{256 // w}x", f"ResBM {256 // w}x (h={w})", "rest", "resbm", resbm(w)) for w in (4, 8, 16, 32)],
         Run("noskip-32x", "no-skip bottleneck 32x (h=8)", "rest", "noskip", noskip(8)),
         Run("subspace-128x", "Subspace 128x (k=1 + token ids)", "rest", "resbm-tok",
@@ -393,7 +401,8 @@ def summarise(results: dict):
                         for f in LR_FAMILIES}
     pairs = [compare(what, comp, ctrl, tuned_runs(results, comp), tuned_runs(results, ctrl))
              for comp, ctrl, what in PAIRS]
-    pairs += [compare(what, comp, ctrl, seeded_runs(results, comp), seeded_runs(results, ctrl))
+    pairs += [compare(what, comp, ctrl, seeded_runs(results, comp),
+                      tuned_runs(results, ctrl) if ctrl in LR_FAMILIES else seeded_runs(results, ctrl))
               for comp, ctrl, what in CHANNEL_PAIRS]
     results["pairs"] = [p for p in pairs if p]
     long = {e["family"]: e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"}
