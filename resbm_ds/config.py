@@ -149,7 +149,7 @@ class BottleneckConfig(Section):
     decoder_norm: Literal["rms", "none"] = Field(
         "rms", description="rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))")
     token_channel: Literal["auto", "none", "learned", "frozen", "lowrank", "hashed"] = Field(
-        "auto", description="auto (resbm: learned, others: none) | none | learned | frozen | lowrank | hashed: "
+        "auto", description="auto (resbm: hashed, others: none) | none | learned | frozen | lowrank | hashed: "
         "the ids cross too and a table local to the receiving stage adds T[ids]")
     token_rank: int = Field(32, description="rank of the lowrank token table")
     token_buckets: int = Field(4096, description="rows of the hashed token table (B x H, whatever the vocabulary)")
@@ -157,10 +157,10 @@ class BottleneckConfig(Section):
         "zero", description="zero: a learned table starts at 0 under init=identity (the boundary starts as exactly "
         "P^T P x) | normal: N(0, init_std), so the next segment's stream starts full-rank (measured: the zero "
         "table feeds a rank-h stream to the next RMSNorm, pre-clip grad norm 73 in the first 10 steps vs 3.9)")
-    token_ids: Literal["sent", "local"] = Field(
-        "sent", description="how the token channel's decoders get the ids: sent (they cross every stage boundary "
-        "with the code) | local (each stage reads them from its own copy of the data: 0 bytes on the wire; "
-        "model/local_ids.py)")
+    token_ids: Literal["auto", "sent", "local"] = Field(
+        "auto", description="how the token channel's decoders get the ids: auto (local where there is a token "
+        "channel) | sent (they cross every stage boundary with the code) | local (each stage reads them from its "
+        "own copy of the data: 0 bytes on the wire; model/local_ids.py)")
 
 
 class ModelSpec(BaseModel):
@@ -186,17 +186,28 @@ class ModelSpec(BaseModel):
 
     @property
     def token_channel(self) -> str:
-        """bottleneck.token_channel with `auto` resolved: learned for ResBM, none for the others."""
+        """bottleneck.token_channel with `auto` resolved: a hashed table for ResBM (the one side channel
+        measured to pay for itself within 5% of a stage at the paper's shape: docs/results.md), none
+        for the others."""
         b = self.bottleneck
         if b.token_channel == "auto":
-            return "learned" if b.method == "resbm" else "none"
+            return "hashed" if b.method == "resbm" else "none"
         return b.token_channel
+
+    @property
+    def token_ids(self) -> str:
+        """bottleneck.token_ids with `auto` resolved: local where a token channel reads them (0 bytes on
+        the wire, the same function), sent otherwise (methods whose layers carry the ids send them)."""
+        b = self.bottleneck
+        if b.token_ids == "auto":
+            return "local" if self.token_channel != "none" and b.method not in ID_CHANNEL_METHODS else "sent"
+        return b.token_ids
 
     @property
     def sends_token_ids(self) -> bool:
         """Whether the token ids cross the stage boundaries (with the code, counted by the meter)."""
         b = self.bottleneck
-        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and b.token_ids == "sent")
+        return b.method in ID_CHANNEL_METHODS or (self.token_channel != "none" and self.token_ids == "sent")
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -486,6 +497,7 @@ class Config(Section):
     # the model's own derived values, as the spec computes them
     code_width = property(lambda self: self.spec.code_width, doc=ModelSpec.code_width.__doc__)
     token_channel = property(lambda self: self.spec.token_channel, doc=ModelSpec.token_channel.__doc__)
+    token_ids = property(lambda self: self.spec.token_ids, doc=ModelSpec.token_ids.__doc__)
     sends_token_ids = property(lambda self: self.spec.sends_token_ids, doc=ModelSpec.sends_token_ids.__doc__)
     model_elem_bytes = property(lambda self: self.spec.model_elem_bytes)
     wire_elem_bytes = property(lambda self: self.spec.wire_elem_bytes, doc=ModelSpec.wire_elem_bytes.__doc__)

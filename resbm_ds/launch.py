@@ -95,7 +95,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> LaunchPlan:
     cfg.validate(world_size=world_size)
     check_machine(cfg)
     check_deepspeed_schema(cfg)
-    if cfg.bottleneck.token_ids == "local" and (problem := compat.deepspeed_version_problem()):
+    if cfg.token_ids == "local" and (problem := compat.deepspeed_version_problem()):
         raise ConfigError("bottleneck.token_ids", "local", problem)
     if cfg.model.init_from_hf:
         check_model_matches_hf(cfg.model, cfg.model.init_from_hf, seq_len=cfg.data.seq_len)

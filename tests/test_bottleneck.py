@@ -139,11 +139,15 @@ def hashed_table(boundary_id, V, buckets, *extra):
 
 
 def test_hashed_token_table_is_B_by_H_whatever_the_vocabulary():
-    """Its size is token_buckets x H at any V; every row is used; an id always reads the same row,
-    and two boundaries hash differently (ids that share a row at one rarely do at the other)."""
+    """Its size is token_buckets x H at any V above it; every row is used; an id always reads the same
+    row, and two boundaries hash differently (ids that share a row at one rarely do at the other). A
+    vocabulary that fits gets one row per id, read at the id (no collisions)."""
     for V in (256, 128_256):
         t = hashed_table(0, V, 97)
         assert [tuple(p.shape) for p in t.parameters()] == [(97, 64)]
+    small = hashed_table(0, 50, 97)
+    assert [tuple(p.shape) for p in small.parameters()] == [(50, 64)]
+    assert torch.equal(small.rows(torch.arange(50)), torch.arange(50))
     ids = torch.arange(128_256)
     rows0, rows1 = hashed_table(0, 128_256, 97).rows(ids), hashed_table(1, 128_256, 97).rows(ids)
     assert rows0.min() == 0 and rows0.max() == 96 and rows0.unique().numel() == 97

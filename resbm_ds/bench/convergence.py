@@ -69,14 +69,16 @@ def family_lrs(family: str) -> tuple[float, ...]:
 SEEDS = (1234, 2, 3)
 LONG_STEPS = 3000
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
-TOKENS = ("bottleneck.token_channel=learned",)
-HASHED512 = ("bottleneck.token_channel=hashed", "bottleneck.token_buckets=512")
+# The suite's token tables send their ids unless a run says token_ids=local (a later override wins).
+TOKENS = ("bottleneck.token_channel=learned", "bottleneck.token_ids=sent")
+HASHED512 = ("bottleneck.token_channel=hashed", "bottleneck.token_buckets=512", "bottleneck.token_ids=sent")
 
 
 def resbm(width: int, *extra: str) -> tuple[str, ...]:
     """A ResBM run with every boundary switch spelled out (`extra` overrides them), so a change of
     the defaults never changes what a run of this suite means."""
-    explicit = {"init": "identity", "decoder": "linear", "decoder_norm": "rms", "token_channel": "none"}
+    explicit = {"init": "identity", "decoder": "linear", "decoder_norm": "rms", "token_channel": "none",
+                "token_ids": "sent"}
     for e in extra:
         explicit.pop(e.split("=")[0].removeprefix("bottleneck."), None)
     return ("bottleneck.method=resbm", f"bottleneck.width={width}", "bottleneck.wire_dtype=bf16",
@@ -166,9 +168,8 @@ def _runs() -> list[Run]:
             "resbm-tok", resbm(1, *TOKENS, "bottleneck.table_init=normal")),
         Run("resbm-128x-local", "ResBM 128x (h=2 + ids read locally, learned table)", "rest", "resbm-tok",
             resbm(2, *TOKENS, "bottleneck.token_ids=local")),
-        Run("resbm-128x-hashed", "ResBM 128x (h=1 + ids, hashed 4096-row table)", "rest", "resbm-tok",
-            resbm(1, "bottleneck.token_channel=hashed")),
-        # 512 rows = V/8: the pressure 4,096 rows meet at V=32,000 (4,096 rows at V=4,096 are nearly a full table)
+        # 512 rows = V/8: the pressure the default's 4,096 rows meet at V=32,000 (at V=4,096 they are the
+        # learned table, one row per id)
         Run("resbm-128x-hashed512", "ResBM 128x (h=1 + ids, hashed 512-row table)", "rest", "resbm-tok",
             resbm(1, *HASHED512)),
         Run("resbm-128x-hashed512-local", "ResBM 128x (h=2 + ids read locally, hashed 512-row table)", "rest",
@@ -245,6 +246,7 @@ def resolved(cfg) -> dict:
     d.pop("tracking", None)
     d.pop("runtime", None)
     d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
+    d["bottleneck"]["token_ids"] = cfg.token_ids
     return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 
 
@@ -285,7 +287,10 @@ class Convergence(Suite):
 
     def carried(self):
         names = {r.name for r in RUNS}
-        return {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in names}
+        runs = {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in names}
+        for e in runs.values():   # saved before bottleneck.token_ids existed: the ids were sent
+            e.get("config", {}).get("bottleneck", {}).setdefault("token_ids", "sent")
+        return runs
 
     def previous(self, spec):
         return self.carried().get(spec.name)

@@ -58,7 +58,7 @@ CONFIGS = [
      ("bottleneck.method=resbm", "bottleneck.width=4", "bottleneck.wire_dtype=bf16", *PLAIN)),
     ("resbm-128x-tokens", "ResBM 128x + token ids (h=3 bf16 + int16 id)", "slow",
      ("bottleneck.method=resbm", "bottleneck.width=3", "bottleneck.wire_dtype=bf16",
-      "bottleneck.token_channel=learned")),
+      "bottleneck.token_channel=learned", "bottleneck.token_ids=sent")),
     ("resbm-128x-int8", "ResBM 128x, int8 codec (h=6 int8 + bf16 scale)", "slow",
      ("bottleneck.method=resbm", "bottleneck.width=6", "wire.codec=int8", "wire.codec_backward=true", *PLAIN)),
     ("none-fast-end", "uncompressed (centralised baseline), again at the end", "fast", ("bottleneck.method=none",)),

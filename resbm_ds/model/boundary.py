@@ -47,11 +47,12 @@ Switches (bottleneck.*), all on the same layer layout:
                            carry token identity: `learned` (a V x H table local to the stage, zero
                            under init=identity), `frozen` (a seeded N(0, init_std) buffer: no optimizer state),
                            `lowrank` (A B with A [V, r] and B [r, H], B zero at init), `hashed` (a
-                           learned table of token_buckets x H rows, whatever V, read at a universal
+                           learned table of B = token_buckets rows x H, whatever V, read at a universal
                            hash of the id, ((a id + c) mod p) mod B, with a and c drawn per boundary
                            from the seed, so two ids that share a row at one boundary most likely do
-                           not at the next). Never tied to
-                           the input embedding, which would all-reduce V x H across stages every step.
+                           not at the next; a vocabulary of at most B ids gets V rows, read at the id).
+                           Never tied to the input embedding, which would all-reduce V x H across
+                           stages every step.
   token_ids=sent|local     How the decoders get the ids: sent with the code (above), or local: nothing
                            but the code crosses, and each decoder reads the ids of the micro-batch its
                            stage is computing from its own copy of the data (model/local_ids.py), so
@@ -172,7 +173,9 @@ class TokenTable(nn.Module):
             self.basis = nn.Parameter(torch.empty(r, m.hidden_size))
             _init_weight(self.basis, spec, table=True)
         elif kind == "hashed":
-            self.buckets = spec.bottleneck.token_buckets
+            # a vocabulary that fits in the table needs no hash: one row per id, as `learned`
+            self.buckets = min(spec.bottleneck.token_buckets, m.vocab_size)
+            self.hashes = spec.bottleneck.token_buckets < m.vocab_size
             draw = random.Random(spec.seed + TABLE_SEED_OFFSET + boundary)
             self.hash_a, self.hash_c = draw.randrange(1, HASH_PRIME), draw.randrange(HASH_PRIME)
             self.weight = nn.Parameter(torch.empty(self.buckets, m.hidden_size))
@@ -183,7 +186,7 @@ class TokenTable(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The table row of each id: the id itself, or its bucket for `hashed` (int64 holds a * id)."""
         ids = ids.long()
-        if self.kind == "hashed":
+        if self.kind == "hashed" and self.hashes:
             return (ids * self.hash_a + self.hash_c) % HASH_PRIME % self.buckets
         return ids
 
@@ -202,7 +205,7 @@ class LocalIdsReader(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.reads_local_ids = spec.token_channel != "none" and spec.bottleneck.token_ids == "local"
+        self.reads_local_ids = spec.token_channel != "none" and spec.token_ids == "local"
 
     def split_ids(self, inputs):
         """(stream, ids): the ids from the input tuple, or those of the micro-batch being computed."""
