@@ -163,6 +163,14 @@ class BottleneckConfig(Section):
         "own copy of the data: 0 bytes on the wire; model/local_ids.py)")
 
 
+def resolve_switches(d: dict, spec: "ModelSpec") -> dict:
+    """`d` (a dumped spec or config) with bottleneck.token_channel and token_ids as `spec` resolves
+    them: a saved run, an export or a compared result then says what it was built with, and a later
+    change of what `auto` means shows as a changed setting instead of silently changing the model."""
+    d["bottleneck"].update(token_channel=spec.token_channel, token_ids=spec.token_ids)
+    return d
+
+
 class ModelSpec(BaseModel):
     """What the network is, and nothing about how it is trained or launched (as nanoGPT's GPTConfig,
     torchtitan's model args): the model and bottleneck sections, the seed its layers initialise from
@@ -233,7 +241,8 @@ class ModelSpec(BaseModel):
         return (self.wire_dtype or self.model_dtype).itemsize
 
     def to_dict(self) -> dict:
-        return self.model_dump()
+        """Every key, with `auto` switches written as what they resolve to (`resolve_switches`)."""
+        return resolve_switches(self.model_dump(), self)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelSpec":
@@ -726,8 +735,9 @@ class Config(Section):
 
     # ---- loading ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """Every key with its value (plain, JSON-able values; betas a tuple), sections as dicts."""
-        return self.model_dump()
+        """Every key with its value (plain, JSON-able values; betas a tuple), sections as dicts, with
+        `auto` switches written as what they resolve to (`resolve_switches`)."""
+        return resolve_switches(self.model_dump(), self.spec)
 
 
 def load_ds_json(path: str) -> dict:

@@ -30,7 +30,7 @@ def test_fresh_boundary_is_the_rank_h_identity(identity, extra):
 
 
 def test_fresh_boundary_with_token_channel_is_the_rank_h_identity():
-    enc, dec = boundary("slice", "model", 64, 8, "bottleneck.token_channel=learned",
+    enc, dec = boundary("slice", "model", 64, 8, "bottleneck.token_channel=learned", "bottleneck.token_ids=sent",
                         "bottleneck.segments=3", "pipeline.stages=3")
     x, ids = 0.05 * torch.randn(2, 5, 64), torch.randint(0, 4096, (2, 5), dtype=torch.int16)
     y, ids_out = dec(enc((x, ids)))           # boundary 0 of 3 segments: the ids travel on
@@ -43,7 +43,7 @@ def test_table_init_normal_starts_the_next_stream_full_rank():
     out = {}
     for table_init in ("zero", "normal"):
         enc, dec = boundary("slice", "model", 64, 2, "bottleneck.token_channel=learned", "bottleneck.segments=2",
-                            f"bottleneck.table_init={table_init}")
+                            "bottleneck.token_ids=sent", f"bottleneck.table_init={table_init}")
         x, ids = 0.05 * torch.randn(3, 40, 64), torch.randint(0, 4096, (3, 40), dtype=torch.int16)
         out[table_init] = dec(enc((x, ids))).reshape(-1, 64)
         std = dec.tokens.weight.std().item()

@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_overrides_are_typed():
     cfg = load_config(None, ["model.hidden_size=512", "train.lr=3e-4", "train.betas=[0.9, 0.99]",
                              "deepspeed.zero_optimization.stage=1"]).validate(world_size=4)
     assert cfg.model.hidden_size == 512 and cfg.train.lr == 3e-4 and cfg.train.betas == (0.9, 0.99)
-    assert cfg.zero_stage == 1 and cfg.code_width == 16 and cfg.compression_ratio("model") == 512 * 4 / (16 * 4 + 2)   # + int16 ids
+    assert cfg.zero_stage == 1 and cfg.code_width == 16 and cfg.compression_ratio("model") == 512 * 4 / (16 * 4)   # ids read locally
     assert cfg.ds["gradient_clipping"] == 1.0   # the rest of the DeepSpeed JSON is kept
 
 
@@ -26,7 +26,7 @@ def test_yaml_file_and_preset(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: {hidden_size: 128, num_heads: 8}\nbottleneck: {width: 4}\n")
     cfg = load_config(str(f), ["bottleneck.segments=4"]).validate()
-    assert cfg.model.hidden_size == 128 and cfg.code_width == 4 and cfg.compression_ratio("model") == 128 * 4 / (4 * 4 + 2)
+    assert cfg.model.hidden_size == 128 and cfg.code_width == 4 and cfg.compression_ratio("model") == 128 * 4 / (4 * 4)
     assert cfg.bottleneck.segments == 4
 
 
@@ -202,10 +202,18 @@ def test_the_model_spec_holds_the_model_and_nothing_of_the_run():
                              "seed=7", "train.out_dir=/somewhere", "tracking.wandb=true"])
     spec = cfg.spec
     assert set(spec.to_dict()) == {"model", "bottleneck", "seed", "precision"}
-    assert (spec.seed, spec.precision, spec.code_width, spec.token_channel, spec.sends_token_ids) == (7, "bf16", 8, "learned", True)
+    assert (spec.seed, spec.precision, spec.code_width, spec.token_channel, spec.token_ids, spec.sends_token_ids) == (
+        7, "bf16", 8, "hashed", "local", False)
     assert (spec.wire_elem_bytes, spec.model_elem_bytes, spec.id_dtype) == (2, 2, __import__("torch").int16)
-    assert (cfg.code_width, cfg.token_channel, cfg.sends_token_ids) == (8, "learned", True)
-    assert ModelSpec.from_dict(spec.to_dict()) == spec == ModelSpec.from_dict(cfg.to_dict())   # old exports: a whole Config
+    assert (cfg.code_width, cfg.token_channel, cfg.token_ids, cfg.sends_token_ids) == (8, "hashed", "local", False)
+    sent = load_config(None, ["bottleneck.token_ids=sent"])
+    assert (sent.token_channel, sent.token_ids, sent.sends_token_ids) == ("hashed", "sent", True)
+    plain = load_config(None, ["bottleneck.method=none"])
+    assert (plain.token_channel, plain.token_ids, plain.sends_token_ids) == ("none", "sent", False)
+    subspace = load_config(None, ["bottleneck.method=subspace"])
+    assert (subspace.token_channel, subspace.token_ids, subspace.sends_token_ids) == ("none", "sent", True)
+    assert ModelSpec.from_dict(spec.to_dict()).to_dict() == spec.to_dict() == ModelSpec.from_dict(cfg.to_dict()).to_dict()
+    assert spec.to_dict()["bottleneck"]["token_channel"] == "hashed"     # saved as built: `auto` resolved
     with pytest.raises(Exception):
         spec.seed = 8                      # frozen
     cfg.bottleneck.width = 16              # a copy: the spec of a built model does not follow the config
@@ -220,4 +228,4 @@ def test_a_transformers_config_keeps_only_the_spec():
     for given in (cfg.spec.to_dict(), cfg.to_dict()):      # an export written before the spec: its whole Config
         hf = ResBMHFConfig(resbm=given)
         assert set(hf.resbm) == {"model", "bottleneck", "seed", "precision"} and "/private/run" not in str(hf.to_dict())
-        assert hf.resbm_spec() == cfg.spec and hf.hidden_size == 64
+        assert hf.resbm_spec().to_dict() == cfg.spec.to_dict() and hf.hidden_size == 64

@@ -9,8 +9,20 @@ def test_a_key_the_saved_config_lacks_counts_as_its_default():
     saved = load_config("cpu-demo").to_dict()
     del saved["bottleneck"]["token_ids"]          # written before the key existed
     assert config_changes(saved, new) == {}
-    changed = load_config("cpu-demo", ["bottleneck.token_ids=local"]).to_dict()
-    assert config_changes(saved, changed) == {"bottleneck.token_ids": ("sent", "local")}
+    changed = load_config("cpu-demo", ["bottleneck.token_ids=sent"]).to_dict()
+    assert config_changes(saved, changed) == {"bottleneck.token_ids": ("local", "sent")}
+
+
+def test_a_saved_auto_switch_is_a_change_once_auto_means_something_else():
+    """A config is saved with its `auto` switches resolved; one saved as `auto` (before they were
+    resolved, when auto meant a learned table) no longer matches: a resume says so instead of
+    building a different side channel."""
+    new = load_config("cpu-demo").to_dict()
+    assert (new["bottleneck"]["token_channel"], new["bottleneck"]["token_ids"]) == ("hashed", "local")
+    old = load_config("cpu-demo").to_dict()
+    old["bottleneck"].update(token_channel="auto", token_ids="sent")
+    assert config_changes(old, new) == {"bottleneck.token_channel": ("auto", "hashed"),
+                                        "bottleneck.token_ids": ("sent", "local")}
 
 
 def test_changed_values_are_reported_within_only_and_outside_allowed():

@@ -245,8 +245,6 @@ def resolved(cfg) -> dict:
         d["train"].pop(key, None)
     d.pop("tracking", None)
     d.pop("runtime", None)
-    d["bottleneck"]["token_channel"] = cfg.token_channel   # "auto" resolved, so a new default cannot match
-    d["bottleneck"]["token_ids"] = cfg.token_ids
     return json.loads(json.dumps(d))                       # as results.json stores it (tuples -> lists)
 
 

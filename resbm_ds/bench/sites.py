@@ -4,7 +4,8 @@ shaped link (resbm_ds/netem.py), for each outer method of resbm_ds/sync.py, side
 Two network namespaces are the two sites, joined by one tbf-shaped veth link (full duplex). The 2
 cores hold one process per site, so each site is one process (`pipeline.stages=1`: the stage
 boundaries stay in the model, their losses equal a 2-stage pipeline's, tests/test_core_pipeline.py)
-of the convergence suite's model and default boundary (bench-convergence, ResBM 128x, its tuned lr).
+of the convergence suite's model and its resbm-tok boundary (bench-convergence, ResBM 128x: h=1 + int16 ids,
+learned tables; its tuned lr).
 
   allreduce   synchronous data parallelism: one DeepSpeed world of 2 processes, one per site
               (`torchrun --nnodes 2`), every gradient all-reduced across the link every step
@@ -39,7 +40,7 @@ from .convergence import CONFIG, LR_FAMILIES
 from . import engine
 from .runner import fmt, log_tail, machine_info, run_env, write_results
 
-FAMILY = "resbm-tok"                  # the default boundary, at its tuned lr (results/convergence)
+FAMILY = "resbm-tok"                  # ResBM 128x, h=1 + int16 ids, learned tables, at its tuned lr (results/convergence)
 LR = 2e-3
 FAST, SLOW = "10gbit", "80mbit"
 LOSS_STEPS, TIMING_STEPS = 300, 60
@@ -219,7 +220,7 @@ def markdown(results: dict) -> str:
              + (f", finished {results['finished']}." if results.get("finished") else " (unfinished)."), "",
              f"Two sites (network namespaces) joined by one full-duplex tbf link: slow {rates['slow']}, fast "
              f"{rates['fast']}. One process per site (pipeline.stages=1), model `{results['base_config']}` with "
-             f"the default boundary (`{results['family']}`, lr {results['lr']:g}). Allreduce's ring moves "
+             f"the boundary of `{results['family']}` (ResBM 128x, h=1 + int16 ids, learned tables; lr {results['lr']:g}). Allreduce's ring moves "
              f"{ar_bytes:,} bytes per step between the two ranks (formula).", "",
              "| method | bytes between sites per step (meter) | kernel payload per step | allreduce / this | "
              f"tokens/s at {rates['slow']} | at {rates['fast']} | slow / fast | tokens | val loss | vs allreduce |",
