@@ -68,7 +68,8 @@ def test_wire_bytes_and_compression_ratio_count_what_crosses():
     assert big.compression_ratio("model") == 4096 / 41
     resbm = config("resbm", "bottleneck.token_channel=none")
     assert resbm.compression_ratio("model") == H / K and config("none").compression_ratio("model") == 1
-    assert config("resbm").compression_ratio("model") == 4 * H / (4 * K + 2)   # the default sends int16 ids
+    assert config("resbm").compression_ratio("model") == H / K                 # the default reads the ids locally
+    assert config("resbm", "bottleneck.token_ids=sent").compression_ratio("model") == 4 * H / (4 * K + 2)   # int16
 
 
 @pytest.mark.parametrize("overrides,key,phrase", [

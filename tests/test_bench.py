@@ -52,11 +52,11 @@ def test_smoke_suite_runs_end_to_end_and_writes_all_outputs(smoke):
                                                                      rel=1e-5)
     assert fast["tokens_per_s"] > 2 * slow["tokens_per_s"]
     # the codec's bytes are counted after encoding: ResBM h=64/16=4, int8 forward and backward,
-    # 2 micro-batches x 2 x 64 tokens, (4 + 2 scale) bytes per token each way, plus the int16 ids forward
+    # 2 micro-batches x 2 x 64 tokens, (4 + 2 scale) bytes per token each way (the ids are read on each stage)
     codec = runs["resbm-16x-int8-slow"]["metrics"]
-    assert codec["wire_bytes_fwd_per_step"] == 2 * 2 * 64 * (6 + 2) and codec["wire_bytes_bwd_per_step"] == 2 * 2 * 64 * 6
-    assert codec["measured_compression"] == pytest.approx(64 * 4 / 8)     # 64 fp32 values / the busier direction
-    assert codec["measured_compression_vs_bf16"] == pytest.approx(64 * 2 / 8)
+    assert codec["wire_bytes_fwd_per_step"] == codec["wire_bytes_bwd_per_step"] == 2 * 2 * 64 * 6
+    assert codec["measured_compression"] == pytest.approx(64 * 4 / 6)     # 64 fp32 values / the busier direction
+    assert codec["measured_compression_vs_bf16"] == pytest.approx(64 * 2 / 6)
     assert fast["wire_bytes_per_boundary_per_step"] == 2 * 2 * 2 * 64 * 64 * 4
 
 
@@ -97,6 +97,21 @@ def test_paper_cpu_suite_covers_the_comparison():
         assert {f"{m}-{r}x-adamw-80m" for r in (32, 64, 128)} <= names
     assert {"none-10g", "none-80m", "resbm-128x-adamw-int8-80m"} <= names
     assert suite.links["80m"].mbps == 80.0 and suite.links["10g"].mbps == 10_000.0
+
+
+def test_overhead_suite_compares_the_default_with_the_same_model_uncompressed():
+    """One process, no link; the compressed runs are the default boundary at 128x of dense bf16 (4 bytes
+    a token, no ids) on the reference's shape: their extra parameters are the boundaries and tables."""
+    from resbm_ds.config import load_config
+    from resbm_ds.model.accounting import parameter_counts
+    suite = SUITES["overhead"]
+    assert suite.nprocs == 1 and [r.name for r in suite.runs] == ["none-a", "resbm-128x-a", "none-b", "resbm-128x-b"]
+    cfgs = {r.name: load_config(suite.config, r.overrides(suite)).validate(world_size=1) for r in suite.runs}
+    resbm, none = cfgs["resbm-128x-a"], cfgs["none-a"]
+    assert (resbm.token_channel, resbm.token_ids, resbm.wire_bytes_per_token) == ("hashed", "local", (4, 4))
+    assert resbm.compression_ratio() == 128 and none.pipeline.stages == resbm.pipeline.stages == 1
+    extra = parameter_counts(resbm.spec, 1)
+    assert extra.total - parameter_counts(none.spec, 1).total == extra.boundary + extra.side_channel
 
 
 def test_validation_loss_at_equal_wallclock_is_interpolated():

@@ -361,7 +361,7 @@ def test_resbm_token_channel_run_exports_to_transformers_with_its_tokenizer(resb
     tmp, run, val, cfg, _ = resbm_run
     monkeypatch.setenv("RESBM_CACHE", str(tmp / "cache"))
     consolidated = export.consolidate(run)
-    assert cfg.token_channel == "learned"
+    assert (cfg.token_channel, cfg.token_ids) == ("hashed", "local")      # the default side channel
     ids = torch.randint(0, cfg.model.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = consolidated(ids)

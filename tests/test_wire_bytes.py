@@ -17,22 +17,23 @@ SMALL = [f"model.vocab_size={V}", f"model.hidden_size={H}", "model.num_layers=2"
 TOKENS_PER_STEP = MB * GAS * T
 
 CASES = {
-    "fp32-default": [],                                   # the default boundary: code + int16 token ids
+    "fp32-default": [],                                   # the default boundary: the code (ids read locally)
     "fp32-no-ids": ["bottleneck.token_channel=none"],
     "paper-form-tied": ["bottleneck.init=normal", "bottleneck.token_channel=none", "model.tie_embeddings=true"],
-    "ids-tied": ["model.tie_embeddings=true"],
+    "ids-tied": ["model.tie_embeddings=true", "bottleneck.token_ids=sent"],
     "bf16": ["deepspeed.bf16.enabled=true"],
     "bf16-wire-on-fp32": ["bottleneck.wire_dtype=bf16"],
-    "int8": ["wire.codec=int8"],                          # codec payload + scale, and the ids as they are
+    "int8": ["wire.codec=int8", "bottleneck.token_ids=sent"],   # codec payload + scale, and the ids as they are
     "fp8-both-ways": ["wire.codec=fp8", "wire.codec_backward=true"],
     "int4-both-ways": ["wire.codec=int4", "wire.codec_backward=true"],           # 4 values in 2 bytes
     "int2-odd-width-both-ways": ["wire.codec=int2", "wire.codec_backward=true",   # 5 values in 2 bytes
                                 "bottleneck.width=5", "bottleneck.token_channel=none"],
     "subspace": ["bottleneck.method=subspace"],
     "noskip": ["bottleneck.method=bottleneck-noskip"],
-    "token-channel": ["bottleneck.token_channel=learned"],
-    "token-channel-hashed": ["bottleneck.token_channel=hashed", "bottleneck.token_buckets=37"],
-    "token-ids-local": ["bottleneck.token_ids=local"],     # the default's table, ids read on each stage
+    "token-channel": ["bottleneck.token_channel=learned", "bottleneck.token_ids=sent"],   # code + int16 ids
+    "token-channel-hashed": ["bottleneck.token_channel=hashed", "bottleneck.token_buckets=37",
+                             "bottleneck.token_ids=sent"],
+    "token-ids-local": ["bottleneck.token_channel=learned", "bottleneck.token_ids=local"],
     "token-channel-mlp-bf16": ["bottleneck.token_channel=lowrank", "bottleneck.decoder=mlp",
                                "bottleneck.wire_dtype=bf16"],
     "uncompressed": ["bottleneck.method=none"],
@@ -74,10 +75,13 @@ def test_ratios_in_bytes():
     assert cfg("wire.codec=int4").wire_bytes_per_token == (2 + 2, 16)                 # two values a byte
     assert cfg("wire.codec=int2", "wire.codec_backward=true").wire_bytes_per_token == (1 + 2, 1 + 2)
     assert cfg("wire.codec=int2", "bottleneck.width=5").wire_bytes_per_token == (2 + 2, 20)   # padded
-    assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16 + 2, 16)   # int16 ids
-    assert cfg("bottleneck.token_channel=learned", "bottleneck.token_ids=local").wire_bytes_per_token == (16, 16)
-    big = load_config(None, ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]).validate()
-    assert big.token_channel == "learned" and big.wire_bytes_per_token == (16 + 4, 16)   # the default; int32 ids
+    assert cfg("bottleneck.token_channel=learned", "bottleneck.token_ids=sent").wire_bytes_per_token == (16 + 2, 16)
+    assert cfg("bottleneck.token_channel=learned").wire_bytes_per_token == (16, 16)   # ids read locally (auto)
+    big = ["model.vocab_size=50000", f"model.hidden_size={H}", "bottleneck.width=4"]
+    default = load_config(None, big).validate()
+    assert (default.token_channel, default.token_ids, default.wire_bytes_per_token) == ("hashed", "local", (16, 16))
+    sent = load_config(None, [*big, "bottleneck.token_ids=sent"]).validate()
+    assert sent.wire_bytes_per_token == (16 + 4, 16)                                   # int32 ids
     assert load_config(None, ["bottleneck.method=none"]).validate().token_channel == "none"
 
 

@@ -129,6 +129,13 @@ CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
                  ("resbm-128x-int2", "none", "ResBM 128x, h=8 int2 both ways, no ids, against the uncompressed model"))
 
 
+# The default boundary (bottleneck.token_channel=auto, token_ids=auto) at 128x on this model: h=2 bf16
+# and a hashed 4,096-row table, which at V=4,096 is the learned table read at the id, with the ids
+# read locally. Spelled out, so a later change of the defaults does not change what the run means.
+DEFAULT = ("bottleneck.token_channel=learned", "bottleneck.token_ids=local")
+DEFAULT_LABEL = "ResBM 128x default (h=2 + ids read locally, learned tables)"
+
+
 @dataclass(frozen=True)
 class Run:
     name: str
@@ -166,8 +173,7 @@ def _runs() -> list[Run]:
         # side channels and codes at 128x (issue #23): what the default could be
         Run("resbm-128x-table-normal", "ResBM 128x (h=1 + ids, learned table from N(0, init_std))", "rest",
             "resbm-tok", resbm(1, *TOKENS, "bottleneck.table_init=normal")),
-        Run("resbm-128x-local", "ResBM 128x (h=2 + ids read locally, learned table)", "rest", "resbm-tok",
-            resbm(2, *TOKENS, "bottleneck.token_ids=local")),
+        Run("resbm-128x-local", DEFAULT_LABEL, "rest", "resbm-tok", resbm(2, *TOKENS, *DEFAULT)),
         # 512 rows = V/8: the pressure the default's 4,096 rows meet at V=32,000 (at V=4,096 they are the
         # learned table, one row per id)
         Run("resbm-128x-hashed512", "ResBM 128x (h=1 + ids, hashed 512-row table)", "rest", "resbm-tok",
@@ -201,8 +207,11 @@ def _runs() -> list[Run]:
     ]
     seeded = {name for pair in CHANNEL_PAIRS for name in pair[:2]}
     channel_seeds = [replace(r, name=f"{r.name}-s{s}", seed=s) for r in rest if r.name in seeded for s in SEEDS[1:]]
+    default_seeds = [r for r in channel_seeds if r.name.startswith("resbm-128x-local-s")]
+    default_long = Run("resbm-128x-local-long", DEFAULT_LABEL, "long", "resbm-tok", resbm(2, *TOKENS, *DEFAULT),
+                       steps=LONG_STEPS)
     order = ([r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds
-             + rest + channel_seeds)
+             + default_seeds + rest + [r for r in channel_seeds if r not in default_seeds] + [default_long])
     assert len({x.name for x in order}) == len(order)
     return order
 
@@ -408,16 +417,16 @@ def summarise(results: dict):
                       tuned_runs(results, ctrl) if ctrl in LR_FAMILIES else seeded_runs(results, ctrl))
               for comp, ctrl, what in CHANNEL_PAIRS]
     results["pairs"] = [p for p in pairs if p]
-    long = {e["family"]: e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"}
+    long = {e["name"].removesuffix("-long"): e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"}
     results["long_gaps"] = []
     if "none-tok" in long:
         ctrl = {v["tokens"]: v["val_loss"] for v in long["none-tok"]["metrics"]["val_curve"]}
-        for f in ("resbm-tok", "resbm"):
-            if f in long:
+        for name, e in long.items():
+            if name != "none-tok":
                 curve = [dict(tokens=v["tokens"], val_loss=v["val_loss"], control=ctrl[v["tokens"]],
                               gap_pct=100 * (v["val_loss"] / ctrl[v["tokens"]] - 1))
-                         for v in long[f]["metrics"]["val_curve"] if v["tokens"] in ctrl]
-                results["long_gaps"].append(dict(compressed=f, control="none-tok", curve=curve))
+                         for v in e["metrics"]["val_curve"] if v["tokens"] in ctrl]
+                results["long_gaps"].append(dict(compressed=name, label=e["label"], control="none-tok", curve=curve))
     base = tuned_runs(results, "none").get(1234)
     widths = [tuned_runs(results, "resbm").get(1234)] + [e for e in ok if re.fullmatch(r"resbm-\d+x", e["name"])]
     results["gap_vs_width"] = [] if base is None else sorted(
@@ -536,10 +545,10 @@ def plot(results: dict, out: Path):
     long = [e for e in _ok(results, ("ok", "partial")) if e["phase"] == "long"]
     for ax, runs, title in ((axes[0], [e for e in short if e], "short horizon, tuned lr, seed 1234"),
                             (axes[1], long, "long horizon")):
-        for i, e in enumerate(sorted(runs, key=lambda e: e["family"])):
+        for i, e in enumerate(sorted(runs, key=lambda e: e["name"])):
             c = e["metrics"]["val_curve"]
             ax.plot([v["tokens"] / 1e6 for v in c], [v["val_loss"] for v in c], marker="o", markersize=2.5,
-                    color=cmap(list(LR_FAMILIES).index(e["family"])), label=f"{e['label']} (lr {e['lr']:g})")
+                    color=cmap(i), label=f"{e['label']} (lr {e['lr']:g})")
         references(ax)
         ax.set(xlabel="training tokens (millions)", title=f"validation loss: {title}")
         ax.grid(alpha=0.3)
@@ -552,7 +561,7 @@ def plot(results: dict, out: Path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g in results.get("long_gaps", []):
         ax.plot([c["tokens"] / 1e6 for c in g["curve"]], [c["gap_pct"] for c in g["curve"]], marker="o",
-                label=f"{LR_FAMILIES[g['compressed']][0]}")
+                label=g["label"])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(xlabel="training tokens (millions)", ylabel="val loss gap vs fair control (%)",
            title="long horizon: gap against the uncompressed model with the same tables")

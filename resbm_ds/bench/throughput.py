@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -86,6 +87,8 @@ class Suite:
     rationale: str = ""        # why this model size (goes into results.md)
     timeout_s: int = 1800      # per run
     nprocs: int = 2
+    # (compressed runs, their reference runs): the mean of their median step times compared in results.md
+    overhead: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
 
 # DeepSpeed's Gram Newton-Schulz (its default since 0.19.0) runs in fp32 on a CPU; the "standard"
@@ -125,6 +128,20 @@ other jobs) the fastest steps took 2.8 s. H=768 would leave about 20 steps per r
 H=1024 about 10: too few for the losses to separate.
 """
 
+# The default boundary's compute cost (issue #23: <= 3%): one process, no link, each configuration twice,
+# interleaved, so a drift of the machine shows as a spread between the repeats instead of a gap.
+OVERHEAD_RUN = ("train.steps=100", "train.eval_every=100", "train.eval_batches=2", "train.save_every=100",
+                "train.warmup_steps=10")
+OVERHEAD_RESBM = ("bottleneck.wire_dtype=bf16", *OVERHEAD_RUN)   # h=2 bf16: 4 bytes a token, 128x of dense bf16
+OVERHEAD_RATIONALE = """\
+Model: the convergence suite's (bench-convergence: H=256, 4 layers in 3 segments, so 2 boundaries, fp32),
+in one process (pipeline.stages=1), 100 steps of 2,048 tokens, no emulated link: what is left is
+compute. The default ResBM at 128x is h=2 in bf16 with a hashed token table on each decoder (4,096
+rows x H, read at the id here since V = 4,096) and the ids read locally. Each configuration runs twice,
+interleaved (a, b); the overhead is the mean of the compressed runs' median step times over the
+uncompressed runs', and the a/b spread is the measurement's noise. Run it on an otherwise idle machine.
+"""
+
 SUITES: dict[str, Suite] = {
     "smoke": Suite(
         name="smoke", config="bench-smoke", reference="none-fast",
@@ -144,6 +161,19 @@ SUITES: dict[str, Suite] = {
                      "the no-skip bottleneck at the same ratios, and ResBM 128x + int8, at 80 Mbit/s."),
         links={"10g": Link("10g", "10 Gbit/s", 10_000.0), "80m": Link("80m", "80 Mbit/s + 30 ms", 80.0, 30.0)},
         runs=_paper_runs(), rationale=PAPER_CPU_RATIONALE, timeout_s=1800),
+    "overhead": Suite(
+        name="overhead", config="bench-convergence", reference="none-a",
+        description=("The default boundary's compute overhead: the uncompressed model against the default "
+                     "ResBM at 128x, same shape, one process, each twice, interleaved."),
+        links={"none": Link("none", "none (one process)", None)},
+        runs=[RunSpec(f"{name}-{rep}", label, "none", method, ratio, extra=extra)
+              for rep in ("a", "b")
+              for name, label, method, ratio, extra in (
+                  ("none", "uncompressed", "none", None, OVERHEAD_RUN),
+                  ("resbm-128x", "ResBM 128x default (h=2 bf16, hashed tables, local ids)", "resbm", 128,
+                   OVERHEAD_RESBM))],
+        rationale=OVERHEAD_RATIONALE, timeout_s=900, nprocs=1,
+        overhead=(("resbm-128x-a", "resbm-128x-b"), ("none-a", "none-b"))),
 }
 
 
@@ -189,6 +219,7 @@ def analyse(run_dir: Path, cfg: Config, link: Link) -> dict:
     m = dict(
         steps=len(steps), tokens=steps[-1]["tokens"], tokens_per_step=tokens_per_step,
         train_time_s=t, step_time_s=steady_time / len(steady),
+        step_time_median_s=statistics.median(r["step_time_s"] for r in steady),
         tokens_per_s=tokens_per_step * len(steady) / steady_time,
         wire_bytes_per_boundary_per_step=per_boundary,
         wire_bytes_fwd_per_step=steady[-1]["wire_bytes_fwd"], wire_bytes_bwd_per_step=steady[-1]["wire_bytes_bwd"],
@@ -269,7 +300,7 @@ class Throughput(engine.Suite):
         bound = f", link bound {m['link_bound_tokens_per_s']:,.0f} tok/s" if "link_bound_tokens_per_s" in m else ""
         self.say(f"{s.name}: done in {wall:.0f} s ({entry['cpu_s']:.0f} CPU s): val loss {m['final_val_loss']:.4f}, "
                  f"{m['tokens_per_s']:,.0f} tok/s{bound}, {m['wire_bytes_per_boundary_per_step']:,} wire bytes/step "
-                 f"({m['measured_compression']:.1f}x)")
+                 f"({_fmt(m['measured_compression'], '.1f')}x)")
         return entry
 
     def header(self):
@@ -315,6 +346,20 @@ def summarise(results: dict, suite: Suite):
             m["step_time_vs_reference"] = m["step_time_s"] / rm["step_time_s"]
             if r.get("parameters") and ref.get("parameters"):
                 m["parameters_vs_reference"] = r["parameters"] / ref["parameters"]
+    if suite.overhead:
+        results["overhead"] = compute_overhead(results, *suite.overhead)
+
+
+def compute_overhead(results: dict, compressed: tuple[str, ...], reference: tuple[str, ...]) -> dict | None:
+    """The compressed runs' mean median step time over the reference runs', with each repeat's ratio."""
+    med = {r["name"]: r["metrics"]["step_time_median_s"] for r in results["runs"]
+           if r["status"] == "ok" and "step_time_median_s" in r.get("metrics", {})}
+    if not all(n in med for n in (*compressed, *reference)):
+        return None
+    c, ref = statistics.fmean(med[n] for n in compressed), statistics.fmean(med[n] for n in reference)
+    return dict(compressed=list(compressed), reference=list(reference), step_time_s=c, reference_step_time_s=ref,
+                ratio=c / ref, repeat_ratios=[med[a] / med[b] for a, b in zip(compressed, reference)],
+                reference_spread=max(med[n] for n in reference) / min(med[n] for n in reference) - 1)
 
 
 def write_outputs(results: dict, suite: Suite, out: Path):
@@ -348,8 +393,9 @@ def markdown(results: dict, suite: Suite) -> str:
     if ok:
         budget = results["token_budget"]
         t_eq = results["equal_wallclock_s"]
+        layout = "2 pipeline stages, one boundary" if suite.nprocs == 2 else "one process"
         lines += [f"Every run: base config `{results['base_config']}`, {budget:,} training tokens, same seed, "
-                  f"data order and validation batches; 2 pipeline stages, one boundary.", ""]
+                  f"data order and validation batches; {layout}.", ""]
         lines += ["| configuration | link | measured compression | tokens/s | link-bound tokens/s | "
                   f"val loss at equal tokens ({budget:,}) | val loss at equal wall-clock ({t_eq:.0f} s) "
                   "| tokens by then | parameters vs uncompressed | step time vs uncompressed @ fast link |",
@@ -363,6 +409,12 @@ def markdown(results: dict, suite: Suite) -> str:
                 f"{_fmt(m.get('tokens_at_equal_wallclock'), ',.0f')} | "
                 f"{_fmt_rel(m.get('parameters_vs_reference'))} | {_fmt_rel(m.get('step_time_vs_reference'))} |")
         lines.append("")
+    if (o := results.get("overhead")):
+        lines += [f"**Compute overhead**: median step time {o['step_time_s']:.4f} s ({', '.join(o['compressed'])}) "
+                  f"against {o['reference_step_time_s']:.4f} s ({', '.join(o['reference'])}): "
+                  f"**{100 * (o['ratio'] - 1):+.1f}%** (per repeat: "
+                  f"{', '.join(f'{100 * (x - 1):+.1f}%' for x in o['repeat_ratios'])}; the two uncompressed runs "
+                  f"differ by {100 * o['reference_spread']:.1f}%).", ""]
     lines += regime_notes(results, suite)
     missing = [r for r in runs if r["status"] != "ok"]
     if missing:
@@ -403,7 +455,7 @@ PAPER_COMPUTE_OVER_LINK = 7530 / 609   # the paper's centralised tokens/s over i
 def regime_notes(results: dict, suite: Suite) -> list[str]:
     """Is each emulated link the bottleneck for the uncompressed pipeline on THIS machine?"""
     ref = next((r for r in results["runs"] if r["name"] == suite.reference and r["status"] == "ok"), None)
-    if ref is None:
+    if ref is None or not any(r["link_mbps"] for r in results["runs"]):
         return []
     m = ref["metrics"]
     compute, tps, dense = m["tokens_per_s"], m["tokens_per_step"], m["dense_bytes_per_boundary_per_step"]
