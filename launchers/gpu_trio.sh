@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The headline trio on one GPU, same tokens each (resbm_ds/configs/bench-gpu-trio.yaml, 109M
 # parameters, bf16, one process): the uncompressed model with the same token tables (the fair
-# control), the default ResBM at 128x (h=7 + int16 ids) and ResBM at 128x without ids (h=8).
+# control), the default ResBM at 128x (h=8 + token tables, ids read locally) and ResBM at 128x without
+# ids (h=8).
 #   bash launchers/gpu_trio.sh OUT            # about 3 minutes a run on an H100/H200-class GPU
 #   bash launchers/gpu_trio.sh OUT --tiny     # the same script at toy size, to check it on a CPU
 # Writes OUT/<run>/ (the run directory), OUT/<run>.log and OUT/results.json (machine, each run's
@@ -18,12 +19,12 @@ if [ "${2:-}" = "--tiny" ]; then
   extra=(model.hidden_size=64 model.num_heads=4 train.steps=6 train.eval_every=3 train.warmup_steps=2
          deepspeed.train_micro_batch_size_per_gpu=2 deepspeed.bf16.enabled=false data.seq_len=64 model.max_seq_len=64)
 fi
-tables=(bottleneck.token_channel=learned)
+tables=(bottleneck.token_channel=learned bottleneck.token_ids=local)   # the default's, spelled out (V=4,096)
 resbm=(bottleneck.method=resbm bottleneck.wire_dtype=bf16 bottleneck.init=identity bottleneck.decoder=linear
        bottleneck.decoder_norm=rms)
 declare -A runs=(
   [none-tok]="bottleneck.method=none ${tables[*]}"
-  [resbm-tok]="${resbm[*]} bottleneck.width=7 ${tables[*]}"
+  [resbm-tok]="${resbm[*]} bottleneck.width=8 ${tables[*]}"
   [resbm]="${resbm[*]} bottleneck.width=8 bottleneck.token_channel=none"
 )
 mkdir -p "$OUT"

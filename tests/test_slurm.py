@@ -176,7 +176,7 @@ def test_each_cpu_template_trains_on_two_nodes_and_the_next_resumes(slurm, tmp_p
         check_completed_on_two_nodes(info, out)
         assert f"resbm: launch ({template.split('_')[1]}):" in out, where
         assert ("from scratch" if not done else f"resuming at step {done + 1}") in out, (where, out[-5000:])
-        assert f"-> {4 * H / (4 * h + 2):.1f}x fewer than a dense fp32 boundary" in out, where   # dense / measured
+        assert f"-> {4 * H / (4 * h):.1f}x fewer than a dense fp32 boundary" in out, where   # dense / measured
         rows = metric_rows(run_dir)
         check_wire_bytes(rows)
         step_rows = [r for r in rows if "loss" in r]

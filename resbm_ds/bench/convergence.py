@@ -68,6 +68,7 @@ def family_lrs(family: str) -> tuple[float, ...]:
     return tuple(sorted((*LRS, *EXTRA_LRS.get(family, ()))))
 SEEDS = (1234, 2, 3)
 LONG_STEPS = 3000
+COLLAPSED = 0.3      # a run ending within this many nats of the unigram loss learned token frequencies only
 MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in fp32 on a CPU
 # The suite's token tables send their ids unless a run says token_ids=local (a later override wins).
 TOKENS = ("bottleneck.token_channel=learned", "bottleneck.token_ids=sent")
@@ -322,6 +323,9 @@ class Convergence(Suite):
         elif stopped and (run_dir / METRICS_FILE).exists() and read_metrics(run_dir)[1]:
             entry["status"], entry["metrics"] = "partial", analyse(run_dir)
             msg = f"stopped at {entry['metrics']['tokens']:,} tokens (saved; the next start resumes it)"
+        elif stopped:                               # before its first evaluation: nothing to analyse yet
+            entry["status"] = "stopped"
+            msg = "stopped before its first evaluation (saved; the next start resumes it)"
         else:
             tail = log_tail(run_dir, 20)
             entry["status"], entry["error"] = "failed", tail
@@ -411,6 +415,11 @@ def summarise(results: dict):
                                 val_loss={f"{e['lr']:g}": e["metrics"]["final_val_loss"] for e in ok
                                           if e["phase"] == "sweep" and e["family"] == f})
                         for f in LR_FAMILIES}
+    # A run that ends within COLLAPSED of the unigram loss learned token frequencies only. The suite
+    # keeps such sweep points (they are why a family's lr is what it is); no comparison uses them.
+    results["collapsed"] = [dict(name=e["name"], family=e["family"], lr=e["lr"], below_unigram_by=e["below_unigram_by"],
+                                 tuned_lr=results["sweep"].get(e["family"], {}).get("tuned_lr"))
+                            for e in ok if e["below_unigram_by"] < COLLAPSED]
     pairs = [compare(what, comp, ctrl, tuned_runs(results, comp), tuned_runs(results, ctrl))
              for comp, ctrl, what in PAIRS]
     pairs += [compare(what, comp, ctrl, seeded_runs(results, comp),
@@ -492,12 +501,13 @@ def markdown(results: dict) -> str:
         grid = sorted({lr for f in results["sweep"] for lr in family_lrs(f)})
         unigram = results["eval"]["unigram_ce"]
         lines += ["## Learning-rate sweep (short horizon, seed 1234, AdamW)", "",
-                  f"A loss marked * is within 0.3 of the unigram loss ({unigram:.3f}): that lr is too high for "
-                  "the family, which learned token frequencies only.", "",
+                  f"A loss marked * is within {COLLAPSED:g} of the unigram loss ({unigram:.3f}): that lr is too high "
+                  "for the family, which learned token frequencies only (results.json `collapsed`; kept as sweep "
+                  "points, used in no comparison).", "",
                   "| family | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | tuned |", "|---|" + "---|" * (len(grid) + 1)]
         for f, sw in results["sweep"].items():
             cells = [sw["val_loss"].get(f"{lr:g}") for lr in grid]
-            lines.append(f"| {sw['label']} | " + " | ".join(_f(v, ".4f") + ("*" if v is not None and v > unigram - 0.3 else "")
+            lines.append(f"| {sw['label']} | " + " | ".join(_f(v, ".4f") + ("*" if v is not None and v > unigram - COLLAPSED else "")
                                                            for v in cells) + f" | {_f(sw['tuned_lr'], 'g')} |")
         lines.append("")
     lines += ["## Every run", "", "| run | configuration | optimizer | lr | seed | tokens | bytes/token fwd, bwd | "
