@@ -21,7 +21,7 @@ from .model import local_ids
 from .model.pipeline import ResBMPipeline
 from .optim import build_optimizer
 from .wire import chain
-from .wire.codecs import WireCodec
+from .wire.codecs import WireCodec, straight_through
 from .wire.link import LinkEmulator
 from .wire.meter import WireMeter
 
@@ -145,6 +145,22 @@ class StepGuard:
                                         *args, **kwargs)
 
 
+def codec_inside_stages(module: torch.nn.Module, cfg) -> int:
+    """Give every encoder whose boundary crosses no stage the wire codec's round trip (wire.codec,
+    and its gradient with wire.codec_backward): the p2p codec quantises only what crosses, so without
+    this a boundary inside a stage (every boundary of a 1-process run) would skip the codec and the
+    same config would train a different model on another number of stages. Stage s ends after
+    boundary (s + 1) * segments / stages - 1 (pipeline.stage_parts). Returns how many it set."""
+    if cfg.wire.codec == "none":
+        return 0
+    per_stage = cfg.bottleneck.segments // cfg.pipeline.stages
+    inside = [m for m in module.modules()
+              if hasattr(m, "codec_roundtrip") and (m.boundary + 1) % per_stage != 0]
+    for m in inside:
+        m.codec_roundtrip = straight_through(cfg.wire.codec, cfg.wire.codec_backward)
+    return len(inside)
+
+
 def build_engine(plan: LaunchPlan, extra_ds: dict | None = None, lr_scheduler=None) -> Runtime:
     """Join the process group, build this rank's slice of the model, its wire chain and its engine.
 
@@ -174,6 +190,7 @@ def build_engine(plan: LaunchPlan, extra_ds: dict | None = None, lr_scheduler=No
                                            lr_scheduler=lr_scheduler, config=ds)
     if module.local_ids is not None:   # bottleneck.token_ids=local: every stage reads its own data
         local_ids.install(engine, module.local_ids)
+    codec_inside_stages(module, cfg)
     meter.take()   # drop the engine's start-up ping
     compat.keep_fp32_clip_norm(engine)
     load_deepspeed_checkpoints_safely(engine)

@@ -30,6 +30,7 @@ def two_stage_cases(tmp_path_factory):
         "uncompressed": ["bottleneck.method=none", *SMALL],
         "bf16": ["deepspeed.bf16.enabled=true", *SMALL],
         "bf16_wire": ["bottleneck.wire_dtype=bf16", *SMALL],
+        "int4": [*INT4, *SMALL],
     })
     return tmp, reports
 
@@ -48,7 +49,11 @@ def one_process(two_stage, tmp_path_factory):
         "trained": ["pipeline.stages=1", *SMALL],
         "loaded": ["--load=" + str(tmp / "ckpt"), "--steps=0", "pipeline.stages=1", *SMALL],
         "fresh": ["--steps=0", "pipeline.stages=1", *SMALL],
+        "int4": ["pipeline.stages=1", *INT4, *SMALL],
     })
+
+
+INT4 = ("wire.codec=int4", "wire.codec_backward=true")
 
 
 def falling(losses):
@@ -76,6 +81,18 @@ def test_one_process_matches_two_stages(two_stage, one_process):
     # Same model, seed and data; only float summation order may differ (measured: 0 and 1e-7 relative).
     worst = max(abs(a - b) / abs(b) for a, b in zip(one["losses"], s0["losses"]))
     assert worst < 1e-5, (worst, one["losses"], s0["losses"])
+
+
+def test_a_wire_codec_quantises_a_boundary_inside_a_stage_too(two_stage_cases, one_process):
+    """wire.codec=int4 both ways: on 2 stages the p2p codec quantises the code and its gradient; in
+    one process the boundary crosses no wire, and the engine gives its encoder the same round trip
+    (engine.codec_inside_stages), so the losses are the 2-stage ones, and not the unquantised ones."""
+    s0, _ = two_stage_cases[1]["int4"]
+    (one,), (plain,) = one_process["int4"], one_process["trained"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(one["losses"], s0["losses"]))
+    assert worst < 1e-5, (worst, one["losses"], s0["losses"])
+    assert s0["wire"][-1]["sent_fwd"] == GAS * MB * T * (H // 8 // 2 + 2)    # 4 bits a value + a bf16 scale
+    assert max(abs(a - b) for a, b in zip(one["losses"][1:], plain["losses"][1:])) > 1e-4   # the codec acts
 
 
 def test_two_stage_checkpoint_loads_into_one_process(two_stage, one_process):

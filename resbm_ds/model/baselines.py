@@ -212,10 +212,13 @@ class SubspaceEncoder(nn.Module):
         self.register_buffer("fixed_coords", fixed_table(spec) @ basis)   # F U [V, k]
         self.wire_dtype = spec.wire_dtype   # None = model dtype
 
+    codec_roundtrip = None                  # as BottleneckEncoder's
+
     def forward(self, inputs):
         x, ids = inputs
         c = x.to(self.basis.dtype) @ self.basis - F.embedding(ids.long(), self.fixed_coords)
-        return c.to(self.wire_dtype or x.dtype), ids
+        c = c.to(self.wire_dtype or x.dtype)
+        return (c if self.codec_roundtrip is None else self.codec_roundtrip(c)), ids
 
 
 class SubspaceDecoder(nn.Module):

@@ -128,7 +128,11 @@ def _init_weight(weight: torch.Tensor, spec: ModelSpec, table: bool = False):
 
 class BottleneckEncoder(nn.Module):
     """Last layer of a segment: hidden state [B, T, H] -> code [B, T, h] in the wire dtype
-    (with a token channel: (x, ids) -> (code, ids))."""
+    (with a token channel: (x, ids) -> (code, ids)). `codec_roundtrip`, set by the engine on a
+    boundary that crosses no stage (engine.codec_inside_stages), is the wire codec's encode-decode
+    with its straight-through gradient, so that boundary computes what it would across stages."""
+
+    codec_roundtrip = None
 
     def __init__(self, spec: ModelSpec, boundary: int):
         super().__init__()
@@ -145,7 +149,8 @@ class BottleneckEncoder(nn.Module):
         b = self.proj(self.norm(x))
         if self.identity is not None:
             b = b + self.identity.project(x)
-        return b if self.wire_dtype is None else b.to(self.wire_dtype)
+        b = b if self.wire_dtype is None else b.to(self.wire_dtype)
+        return b if self.codec_roundtrip is None else self.codec_roundtrip(b)
 
     def forward(self, inputs):
         if self.carries_ids:

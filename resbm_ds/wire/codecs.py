@@ -120,6 +120,25 @@ def roundtrip(x: torch.Tensor, codec: str) -> torch.Tensor:
     return decode_into(encode(x, codec), torch.empty_like(x), codec)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """roundtrip forward; backward the gradient unchanged, or round-tripped too (codec_backward):
+    what a boundary between stages does, for one that crosses no wire."""
+
+    @staticmethod
+    def forward(ctx, x, codec, backward):
+        ctx.codec, ctx.backward = codec, backward
+        return roundtrip(x, codec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (roundtrip(grad.contiguous(), ctx.codec) if ctx.backward else grad), None, None
+
+
+def straight_through(codec: str, backward: bool):
+    """A callable code -> round-tripped code, with the wire's gradient (see _StraightThrough)."""
+    return lambda x: _StraightThrough.apply(x, codec, backward)
+
+
 class WireCodec(Hook):
     """The chain hook: encodes what it applies to on send, decodes it into the engine's buffer on recv."""
 
