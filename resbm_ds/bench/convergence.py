@@ -164,7 +164,7 @@ def _lr_tag(lr: float) -> str:
 
 def _runs() -> list[Run]:
     """In priority order: the sweep of the long trio's families, the long trio, the rest of the
-    sweep, the seeds, then the rest."""
+    sweep, the seeds, the default's seeds and its long run, the rest, then the other candidates' seeds."""
     fam = LR_FAMILIES
     sweep = [Run(f"{f}@lr{_lr_tag(lr)}", fam[f][0], "sweep", f, fam[f][1], lr=lr) for f in fam for lr in family_lrs(f)]
     long = [Run(f"{f}-long", fam[f][0], "long", f, fam[f][1], steps=LONG_STEPS) for f in LONG]
@@ -212,7 +212,7 @@ def _runs() -> list[Run]:
     default_long = Run("resbm-128x-local-long", DEFAULT_LABEL, "long", "resbm-tok", resbm(2, *TOKENS, *DEFAULT),
                        steps=LONG_STEPS)
     order = ([r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds
-             + default_seeds + rest + [r for r in channel_seeds if r not in default_seeds] + [default_long])
+             + default_seeds + [default_long] + rest + [r for r in channel_seeds if r not in default_seeds])
     assert len({x.name for x in order}) == len(order)
     return order
 
