@@ -294,10 +294,11 @@ class Convergence(Suite):
         return f"lr {entry['lr']:g}"
 
     def carried(self):
-        names = {r.name for r in RUNS}
-        runs = {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in names}
-        for e in runs.values():   # saved before bottleneck.token_ids existed: the ids were sent
-            e.get("config", {}).get("bottleneck", {}).setdefault("token_ids", "sent")
+        labels = {r.name: r.label for r in RUNS}
+        runs = {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in labels}
+        for e in runs.values():
+            e["label"] = labels[e["name"]]   # the suite's current wording
+            e.get("config", {}).get("bottleneck", {}).setdefault("token_ids", "sent")   # saved before the key: sent
         return runs
 
     def previous(self, spec):

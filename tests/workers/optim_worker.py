@@ -31,6 +31,7 @@ from resbm_ds.engine import build_engine, close_distributed
 from resbm_ds.launch import check_config  # noqa: E402
 from resbm_ds.model.layers import lm_loss  # noqa: E402
 from resbm_ds.optim import decay_groups, muon_matrices  # noqa: E402
+from resbm_ds.model.local_ids import attach_local_ids  # noqa: E402
 from resbm_ds.model.pipeline import layer_specs  # noqa: E402
 
 REF_STEPS = 2
@@ -44,6 +45,9 @@ def reference_model(cfg, dtype):
         ds_utils.set_random_seed(cfg.seed + idx)
         layers.append(spec.build())
     model = nn.Sequential(*layers)
+    ids = attach_local_ids(model)      # bottleneck.token_ids=local: the decoders read the input's ids
+    if ids is not None:
+        model.register_forward_pre_hook(lambda module, args: setattr(ids, "current", args[0]))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(dtype).float())
