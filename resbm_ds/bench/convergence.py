@@ -23,7 +23,9 @@ Phases, in the order they run (an interrupted suite has the early phases first):
 Bytes are counted as the paper counts them: the ratio is a dense bf16 boundary's bytes per token per
 direction (2H = 512 at H=256) over the bytes sent per token in the busier direction, code plus codec
 scale plus token ids (`Config.wire_bytes_per_token`, which tests/test_wire_bytes.py checks against
-the wire meter). "128x" allows 4 bytes per token: h=2 in bf16, or h=1 in bf16 plus an int16 id.
+the wire meter). "128x" allows 4 bytes per token: h=2 in bf16 (with token tables whose ids are read
+on each stage, the default), or h=1 in bf16 plus an int16 id. A wire codec acts on every boundary, in
+one process too (engine.codec_inside_stages).
 
 Outputs in DIR: results.json, results.md, val_loss_vs_tokens.png, long_gap_vs_tokens.png,
 gap_vs_width.png and runs/<name>/ (metrics.jsonl, config.yaml, log.txt). A run checkpoints every 125
