@@ -150,7 +150,7 @@ class BottleneckConfig(Section):
         "rms", description="rms: D sees RMSNorm(b) | none: D sees b (RMSNorm of h=1 is sign(b))")
     token_channel: Literal["auto", "none", "learned", "frozen", "lowrank", "hashed"] = Field(
         "auto", description="auto (resbm: hashed, others: none) | none | learned | frozen | lowrank | hashed: "
-        "the ids cross too and a table local to the receiving stage adds T[ids]")
+        "a table local to the receiving stage adds T[ids] (the ids as token_ids says)")
     token_rank: int = Field(32, description="rank of the lowrank token table")
     token_buckets: int = Field(4096, description="rows of the hashed token table (B x H, whatever the vocabulary)")
     table_init: Literal["zero", "normal"] = Field(
@@ -194,9 +194,9 @@ class ModelSpec(BaseModel):
 
     @property
     def token_channel(self) -> str:
-        """bottleneck.token_channel with `auto` resolved: a hashed table for ResBM (the one side channel
-        measured to pay for itself within 5% of a stage at the paper's shape: docs/results.md), none
-        for the others."""
+        """bottleneck.token_channel with `auto` resolved: a hashed table for ResBM (its size does not
+        grow with the vocabulary: within 5% of a stage at the paper's shape, docs/results.md), none for
+        the others."""
         b = self.bottleneck
         if b.token_channel == "auto":
             return "hashed" if b.method == "resbm" else "none"
