@@ -125,7 +125,7 @@ def plan(capsys, argv) -> dict[str, str]:
 
 def test_plan_reuses_every_committed_convergence_run(tmp_path, capsys):
     out = committed_copy(tmp_path, "convergence")
-    committed = [e["name"] for e in json.loads((out / "results.json").read_text())["runs"]]
+    committed = [e["name"] for e in json.loads((out / "results.json").read_text())["runs"] if e["status"] == "ok"]
     decisions = plan(capsys, ["--suite", "convergence", "--out", str(out), "--plan"])
     assert {n for n, d in decisions.items() if d == "reuse"} == set(committed)
     assert set(decisions.values()) <= {"reuse", "run", "wait"} and "run" in decisions.values()

@@ -30,7 +30,7 @@ def test_every_run_reports_what_it_trained_and_its_curve(results):
             m = e["metrics"]
             assert e["label"] and isinstance(e["seed"], int) and m["tokens"] > 0, e["name"]
             assert m["val_curve"][-1]["val_loss"] == m["final_val_loss"], e["name"]
-            assert len(m["val_curve"]) >= 4, e["name"]
+            assert len(m["val_curve"]) >= 4 or e["status"] == "partial", e["name"]   # every 256k tokens
 
 
 def test_every_run_learned_beyond_token_frequencies_but_the_sweeps_too_high_lrs(results):

@@ -102,7 +102,7 @@ def noskip(width: int) -> tuple[str, ...]:
 # The families whose lr the sweep tunes: key -> (label, overrides).
 LR_FAMILIES = {
     "none-tok": ("uncompressed + the same token tables (fair control)", ("bottleneck.method=none", *TOKENS)),
-    "resbm-tok": ("ResBM 128x default (h=1 + int16 ids, learned tables)", resbm(1, *TOKENS)),
+    "resbm-tok": ("ResBM 128x, h=1 + int16 ids sent, learned tables", resbm(1, *TOKENS)),
     "resbm": ("ResBM 128x without ids (h=2)", resbm(2)),
     "none": ("uncompressed", ()),
     "noskip": ("no-skip bottleneck 128x (h=2)", noskip(2)),
@@ -112,9 +112,10 @@ LR_FAMILIES = {
 HEADLINE = ("none-tok", "resbm-tok", "resbm", "none")     # the families of the headline pairs
 LONG = ("none-tok", "resbm-tok", "resbm")                # the long-horizon trio
 # (compressed, control, what the comparison says)
-PAIRS = (("resbm-tok", "none-tok", "default ResBM 128x against the fair control (same tables)"),
+PAIRS = (("resbm-tok", "none-tok", "ResBM 128x, h=1 + ids sent, learned tables, against the fair control (same tables)"),
          ("resbm", "none", "ResBM 128x without ids against the uncompressed model"),
-         ("resbm-tok", "none", "default ResBM 128x against the uncompressed model without tables (not fair)"),
+         ("resbm-tok", "none", "ResBM 128x, h=1 + ids sent, learned tables, against the uncompressed model without "
+          "tables (not fair)"),
          ("none-tok", "none", "what the token tables alone do to the uncompressed model"))
 # Side-channel and code candidates for the default (issue #23) at the short horizon, each with seeds 2
 # and 3 (runs named <run>-s<seed>): (compressed, control, what the comparison says). A control that is
@@ -127,7 +128,8 @@ CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
                   "ResBM 128x, h=4 int4 both ways + hashed 512-row tables with ids read locally, against the same "
                   "tables uncompressed"),
                  ("resbm-128x-local", "none-tok",
-                  "ResBM 128x, h=2 + learned tables with ids read locally, against the same tables uncompressed"),
+                  "the default: ResBM 128x, h=2 + tables of one row per id, ids read locally, against the same "
+                  "tables uncompressed"),
                  ("resbm-128x-int4", "none", "ResBM 128x, h=4 int4 both ways, no ids, against the uncompressed model"),
                  ("resbm-128x-int2", "none", "ResBM 128x, h=8 int2 both ways, no ids, against the uncompressed model"))
 
@@ -136,7 +138,7 @@ CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
 # and a hashed 4,096-row table, which at V=4,096 is the learned table read at the id, with the ids
 # read locally. Spelled out, so a later change of the defaults does not change what the run means.
 DEFAULT = ("bottleneck.token_channel=learned", "bottleneck.token_ids=local")
-DEFAULT_LABEL = "ResBM 128x default (h=2 + ids read locally, learned tables)"
+DEFAULT_LABEL = "ResBM 128x default (h=2 + ids read locally, one table row per id)"
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,9 @@ def _runs() -> list[Run]:
             resbm(1, "bottleneck.token_channel=lowrank")),
         Run("resbm-128x-frozen", "ResBM 128x (h=1 + ids, frozen random table)", "rest", "resbm-tok",
             resbm(1, "bottleneck.token_channel=frozen")),
-        Run("none-muon", "uncompressed", "rest", "none", MUON),
-        Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0], "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
-        Run("resbm-muon", LR_FAMILIES["resbm"][0], "rest", "resbm", resbm(2) + MUON),
+        Run("none-muon", "uncompressed, Muon", "rest", "none", MUON),
+        Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0] + ", Muon", "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
+        Run("resbm-muon", LR_FAMILIES["resbm"][0] + ", Muon", "rest", "resbm", resbm(2) + MUON),
         Run("resbm-128x-int4", "ResBM 128x (h=4 int4 + scale)", "rest", "resbm", resbm(4, "wire.codec=int4", *four_bytes)),
         Run("resbm-128x-int2", "ResBM 128x (h=8 int2 + scale)", "rest", "resbm", resbm(8, "wire.codec=int2", *four_bytes)),
         Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, hashed 512-row table)",
@@ -318,7 +320,7 @@ class Convergence(Suite):
                *run.all_overrides(self.out, lr, self.settings), *(["--resume"] if launcher.resume else [])]
         rc, wall = launcher.run(cmd, run_dir, self.timeout_s, {**self.env, "MASTER_PORT": str(free_port())})
         entry["wall_s"] = wall + (launcher.old.get("wall_s", 0) if launcher.resume else 0)
-        stopped = rc in (128 + signal.SIGTERM, 128 + signal.SIGINT)
+        stopped = rc in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT)   # exit code or signal
         if rc == 0 and (run_dir / METRICS_FILE).exists():
             entry["status"], entry["metrics"] = "ok", analyse(run_dir)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
