@@ -15,10 +15,13 @@ Phases, in the order they run (an interrupted suite has the early phases first):
           1.23M tokens). A family's tuned lr is the sweep's best; later runs of the family use it,
           and wait for it.
   long    the headline trio at 3,000 steps (6.1M tokens): the uncompressed model with the same
-          token tables (the fair control), the default ResBM at 128x, ResBM at 128x without ids.
+          token tables (the fair control), ResBM 128x with ids sent and learned tables, ResBM at 128x
+          without ids.
   seeds   seeds 2 and 3 of every headline family at the short horizon (seed 1234 is the sweep's).
-  rest    the gap against h, Muon, Subspace, the baselines without an identity path, the side
-          channel variants and codecs, at the short horizon and the tuned lr of their family.
+  default the default boundary (DEFAULT) at seeds 2 and 3, then at 3,000 steps.
+  rest    the gap against h, Subspace, the side channel variants, Muon, the codecs and extras, at the
+          short horizon and the tuned lr of their family; then seeds 2 and 3 of the side-channel
+          and code candidates (CHANNEL_PAIRS).
 
 Bytes are counted as the paper counts them: the ratio is a dense bf16 boundary's bytes per token per
 direction (2H = 512 at H=256) over the bytes sent per token in the busier direction, code plus codec

@@ -38,11 +38,12 @@ Switches (bottleneck.*), all on the same layer layout:
                            nonlinear decoder: the next segment's stream is no longer confined to a
                            2h-dimensional subspace.
   decoder_norm=rms|none    D reads RMSNorm(b) (default), or b itself. The norm of a tiny code keeps only
-                           its direction (sign(b) at h=1) while the identity path carries b; measured
-                           at 128x with h=1 and ids, rms is clearly better (val loss 3.90 vs 4.33,
-                           results/convergence), so `none` is kept as an ablation.
-  token_channel            The encoder also sends the token ids (int16 where the vocabulary fits,
-                           else int32; counted by the meter) and the decoder adds a table lookup
+                           its direction (sign(b) at h=1) while the identity path carries b. `none`
+                           is what the boundaries without an identity path use (the convergence suite's
+                           no-skip and identity=none runs); for ResBM it is an ablation with no
+                           committed measurement.
+  token_channel            The decoder gets the token ids (read on its own stage by default, or
+                           sent with the code: token_ids below) and adds a table lookup
                            T[ids] computed on the receiving stage, so the h code values need not
                            carry token identity: `learned` (a V x H table local to the stage, zero
                            under init=identity), `frozen` (a seeded N(0, init_std) buffer: no optimizer state),
@@ -53,7 +54,8 @@ Switches (bottleneck.*), all on the same layer layout:
                            not at the next; a vocabulary of at most B ids gets V rows, read at the id).
                            Never tied to the input embedding, which would all-reduce V x H across
                            stages every step.
-  token_ids=sent|local     How the decoders get the ids: sent with the code (above), or local: nothing
+  token_ids=sent|local     How the decoders get the ids: sent with the code (int16 where the vocabulary
+                           fits, else int32; counted by the meter), or local (auto's choice): nothing
                            but the code crosses, and each decoder reads the ids of the micro-batch its
                            stage is computing from its own copy of the data (model/local_ids.py), so
                            the ids cost 0 bytes and the same function is computed.
