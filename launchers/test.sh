@@ -15,5 +15,5 @@ if [ "$#" -gt 0 ]; then
   exec python -m pytest "$@"
 fi
 python -m pytest -q -m "not slow"
-python -m pytest -q -m "slow and not timing" -n 2 --dist loadfile
+python -m pytest -q -m "slow and not timing" -n 2 --dist loadfile --durations=15
 python -m pytest -q -m "slow and timing"

@@ -1,6 +1,7 @@
 """Shared test setup: DeepSpeed on CPU over gloo, offline, and a helper to launch real multi-process runs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,25 @@ def launch(args, nprocs: int, timeout: int = 600, launcher: str = "torchrun", en
     else:
         raise ValueError(launcher)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = run_group(cmd, timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_group(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a process group of its own, killed
+    whole when the command times out or the test is interrupted (pytest-timeout, Ctrl-C): killing
+    only the launcher would leave its ranks waiting on each other, using the cores the next tests need."""
+    with subprocess.Popen(cmd, cwd=kwargs.pop("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True, **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def run_pipe_worker(tmp_path: Path, nprocs: int, steps: int, overrides, name="run"):
@@ -80,8 +96,8 @@ ONE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none"]  
 
 def train1(out, *extra, check=True, timeout=300):
     """One process, no launcher (pipeline.stages=1)."""
-    proc = subprocess.run([sys.executable, "-m", *train_args(out, *ONE, *extra)], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout, env={**ENV, "MASTER_PORT": str(free_port())})
+    proc = run_group([sys.executable, "-m", *train_args(out, *ONE, *extra)], timeout,
+                     env={**ENV, "MASTER_PORT": str(free_port())})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
