@@ -201,6 +201,8 @@ def _runs() -> list[Run]:
         Run("none-muon", "uncompressed, Muon", "rest", "none", MUON),
         Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0] + ", Muon", "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
         Run("resbm-muon", LR_FAMILIES["resbm"][0] + ", Muon", "rest", "resbm", resbm(2) + MUON),
+        Run("none-tok-muon", LR_FAMILIES["none-tok"][0] + ", Muon", "rest", "none-tok",
+            LR_FAMILIES["none-tok"][1] + MUON),
         Run("resbm-128x-int4", "ResBM 128x (h=4 int4 + scale)", "rest", "resbm", resbm(4, "wire.codec=int4", *four_bytes)),
         Run("resbm-128x-int2", "ResBM 128x (h=8 int2 + scale)", "rest", "resbm", resbm(8, "wire.codec=int2", *four_bytes)),
         Run("resbm-128x-int4-local", "ResBM 128x (h=4 int4 + scale, ids read locally, hashed 512-row table)",
