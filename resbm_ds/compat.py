@@ -31,6 +31,7 @@ Patches, and who calls them:
     take_or_skip_step               .check_grad_overflow, .check_overflow
   zero_gradient_partitions        ZeRO-1's averaged_gradients, read                    (engine.py)
   shm_allreduce_off               LOCAL_SIZE hidden from the environment               (engine.py)
+  load_comm_op                    torch's extension baton, DeepSpeed's loaded-op cache (engine.py)
   replace_checkpoint_load         engine.checkpoint_engine.load                        (checkpoints/loading.py)
   set_last_lr                     torch LRScheduler._last_lr                           (trainer.py)
 """
@@ -42,6 +43,7 @@ import inspect
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import deepspeed.comm as ds_comm
@@ -49,7 +51,12 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import TENSOR_META_SIZE  # noqa: F401  (the shape handshake's length)
 from deepspeed.runtime.pipe.schedule import ForwardPass, LoadMicroBatch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.comm.torch import build_shm_op
 from deepspeed.runtime.utils import clip_grad_norm_
+from torch.utils.cpp_extension import _get_build_directory
+
+from .system import file_lock
 
 # ---- the version check ------------------------------------------------------------------------
 TESTED_DEEPSPEED = ("0.19.",)   # the internals below were read on these versions (pyproject pins 0.19.8)
@@ -170,6 +177,14 @@ PATCH_POINTS = (
                mentions="self.averaged_gradients = {}", used_by="zero_gradient_partitions"),
     PatchPoint("deepspeed.comm.torch", "TorchBackend", mentions="self.shm_comm_op.initialize(",
                used_by="shm_allreduce_off (csrc/cpu/comm/shm_interface.cpp reads LOCAL_SIZE there)"),
+    PatchPoint("deepspeed.comm.torch", "TorchBackend.__init__", mentions="self.shm_comm_op = build_shm_op()",
+               used_by="load_comm_op"),
+    PatchPoint("deepspeed.comm.torch", "build_shm_op", (), mentions="builder.load()", used_by="load_comm_op"),
+    PatchPoint("deepspeed.ops.op_builder.builder", "OpBuilder.jit_load", ("self", "verbose"),
+               mentions="__class__._loaded_ops[self.name] = op_module", used_by="load_comm_op"),
+    PatchPoint("torch.utils.cpp_extension", "_jit_compile", mentions="FileBaton(os.path.join(build_directory, 'lock'))",
+               used_by="load_comm_op"),
+    PatchPoint("torch.utils.cpp_extension", "_get_build_directory", ("name", "verbose"), used_by="load_comm_op"),
     # checkpoints/loading.py: the checkpoint loader
     PatchPoint("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine", "TorchCheckpointEngine.load",
                ("self", "path", "map_location"), used_by="replace_checkpoint_load"),
@@ -194,6 +209,7 @@ PATCHED_ATTRIBUTES = frozenset({
     "step", "overflow", "check_grad_overflow", "check_overflow", "averaged_gradients",   # its optimizer
     "checkpoint_engine", "load",                                   # its checkpoint engine
     "_last_lr",                                                    # torch's LRScheduler
+    "_get_build_directory",                                        # torch's cpp_extension, read
 })
 PRIVATE_ATTRIBUTES = frozenset(n for n in PATCHED_ATTRIBUTES if n.startswith("_"))
 PATCHED_ENVIRONMENT = frozenset({"LOCAL_SIZE"})                # shm_allreduce_off
@@ -414,6 +430,28 @@ def shm_allreduce_off(backend: str):
     finally:
         if saved is not None:
             os.environ["LOCAL_SIZE"] = saved
+
+
+def load_comm_op() -> None:
+    """Load DeepSpeed's CPU comm op so that a rank killed while loading it cannot hang later runs.
+
+    DeepSpeed's comm backend JIT-loads the op through torch.utils.cpp_extension, which on every load,
+    built or not, holds a presence-file baton (`lock` in the op's build directory) while a no-op ninja
+    runs. A process killed inside that second (a preempted rank, a launcher's SIGKILL) leaves the file,
+    and every later load from that TORCH_EXTENSIONS_DIR waits for it forever (FileBaton.wait). Here the
+    load runs first, under an flock the kernel drops when its holder dies: under it a baton left in the
+    directory is one a dead process left, and is removed. DeepSpeed's own call then returns the loaded
+    module from its cache (OpBuilder._loaded_ops). Call before deepspeed.init_distributed."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    with file_lock(build_dir / "resbm_load.flock"):
+        baton = build_dir / "lock"
+        if baton.exists():
+            warnings.warn(f"removed {baton}, left by a process killed while it loaded DeepSpeed's comm op")
+            baton.unlink(missing_ok=True)
+        build_shm_op()
 
 
 # ---- checkpoints/loading.py: the checkpoint loader ---------------------------------------------

@@ -44,6 +44,7 @@ def init_distributed(timeout_s: int):
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
+        compat.load_comm_op()
         with compat.shm_allreduce_off(backend):   # no leaked /dev/shm buffers (compat.py says why)
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))

@@ -1,13 +1,16 @@
-"""The local machine, as every part of the package meets it: what a path is, a file's hash, a free
-TCP port, and the environment a CPU run of DeepSpeed needs. Standard library only."""
+"""The local machine, as every part of the package meets it: what a path is, a file's hash, a lock
+across processes, a free TCP port, and the environment a CPU run of DeepSpeed needs. Standard library only."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import socket
 import stat
 import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 MISSING = "does not exist"
 
@@ -70,3 +73,16 @@ def unreachable(url: str, deadline_s: float) -> str | None:
     except OSError as e:
         return f"cannot reach {u.hostname}:{port} within {deadline_s:g} s ({e.strerror or type(e).__name__})"
     return None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, so that several processes on one node build a cache entry (a token
+    array, a tokenizer, a JIT-built op) only once. The kernel drops it when its holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -94,10 +94,10 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ONE = ["pipeline.stages=1", "bottleneck.segments=1", "bottleneck.method=none"]   # 1 process, seconds
 
 
-def train1(out, *extra, check=True, timeout=300):
+def train1(out, *extra, check=True, timeout=300, env=None):
     """One process, no launcher (pipeline.stages=1)."""
     proc = run_group([sys.executable, "-m", *train_args(out, *ONE, *extra)], timeout,
-                     env={**ENV, "MASTER_PORT": str(free_port())})
+                     env={**ENV, "MASTER_PORT": str(free_port()), **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

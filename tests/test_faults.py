@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -604,3 +605,19 @@ def test_a_full_disk_is_one_line_and_leaves_no_cut_short_tag(small_disk, saved_r
     assert rc == 2 and f"exporting to {small_disk / 'exported'} failed (no space left on the filesystem of " \
         f"{small_disk}" in line and "nothing was left behind" in line, line
     assert sorted(os.listdir(small_disk)) == ["filler", "run"]
+
+
+def test_a_rank_killed_while_loading_the_comm_op_does_not_hang_the_next_run(tmp_path):
+    """torch holds a presence-file baton (`lock`) in the op's build directory while it loads the op;
+    a process killed then leaves it, and every later load used to wait for it forever."""
+    extensions = tmp_path / "torch_extensions"
+    built = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if built and (Path(built) / "deepspeed_shm_comm").is_dir():   # copy the built op: no 40 s compile
+        shutil.copytree(Path(built) / "deepspeed_shm_comm", extensions / "deepspeed_shm_comm")
+    baton = extensions / "deepspeed_shm_comm" / "lock"
+    baton.parent.mkdir(parents=True, exist_ok=True)
+    baton.touch()                                # what torch's FileBaton leaves when its holder is killed
+    proc = train1(tmp_path / "run", "train.steps=1", "train.eval_every=100", timeout=240,
+                  env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert "left by a process killed while it loaded DeepSpeed's comm op" in proc.stderr and not baton.exists()
+    assert rows(tmp_path / "run")[-1]["step"] == 1

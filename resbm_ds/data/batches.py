@@ -42,7 +42,8 @@ from ..system import is_, path_kind, unreachable
 from ..cli import DataError
 from ..config import Config
 from ..system import sha256_file
-from .cache import cache_root, file_lock
+from ..system import file_lock
+from .cache import cache_root
 from .corpus import DOC_SEPARATOR
 from .tokenizer import Tokenizer
 

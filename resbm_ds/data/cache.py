@@ -1,12 +1,8 @@
-"""The local cache every data step shares: its root, a lock for building an entry once per node,
-and content hashes."""
+"""The local cache every data step shares: its root (entries are built under system.file_lock)."""
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from pathlib import Path
-from typing import Iterator
 
 from ..cli import UserError
 from ..system import MISSING, is_, path_kind
@@ -19,15 +15,3 @@ def cache_root() -> Path:
     if kind not in ("a directory", MISSING):
         raise UserError(f"RESBM_CACHE={root}: {is_(kind)}; give a directory (or a new name) for the data cache")
     return root
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`, so several ranks on one node build a cache entry only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..system import sha256_file
-from .cache import cache_root, file_lock
+from ..system import file_lock
+from .cache import cache_root
 
 # Bump when the cleaning or splitting changes: a manifest with another version is rebuilt.
 CORPUS_VERSION = 1

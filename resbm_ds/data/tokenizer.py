@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ..cli import DataError
 from ..system import sha256_file
-from .cache import cache_root, file_lock
+from ..system import file_lock
+from .cache import cache_root
 
 KINDS = ("sentencepiece-train", "sentencepiece", "hf")
 
