@@ -57,9 +57,15 @@ def test_launcher_watch_sees_its_launcher_end(tmp_path):
                     "    if seen: break\n"
                     "print('seen', seen, flush=True)\n")
     launcher = tmp_path / "torchrun"
-    launcher.write_text("import subprocess, sys, time\n"
-                        f"subprocess.Popen([sys.executable, {str(rank)!r}], stdout=open({str(tmp_path / 'out')!r}, 'w'))\n"
-                        "time.sleep(10)\n")     # time for the rank to start (imports torch); then ends without waiting for it
+    out_file = tmp_path / "out"
+    launcher.write_text("import pathlib, subprocess, sys, time\n"
+                        f"out = pathlib.Path({str(out_file)!r})\n"
+                        "subprocess.Popen([sys.executable, " + repr(str(rank)) + "], stdout=open(out, 'w'))\n"
+                        # until the rank has started watching (it imports torch: seconds on a loaded box),
+                        # then end without waiting for it
+                        "deadline = time.monotonic() + 50\n"
+                        "while 'chain' not in out.read_text() and time.monotonic() < deadline:\n"
+                        "    time.sleep(0.1)\n")
     subprocess.run([sys.executable, str(launcher)], timeout=60)
     for _ in range(300):
         out = (tmp_path / "out").read_text()

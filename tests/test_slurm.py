@@ -189,6 +189,23 @@ def test_each_cpu_template_trains_on_two_nodes_and_the_next_resumes(slurm, tmp_p
     assert any(n.startswith("hostfile-") for n in logs), logs           # cpu_deepspeed's hostfile
 
 
+# The job's verdict on SIGTERM (slurm/lib/resbm_job.sh): the trainer's own stop line when it reached
+# the job's log, else what the run directory holds (srun stops relaying output once signalled, so
+# which of the two a job prints depends on timing).
+STOP_LINE = re.compile(r"^resbm: (?:job stopped by SIGTERM from Slurm .*, checkpoints/latest: step(\d+);"
+                       r"|stopped by SIGTERM after step (\d+): checkpoint step\2 saved)", re.M)
+
+
+def stopped_at(out: str) -> int | None:
+    """The step a job stopped by SIGTERM saved, from its verdict line; None without one."""
+    m = STOP_LINE.search(out)
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def resbm_lines(out: str) -> str:
+    return "\n".join(line for line in out.splitlines() if line.startswith(("resbm:", "[resbm] stop")))
+
+
 @needs_cluster
 def test_requeued_job_resumes_by_itself(slurm, tmp_path):
     """Preemption with requeue: `scontrol requeue` stops the running job and queues it again
@@ -211,11 +228,11 @@ def test_requeued_job_resumes_by_itself(slurm, tmp_path):
     info = wait_job(job, timeout=JOB_TIMEOUT)
     out = job_output(info)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out[-5000:])
-    stop = re.search(r"^resbm: job stopped by SIGTERM from Slurm .*, checkpoints/latest: step(\d+);", out, re.M)
-    assert stop, out[-8000:]                        # the preempted job saved first ...
+    stopped = stopped_at(out)
+    assert stopped, resbm_lines(out)                # the preempted job saved first ...
     assert "resbm: requeued job (restart 1): adding --resume" in out, out[-5000:]
     resumed_at = int(re.search(r"resuming at step (\d+)", out).group(1))
-    assert resumed_at == int(stop.group(1)) + 1 and resumed_at < steps, resumed_at   # ... so none is lost
+    assert resumed_at == stopped + 1 and resumed_at < steps, resumed_at   # ... so none is lost
     step_rows = [r for r in metric_rows(run_dir) if "loss" in r]
     assert [r["step"] for r in step_rows] == list(range(1, steps + 1))
     check_wire_bytes(step_rows)
@@ -236,9 +253,8 @@ def test_scancel_saves_and_resume_loses_no_step(slurm, tmp_path):
     subprocess.run(["scancel", str(job)], check=True, capture_output=True, timeout=30)
     info = wait_job(job, timeout=JOB_TIMEOUT)
     out = job_output(info)
-    stop = re.search(r"^resbm: job stopped by SIGTERM from Slurm .*, checkpoints/latest: step(\d+);", out, re.M)
-    assert stop and info["JobState"] == "CANCELLED", (info["JobState"], out[-8000:])
-    stopped = int(stop.group(1))
+    stopped = stopped_at(out)
+    assert stopped and info["JobState"] == "CANCELLED", (info["JobState"], resbm_lines(out))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{stopped}"
     assert max(r["step"] for r in metric_rows(run_dir) if "loss" in r) == stopped
     _, info, out = run_template("cpu_srun", tmp_path, run_dir,
