@@ -22,6 +22,7 @@ Phases, in the order they run (an interrupted suite has the early phases first):
   rest    the gap against h, Subspace, the side channel variants, Muon, the codecs and extras, at the
           short horizon and the tuned lr of their family; then seeds 2 and 3 of the side-channel
           and code candidates (CHANNEL_PAIRS).
+  warmup  the lrs at which no-skip and identity=none collapse, again with a warmup of LONG_WARMUP steps.
 
 Bytes are counted as the paper counts them: the ratio is a dense bf16 boundary's bytes per token per
 direction (2H = 512 at H=256) over the bytes sent per token in the busier direction, code plus codec
@@ -71,6 +72,11 @@ EXTRA_LRS = {"noskip": (5e-4,), "noid": (5e-4,)}
 
 def family_lrs(family: str) -> tuple[float, ...]:
     return tuple(sorted((*LRS, *EXTRA_LRS.get(family, ()))))
+
+
+# Whether warmup is what those families lack at 2e-3 and up: their collapsing lrs again, with a warmup
+# five times the base config's 30 steps (phase `warmup`; not part of the lr sweep).
+LONG_WARMUP = 150
 SEEDS = (1234, 2, 3)
 LONG_STEPS = 3000
 COLLAPSED = 0.3      # a run ending within this many nats of the unigram loss learned token frequencies only
@@ -148,7 +154,7 @@ DEFAULT_LABEL = "ResBM 128x default (h=2 + ids read locally, one table row per i
 class Run:
     name: str
     label: str
-    phase: str                        # sweep | long | seeds | rest
+    phase: str                        # sweep | long | seeds | rest | warmup
     family: str                       # its lr comes from this family's sweep (unless lr is set)
     overrides: tuple[str, ...] = ()
     seed: int = 1234
@@ -171,11 +177,14 @@ def _lr_tag(lr: float) -> str:
 
 def _runs() -> list[Run]:
     """In priority order: the sweep of the long trio's families, the long trio, the rest of the
-    sweep, the seeds, the default's seeds and its long run, the rest, then the other candidates' seeds."""
+    sweep, the seeds, the default's seeds and its long run, the rest, the other candidates' seeds, then
+    the warmup check."""
     fam = LR_FAMILIES
     sweep = [Run(f"{f}@lr{_lr_tag(lr)}", fam[f][0], "sweep", f, fam[f][1], lr=lr) for f in fam for lr in family_lrs(f)]
     long = [Run(f"{f}-long", fam[f][0], "long", f, fam[f][1], steps=LONG_STEPS) for f in LONG]
     seeds = [Run(f"{f}-s{s}", fam[f][0], "seeds", f, fam[f][1], seed=s) for f in HEADLINE for s in SEEDS[1:]]
+    warmup = [Run(f"{f}@lr{_lr_tag(lr)}-warmup{LONG_WARMUP}", f"{fam[f][0]}, warmup {LONG_WARMUP} steps", "warmup", f,
+                  (*fam[f][1], f"train.warmup_steps={LONG_WARMUP}"), lr=lr) for f in EXTRA_LRS for lr in (2e-3, 4e-3)]
     four_bytes = ("wire.codec_backward=true",)          # sub-8-bit codes: 4 bytes per token both ways
     rest = [
         *[Run(f"resbm-{256 // w}x", f"ResBM {256 // w}x (h={w})", "rest", "resbm", resbm(w)) for w in (4, 8, 16, 32)],
@@ -221,7 +230,7 @@ def _runs() -> list[Run]:
     default_long = Run("resbm-128x-local-long", DEFAULT_LABEL, "long", "resbm-tok", resbm(2, *TOKENS, *DEFAULT),
                        steps=LONG_STEPS)
     order = ([r for r in sweep if r.family in LONG] + long + [r for r in sweep if r.family not in LONG] + seeds
-             + default_seeds + [default_long] + rest + [r for r in channel_seeds if r not in default_seeds])
+             + default_seeds + [default_long] + rest + [r for r in channel_seeds if r not in default_seeds] + warmup)
     assert len({x.name for x in order}) == len(order)
     return order
 
