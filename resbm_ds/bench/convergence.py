@@ -84,6 +84,8 @@ MUON = ("train.optimizer=muon", "train.muon_ns_method=gram")   # Gram NS runs in
 # The suite's token tables send their ids unless a run says token_ids=local (a later override wins).
 TOKENS = ("bottleneck.token_channel=learned", "bottleneck.token_ids=sent")
 HASHED512 = ("bottleneck.token_channel=hashed", "bottleneck.token_buckets=512", "bottleneck.token_ids=sent")
+HASHED128_LOCAL = ("bottleneck.token_channel=hashed", "bottleneck.token_buckets=128", "bottleneck.token_ids=local")
+LOWRANK_LOCAL = ("bottleneck.token_channel=lowrank", "bottleneck.token_ids=local")
 
 
 def resbm(width: int, *extra: str) -> tuple[str, ...]:
@@ -207,6 +209,19 @@ def _runs() -> list[Run]:
             resbm(1, "bottleneck.token_channel=lowrank")),
         Run("resbm-128x-frozen", "ResBM 128x (h=1 + ids, frozen random table)", "rest", "resbm-tok",
             resbm(1, "bottleneck.token_channel=frozen")),
+        # the rank-32 table in the default's form (h=2, ids read locally): its init and lr, and its control
+        *[Run(f"resbm-128x-lowrank-local{tag}", f"ResBM 128x (h=2 + ids read locally, rank-32 table{what})", "rest",
+              "resbm-tok", resbm(2, *LOWRANK_LOCAL, *extra), lr=lr)
+          for tag, what, extra, lr in (("", "", (), None),
+                                       ("-normal", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), None),
+                                       ("-normal@lr4e-3", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), 4e-3))],
+        Run("none-lowrank", "uncompressed + the same rank-32 tables (their fair control)", "rest", "none-tok",
+            ("bottleneck.method=none", *LOWRANK_LOCAL)),
+        # 128 rows = V/32: the pressure the default's 4,096 rows meet at V=128,256 (Llama 3)
+        Run("resbm-128x-hashed128-local", "ResBM 128x (h=2 + ids read locally, hashed 128-row table)", "rest",
+            "resbm-tok", resbm(2, *HASHED128_LOCAL)),
+        Run("none-hashed128", "uncompressed + the same hashed 128-row tables (their fair control)", "rest", "none-tok",
+            ("bottleneck.method=none", *HASHED128_LOCAL)),
         Run("none-muon", "uncompressed, Muon", "rest", "none", MUON),
         Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0] + ", Muon", "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
         Run("resbm-muon", LR_FAMILIES["resbm"][0] + ", Muon", "rest", "resbm", resbm(2) + MUON),
