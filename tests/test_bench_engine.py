@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from conftest import REPO
 from resbm_ds.bench import engine
@@ -125,7 +124,8 @@ def plan(capsys, argv) -> dict[str, str]:
 
 def test_plan_reuses_every_committed_convergence_run(tmp_path, capsys):
     out = committed_copy(tmp_path, "convergence")
-    committed = [e["name"] for e in json.loads((out / "results.json").read_text())["runs"] if e["status"] == "ok"]
+    results = json.loads((out / "results.json").read_text())
+    committed = [e["name"] for e in results["runs"] + results["diverged"] if e["status"] == "ok"]
     decisions = plan(capsys, ["--suite", "convergence", "--out", str(out), "--plan"])
     assert {n for n, d in decisions.items() if d == "reuse"} == set(committed)
     assert set(decisions.values()) <= {"reuse", "run", "wait"} and "run" in decisions.values()

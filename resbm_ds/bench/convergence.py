@@ -328,7 +328,8 @@ class Convergence(Suite):
 
     def carried(self):
         labels = {r.name: r.label for r in RUNS}
-        runs = {e["name"]: e for e in self.before.get("runs", []) if e.get("phase") and e["name"] in labels}
+        before = [*self.before.get("runs", []), *self.before.get("diverged", [])]
+        runs = {e["name"]: e for e in before if e.get("phase") and e["name"] in labels}
         for e in runs.values():
             e["label"] = labels[e["name"]]   # the suite's current wording
             e.get("config", {}).get("bottleneck", {}).setdefault("token_ids", "sent")   # saved before the key: sent
@@ -398,6 +399,11 @@ def _ok(results, status=("ok",)):
     return [r for r in results["runs"] if r.get("status") in status]
 
 
+def _finished(results) -> dict[str, dict]:
+    """Every finished run by name, diverged or not."""
+    return {e["name"]: e for e in [*_ok(results), *results.get("diverged", [])]}
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
@@ -405,7 +411,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
 def tuned_runs(results: dict, family: str) -> dict[int, dict]:
     """{seed: run} of the family at its tuned lr, short horizon, AdamW: the sweep's best (seed 1234)
     and the seed runs."""
-    entries = {e["name"]: e for e in _ok(results)}
+    entries = _finished(results)
     lr = tuned_lr(family, entries)
     if lr is None:
         return {}
@@ -439,21 +445,26 @@ def compare(what: str, comp: str, ctrl: str, a: dict[int, dict], c: dict[int, di
 
 
 def summarise(results: dict):
-    ok = _ok(results)
     unigram = results["eval"]["unigram_ce"]
-    for e in results["runs"]:
+    every = [*results["runs"], *results.get("diverged", [])]
+    for e in every:
         if e.get("metrics"):
             e["below_unigram_by"] = unigram - e["metrics"]["final_val_loss"]
-    entries = {e["name"]: e for e in ok}
+    # An lr-sweep or warmup-check run that ends within COLLAPSED of the unigram loss learned token
+    # frequencies only: its training diverged at that lr. Such points are why a family's lr is what it
+    # is; they are kept apart, under `diverged`, so that `runs` holds the runs that trained (a run of
+    # another phase that did not learn stays there, a failure tests/test_results.py reports).
+    diverged = [e for e in every if e.get("status") == "ok" and e["phase"] in ("sweep", "warmup")
+                and e["below_unigram_by"] < COLLAPSED]
+    results["runs"] = [e for e in every if not any(e is d for d in diverged)]
+    results["diverged"] = diverged
+    results.pop("collapsed", None)                 # the name of the summary that `diverged` replaces
+    entries = _finished(results)
+    ok = list(entries.values())
     results["sweep"] = {f: dict(label=LR_FAMILIES[f][0], tuned_lr=tuned_lr(f, entries),
                                 val_loss={f"{e['lr']:g}": e["metrics"]["final_val_loss"] for e in ok
                                           if e["phase"] == "sweep" and e["family"] == f})
                         for f in LR_FAMILIES}
-    # A run that ends within COLLAPSED of the unigram loss learned token frequencies only. The suite
-    # keeps such sweep points (they are why a family's lr is what it is); no comparison uses them.
-    results["collapsed"] = [dict(name=e["name"], family=e["family"], lr=e["lr"], below_unigram_by=e["below_unigram_by"],
-                                 tuned_lr=results["sweep"].get(e["family"], {}).get("tuned_lr"))
-                            for e in ok if e["below_unigram_by"] < COLLAPSED]
     pairs = [compare(what, comp, ctrl, tuned_runs(results, comp), tuned_runs(results, ctrl))
              for comp, ctrl, what in PAIRS]
     pairs += [compare(what, comp, ctrl, seeded_runs(results, comp),
@@ -490,6 +501,11 @@ def _f(x, spec=".3f"):
 
 def markdown(results: dict) -> str:
     mach, ev = results["machine"], results["eval"]
+    unigram = ev["unigram_ce"]
+
+    def marked(v):                                  # a loss, starred where the run diverged
+        return _f(v, ".4f") + ("*" if v is not None and v > unigram - COLLAPSED else "")
+
     lines = ["# resbm-ds bench: suite `convergence` (v2)", "",
              "What compression costs in loss, at equal tokens. Base config `bench-convergence` (H=256, 4 layers, "
              "3 segments = 2 boundaries, fp32 model with bf16 codes, AdamW unless marked, one process "
@@ -533,21 +549,29 @@ def markdown(results: dict) -> str:
         lines.append("")
     if results.get("sweep"):
         grid = sorted({lr for f in results["sweep"] for lr in family_lrs(f)})
-        unigram = results["eval"]["unigram_ce"]
         lines += ["## Learning-rate sweep (short horizon, seed 1234, AdamW)", "",
-                  f"A loss marked * is within {COLLAPSED:g} of the unigram loss ({unigram:.3f}): that lr is too high "
-                  "for the family, which learned token frequencies only (results.json `collapsed`; kept as sweep "
+                  f"A loss marked * is within {COLLAPSED:g} of the unigram loss ({unigram:.3f}): training diverged at "
+                  "that lr and the model learned token frequencies only (results.json `diverged`; kept as sweep "
                   "points, used in no comparison).", "",
                   "| family | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | tuned |", "|---|" + "---|" * (len(grid) + 1)]
         for f, sw in results["sweep"].items():
             cells = [sw["val_loss"].get(f"{lr:g}") for lr in grid]
-            lines.append(f"| {sw['label']} | " + " | ".join(_f(v, ".4f") + ("*" if v is not None and v > unigram - COLLAPSED else "")
-                                                           for v in cells) + f" | {_f(sw['tuned_lr'], 'g')} |")
+            lines.append(f"| {sw['label']} | " + " | ".join(marked(v) for v in cells) + f" | {_f(sw['tuned_lr'], 'g')} |")
+        lines.append("")
+    warm = sorted((e for e in [*_ok(results), *results.get("diverged", [])] if e["phase"] == "warmup"),
+                  key=lambda e: (e["family"], e["lr"]))
+    if warm:
+        lines += [f"## Warmup check: the lrs where a family diverged, with {LONG_WARMUP} warmup steps instead of 30", "",
+                  f"| family | lr | val loss, warmup 30 (sweep) | val loss, warmup {LONG_WARMUP} |", "|---|---|---|---|"]
+        for e in warm:
+            v30 = results["sweep"].get(e["family"], {}).get("val_loss", {}).get(f"{e['lr']:g}")
+            lines.append(f"| {LR_FAMILIES[e['family']][0]} | {e['lr']:g} | {marked(v30)} | "
+                         f"{marked(e['metrics']['final_val_loss'])} |")
         lines.append("")
     lines += ["## Every run", "", "| run | configuration | optimizer | lr | seed | tokens | bytes/token fwd, bwd | "
               "ratio vs dense bf16 | parameters | val loss | below unigram | max grad norm |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for e in sorted(_ok(results, ("ok", "partial")), key=lambda e: (e["phase"], e["name"])):
+    for e in sorted([*_ok(results, ("ok", "partial")), *results.get("diverged", [])], key=lambda e: (e["phase"], e["name"])):
         m = e["metrics"]
         lines.append(f"| {e['name']}{' (partial)' if e['status'] == 'partial' else ''} | {e['label']} | "
                      f"{e['optimizer']} | {e['lr']:g} | {e['seed']} | {m['tokens'] / 1e6:.2f}M | "
