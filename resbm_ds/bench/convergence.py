@@ -141,6 +141,9 @@ CHANNEL_PAIRS = (("resbm-128x-hashed512-local", "none-hashed512",
                  ("resbm-128x-local", "none-tok",
                   "the default: ResBM 128x, h=2 + tables of one row per id, ids read locally, against the same "
                   "tables uncompressed"),
+                 ("resbm-128x-lowrank-local-normal", "none-lowrank",
+                  "ResBM 128x, h=2 + rank-32 tables (second factor from N(0, init_std)) with ids read locally, against "
+                  "the same tables uncompressed"),
                  ("resbm-128x-int4", "none", "ResBM 128x, h=4 int4 both ways, no ids, against the uncompressed model"),
                  ("resbm-128x-int2", "none", "ResBM 128x, h=8 int2 both ways, no ids, against the uncompressed model"))
 
@@ -215,8 +218,8 @@ def _runs() -> list[Run]:
           for tag, what, extra, lr in (("", "", (), None),
                                        ("-normal", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), None),
                                        ("-normal@lr4e-3", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), 4e-3))],
-        Run("none-lowrank", "uncompressed + the same rank-32 tables (their fair control)", "rest", "none-tok",
-            ("bottleneck.method=none", *LOWRANK_LOCAL)),
+        Run("none-lowrank", "uncompressed + the same rank-32 tables, second factor from N(0, init_std) (their fair "
+            "control)", "rest", "none-tok", ("bottleneck.method=none", *LOWRANK_LOCAL, "bottleneck.table_init=normal")),
         # 128 rows = V/32: the pressure the default's 4,096 rows meet at V=128,256 (Llama 3)
         Run("resbm-128x-hashed128-local", "ResBM 128x (h=2 + ids read locally, hashed 128-row table)", "rest",
             "resbm-tok", resbm(2, *HASHED128_LOCAL)),
