@@ -31,7 +31,9 @@ def smoke(tmp_path_factory):
 @pytest.mark.timing    # tokens/s on fast and slow links
 def test_smoke_suite_runs_end_to_end_and_writes_all_outputs(smoke):
     out, stdout, res = smoke
-    runs = {r["name"]: r for r in res["runs"] + res["diverged"]}    # 4 steps: the sweep's runs may count as diverged
+    names = [r["name"] for r in res["runs"] + res["diverged"]]    # 4 steps: the sweep's runs may count as diverged
+    assert len(names) == len(set(names)), names                    # each run once, however often results were written
+    runs = {r["name"]: r for r in res["runs"] + res["diverged"]}
     assert list(runs) == [r.name for r in SUITES["smoke"].runs]
     assert all(r["status"] == "ok" for r in runs.values()), [(r["name"], r.get("error")) for r in res["runs"]]
     for name in runs:                                        # a progress line per run
@@ -142,7 +144,9 @@ def test_convergence_suite_tunes_lr_reports_references_pairs_and_resumes(tmp_pat
     proc = convergence(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    runs = {r["name"]: r for r in res["runs"] + res["diverged"]}    # 4 steps: the sweep's runs may count as diverged
+    names = [r["name"] for r in res["runs"] + res["diverged"]]    # 4 steps: the sweep's runs may count as diverged
+    assert len(names) == len(set(names)), names                    # each run once, however often results were written
+    runs = {r["name"]: r for r in res["runs"] + res["diverged"]}
     assert set(runs) == {f"{f}@lr{conv._lr_tag(lr)}" for f in ("none-tok", "resbm-tok") for lr in conv.LRS} \
         | {"none-tok-s2", "resbm-tok-s2"}
     assert all(r["status"] == "ok" for r in runs.values()), [r.get("error") for r in runs.values()]
@@ -171,6 +175,8 @@ def test_convergence_suite_tunes_lr_reports_references_pairs_and_resumes(tmp_pat
     assert f"{ev['tokens']:,} tokens" in md and "## Pairs" in md and "Learning-rate sweep" in md
     again = convergence(out)                                   # resumable: finished runs are reused
     assert again.returncode == 0 and again.stdout.count(": reused") == 8, again.stdout[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(r["name"] for r in res["runs"] + res["diverged"]) == sorted(names)
 
 
 def test_convergence_suite_stopped_run_resumes_from_its_checkpoint(tmp_path):

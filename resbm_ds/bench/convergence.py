@@ -220,11 +220,6 @@ def _runs() -> list[Run]:
                                        ("-normal@lr4e-3", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), 4e-3))],
         Run("none-lowrank", "uncompressed + the same rank-32 tables, second factor from N(0, init_std) (their fair "
             "control)", "rest", "none-tok", ("bottleneck.method=none", *LOWRANK_LOCAL, "bottleneck.table_init=normal")),
-        # 128 rows = V/32: the pressure the default's 4,096 rows meet at V=128,256 (Llama 3)
-        Run("resbm-128x-hashed128-local", "ResBM 128x (h=2 + ids read locally, hashed 128-row table)", "rest",
-            "resbm-tok", resbm(2, *HASHED128_LOCAL)),
-        Run("none-hashed128", "uncompressed + the same hashed 128-row tables (their fair control)", "rest", "none-tok",
-            ("bottleneck.method=none", *HASHED128_LOCAL)),
         Run("none-muon", "uncompressed, Muon", "rest", "none", MUON),
         Run("resbm-tok-muon", LR_FAMILIES["resbm-tok"][0] + ", Muon", "rest", "resbm-tok", resbm(1, *TOKENS) + MUON),
         Run("resbm-muon", LR_FAMILIES["resbm"][0] + ", Muon", "rest", "resbm", resbm(2) + MUON),
@@ -241,6 +236,11 @@ def _runs() -> list[Run]:
             "none-tok", (*LR_FAMILIES["none-tok"][1], *NO_IDENTITY)),
         Run("resbm-tok-embed1", "ResBM 128x default, token embedding N(0, 1) (the init check)", "rest",
             "resbm-tok", (*LR_FAMILIES["resbm-tok"][1], *NO_IDENTITY)),
+        # 128 rows = V/32: the pressure the default's 4,096 rows meet at V=128,256 (Llama 3)
+        Run("resbm-128x-hashed128-local", "ResBM 128x (h=2 + ids read locally, hashed 128-row table)", "rest",
+            "resbm-tok", resbm(2, *HASHED128_LOCAL)),
+        Run("none-hashed128", "uncompressed + the same hashed 128-row tables (their fair control)", "rest", "none-tok",
+            ("bottleneck.method=none", *HASHED128_LOCAL)),
     ]
     seeded = {name for pair in CHANNEL_PAIRS for name in pair[:2]}
     channel_seeds = [replace(r, name=f"{r.name}-s{s}", seed=s) for r in rest if r.name in seeded for s in SEEDS[1:]]
@@ -449,7 +449,8 @@ def compare(what: str, comp: str, ctrl: str, a: dict[int, dict], c: dict[int, di
 
 def summarise(results: dict):
     unigram = results["eval"]["unigram_ce"]
-    every = [*results["runs"], *results.get("diverged", [])]
+    # by name: the engine republishes `runs` with every run, diverged ones too, into the same results
+    every = list({e["name"]: e for e in [*results.get("diverged", []), *results["runs"]]}.values())
     for e in every:
         if e.get("metrics"):
             e["below_unigram_by"] = unigram - e["metrics"]["final_val_loss"]
