@@ -16,8 +16,9 @@ from pathlib import Path
 from .system import MISSING, is_, path_kind
 
 
-# long enough for the printing rank to reach the same check (all ranks run it at the same point)
-QUIET_RANK_PAUSE_S = 3.0
+# long enough for the printing rank to reach the same check on a busy machine (all ranks run it at
+# the same point; 3 s was not, with 4 processes per core)
+QUIET_RANK_PAUSE_S = 10.0
 
 
 class UserError(ValueError):
@@ -54,19 +55,19 @@ def cli(main):
     """Wrap a CLI's `main(argv) -> int`: a UserError (or a missing file the user named) becomes one
     line `error: ...` on stderr and exit status 2; anything else is a bug and keeps its traceback.
 
-    Under a launcher every rank checks the same input, so only the first rank of each node prints
-    (one line per node, where a node-local file may differ). The others exit 2 quietly, after a pause:
-    a launcher kills the survivors as soon as one rank exits, which must not be before the first rank
-    has printed."""
+    Under a launcher every rank checks the same input, so the first rank of each node prints (one
+    line per node, where a node-local file may differ). The others pause first: a launcher kills the
+    survivors as soon as one rank exits, which must not be before the first rank has printed. A rank
+    still alive after the pause prints too: the first rank was slower to get there (a busy machine)
+    or did not fail, and the error must not be lost."""
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
         try:
             return main(argv)
         except (UserError, FileNotFoundError) as e:
-            if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
-                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-            else:
+            if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
                 time.sleep(QUIET_RANK_PAUSE_S)
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             return 2
     return wrapped
 

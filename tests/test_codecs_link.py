@@ -153,6 +153,7 @@ SLACK_S = 0.008
 
 
 @pytest.mark.slow
+@pytest.mark.timing    # the link's delays, to a few ms
 def test_p2p_layer_between_two_processes(tmp_path):
     """Codec, meter and link wrapped around DeepSpeed's p2p.send/recv, as build_engine installs them."""
     prefix = tmp_path / "wire"

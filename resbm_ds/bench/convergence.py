@@ -215,9 +215,10 @@ def _runs() -> list[Run]:
         # the rank-32 table in the default's form (h=2, ids read locally): its init and lr, and its control
         *[Run(f"resbm-128x-lowrank-local{tag}", f"ResBM 128x (h=2 + ids read locally, rank-32 table{what})", "rest",
               "resbm-tok", resbm(2, *LOWRANK_LOCAL, *extra), lr=lr)
-          for tag, what, extra, lr in (("", "", (), None),
-                                       ("-normal", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), None),
-                                       ("-normal@lr4e-3", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), 4e-3))],
+          for tag, what, extra, lr in (
+              ("", "", (), None),
+              ("-normal", ", second factor from N(0, init_std)", ("bottleneck.table_init=normal",), None),
+              ("-normal@lr4e-3", ", second factor from N(0, init_std), lr 4e-3", ("bottleneck.table_init=normal",), 4e-3))],
         Run("none-lowrank", "uncompressed + the same rank-32 tables, second factor from N(0, init_std) (their fair "
             "control)", "rest", "none-tok", ("bottleneck.method=none", *LOWRANK_LOCAL, "bottleneck.table_init=normal")),
         Run("none-muon", "uncompressed, Muon", "rest", "none", MUON),
