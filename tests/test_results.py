@@ -35,8 +35,8 @@ def test_every_run_reports_what_it_trained_and_its_curve(results):
 
 def test_every_run_learned_beyond_token_frequencies(results):
     unigram = results["eval"]["unigram_ce"]
-    for e in results["runs"]:
-        if e["status"] == "ok":
+    for e in results["runs"]:                            # a run stopped part-way too
+        if e.get("metrics"):
             assert e["metrics"]["final_val_loss"] < unigram - COLLAPSED, e["name"]
 
 
