@@ -3,6 +3,7 @@
 checked as config keys are (tests/test_config.py has the runtime.* rows)."""
 import importlib
 import os
+import time
 
 import pytest
 
@@ -85,3 +86,21 @@ def test_help_and_a_bad_option_answer_before_torch_loads(module):
             "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, sorted(sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("local_rank,pauses", [("0", False), ("1", True)])
+def test_every_rank_that_lives_to_report_a_bad_input_prints_it(monkeypatch, capsys, local_rank, pauses):
+    """Under a launcher local rank 0 prints at once; another rank pauses first (the launcher kills the
+    survivors when rank 0 exits), and prints too if it is still alive: rank 0 was slower, or did not fail."""
+    from resbm_ds import cli as cli_module
+    monkeypatch.setattr(cli_module, "QUIET_RANK_PAUSE_S", 0.5)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    @cli_module.cli
+    def main(argv=None):
+        raise FileNotFoundError("/data/corpus.txt")
+
+    t0 = time.perf_counter()
+    assert main() == 2
+    assert (time.perf_counter() - t0 >= 0.5) == pauses
+    assert capsys.readouterr().err.strip() == "error: /data/corpus.txt"
