@@ -463,7 +463,7 @@ def summarise(results: dict):
                 and e["below_unigram_by"] < COLLAPSED]
     results["runs"] = [e for e in every if not any(e is d for d in diverged)]
     results["diverged"] = diverged
-    results.pop("collapsed", None)                 # the name of the summary that `diverged` replaces
+    results.pop("collapsed", None)                 # a results.json from before `diverged` held this summary
     entries = _finished(results)
     ok = list(entries.values())
     results["sweep"] = {f: dict(label=LR_FAMILIES[f][0], tuned_lr=tuned_lr(f, entries),
